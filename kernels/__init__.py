@@ -1,0 +1,16 @@
+"""mae_kernels: drop-in Triton kernels for masked-autoencoder training.
+
+Each op has Triton forward/backward kernels, a plain-torch reference in the same file, and a
+dispatcher (Triton on CUDA or under TRITON_INTERPRET=1, the reference otherwise; override with
+``MAE_KERNELS_BACKEND=torch|triton`` or ``with mae_kernels.backend("torch"):``).
+This package stands alone: it needs torch and triton, nothing from avfmae.
+"""
+
+from .assemble_decoder_tokens import assemble_decoder_tokens
+from .dispatch import backend
+from .gather_tokens import gather_tokens
+from .grouped_attention import grouped_attention
+from .masked_mse_loss import masked_mse_loss
+
+__all__ = ["grouped_attention", "gather_tokens", "assemble_decoder_tokens", "masked_mse_loss", "backend"]
+__version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""assemble_decoder_tokens: the dual-masked decoder's input in one pass.
+
+    out[b, :Me]  = enc[b] + pos[enc_idx[b]]            (encoder tokens at their own positions)
+    out[b, Me:]  = mask_token + pos[dec_idx[b]]        (one mask token per decoder-visible position)
+
+MAE-style code builds this with ``torch.cat`` of the encoder output and an expanded mask token,
+then adds a gathered positional table: three full-size temporaries. Here each output row is written
+once. Positions may repeat between enc_idx and dec_idx (the decoder mask is drawn independently of
+the encoder mask); the positional gradient sums them without atomics through the CSR segment sum
+shared with ``gather_tokens``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import check_index, check_pos, check_same_device, check_same_dtype, check_tensor, use_triton
+from .gather_tokens import gather_rows_reference, pos_strides, row_tile, segment_sum
+
+# --- Triton kernel ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _assemble_fwd_kernel(
+    enc_ptr, tok_ptr, pos_ptr, eidx_ptr, didx_ptr, out_ptr,
+    ME, MD, C,
+    seb, sem, sec,
+    stc,
+    spb, spn, spc,
+    sib, sim, sjb, sjm,
+    sob, som, soc,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(2).to(tl.int64)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = rc < C
+    is_enc = rm < ME
+    is_dec = (rm >= ME) & (rm < ME + MD)
+    n_enc = tl.load(eidx_ptr + b * sib + rm * sim, mask=is_enc, other=0)
+    n_dec = tl.load(didx_ptr + b * sjb + (rm - ME) * sjm, mask=is_dec, other=0)
+    n = tl.where(is_enc, n_enc.to(tl.int64), n_dec.to(tl.int64))
+    row_ok = is_enc | is_dec
+    src = tl.load(enc_ptr + b * seb + rm[:, None] * sem + rc[None, :] * sec,
+                  mask=is_enc[:, None] & col_ok[None, :], other=0.0)
+    tok = tl.load(tok_ptr + rc * stc, mask=col_ok, other=0.0)
+    src = tl.where(is_enc[:, None], src, tok[None, :])
+    p = tl.load(pos_ptr + b * spb + n[:, None] * spn + rc[None, :] * spc,
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    val = (src.to(tl.float32) + p.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b * sob + rm[:, None] * som + rc[None, :] * soc, val,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+# --- reference --------------------------------------------------------------------------------------
+
+
+def assemble_decoder_tokens_reference(enc: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
+                                      enc_idx: torch.Tensor, dec_idx: torch.Tensor) -> torch.Tensor:
+    B, _, C = enc.shape
+    visible = enc + gather_rows_reference(pos, enc_idx)
+    masked = mask_token.reshape(1, 1, C) + gather_rows_reference(pos, dec_idx)
+    return torch.cat([visible, masked], dim=1)
+
+
+# --- autograd ---------------------------------------------------------------------------------------
+
+
+class _AssembleDecoderTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, enc, mask_token, pos, enc_idx, dec_idx):
+        B, ME, C = enc.shape
+        MD = dec_idx.shape[1]
+        N = pos.shape[-2]
+        token = mask_token.reshape(C)
+        out = torch.empty((B, ME + MD, C), device=enc.device, dtype=enc.dtype)
+        block_m, block_c = row_tile(ME + MD, C, enc.element_size())
+        grid = (triton.cdiv(ME + MD, block_m), triton.cdiv(C, block_c), B)
+        _assemble_fwd_kernel[grid](
+            enc, token, pos, enc_idx, dec_idx, out,
+            ME, MD, C,
+            *enc.stride(), token.stride(0), *pos_strides(pos),
+            *enc_idx.stride(), *dec_idx.stride(), *out.stride(),
+            BLOCK_M=block_m, BLOCK_C=block_c,
+        )
+        ctx.save_for_backward(enc_idx, dec_idx)
+        ctx.meta = (ME, N, tuple(mask_token.shape), tuple(pos.shape), pos.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        enc_idx, dec_idx = ctx.saved_tensors
+        ME, N, token_shape, pos_shape, pos_dtype = ctx.meta
+        grad_enc = grad_out[:, :ME] if ctx.needs_input_grad[0] else None
+        grad_token = None
+        if ctx.needs_input_grad[1]:
+            grad_token = grad_out[:, ME:].sum(dim=(0, 1), dtype=torch.float32)
+            grad_token = grad_token.to(grad_out.dtype).reshape(token_shape)
+        grad_pos = None
+        if ctx.needs_input_grad[2]:
+            all_idx = torch.cat([enc_idx.long(), dec_idx.long()], dim=1)
+            _, grad_pos = segment_sum(grad_out, all_idx, N, want_x=False, x_dtype=grad_out.dtype,
+                                      pos_shape=pos_shape, pos_dtype=pos_dtype)
+        return grad_enc, grad_token, grad_pos, None, None
+
+
+# --- public op --------------------------------------------------------------------------------------
+
+
+def assemble_decoder_tokens(enc: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
+                            enc_idx: torch.Tensor, dec_idx: torch.Tensor) -> torch.Tensor:
+    """Build the decoder input ``cat(enc + pos[enc_idx], mask_token + pos[dec_idx])`` in one pass.
+
+    Args:
+        enc: [B, Me, C] encoder output (after the encoder-to-decoder projection), any strides.
+        mask_token: [C], [1, C] or [1, 1, C], the learned mask token.
+        pos: [N, C] shared positional table, or [B, N, C].
+        enc_idx: [B, Me] int32/int64, the position of each encoder token, in the order the encoder
+            emitted them (region-major for the LGI-Former, not raster order).
+        dec_idx: [B, Md] int32/int64, the decoder-visible positions that get a mask token.
+
+    Returns:
+        [B, Me + Md, C] contiguous, dtype of enc; bit-equal to the reference.
+
+    Differentiable in enc, mask_token (gradient summed over its uses) and pos. Positions may appear
+    in both index tensors. float32/float16/bfloat16; one dtype and one device for all float inputs.
+    """
+    check_tensor("enc", enc, 3)
+    B, ME, C = enc.shape
+    check_tensor("mask_token", mask_token, (1, 2, 3))
+    if mask_token.numel() != C:
+        raise ValueError(f"mask_token must hold C={C} values ([C], [1, C] or [1, 1, C]), "
+                         f"got shape {tuple(mask_token.shape)}")
+    check_tensor("pos", pos, (2, 3))
+    N = pos.shape[-2]
+    check_pos("pos", pos, B, N, C)
+    check_same_device(enc=enc, mask_token=mask_token, pos=pos,
+                      enc_idx=enc_idx if isinstance(enc_idx, torch.Tensor) else None,
+                      dec_idx=dec_idx if isinstance(dec_idx, torch.Tensor) else None)
+    check_same_dtype(enc=enc, mask_token=mask_token, pos=pos)
+    check_index("enc_idx", enc_idx, B, N)
+    if enc_idx.shape[1] != ME:
+        raise ValueError(f"enc_idx must list one position per encoder token ({ME}), got shape "
+                         f"{tuple(enc_idx.shape)}")
+    check_index("dec_idx", dec_idx, B, N)
+    if use_triton(enc, mask_token, pos, enc_idx, dec_idx):
+        return _AssembleDecoderTokens.apply(enc, mask_token, pos, enc_idx, dec_idx)
+    return assemble_decoder_tokens_reference(enc, mask_token, pos, enc_idx, dec_idx)

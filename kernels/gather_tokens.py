@@ -1,0 +1,242 @@
+"""gather_tokens: keep the tokens an index lists, adding their positional embedding on the way.
+
+    out[b, m, :] = x[b, idx[b, m], :] (+ pos[idx[b, m], :] or pos[b, idx[b, m], :])
+
+This is the MAE encoder's input step (``x_vis = x[~mask].reshape(B, -1, C)`` in MAE/VideoMAE code)
+done as one read of the kept rows instead of boolean indexing plus a separate add. The backward pass
+is written in gather form: for every source row it sums the output rows that read it (a CSR built
+by sorting the index), so it needs no atomics, is deterministic, and accepts repeated indices.
+The CSR segment-sum kernel here is shared with ``assemble_decoder_tokens``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import check_index, check_pos, check_same_device, check_same_dtype, check_tensor, use_triton
+
+# --- Triton kernels ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gather_fwd_kernel(
+    x_ptr, idx_ptr, pos_ptr, out_ptr,
+    M, C,
+    sxb, sxn, sxc,
+    sib, sim,
+    spb, spn, spc,
+    sob, som, soc,
+    HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(2).to(tl.int64)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rm < M
+    tile_ok = row_ok[:, None] & (rc < C)[None, :]
+    n = tl.load(idx_ptr + b * sib + rm * sim, mask=row_ok, other=0).to(tl.int64)
+    val = tl.load(x_ptr + b * sxb + n[:, None] * sxn + rc[None, :] * sxc, mask=tile_ok)
+    if HAS_POS:
+        p = tl.load(pos_ptr + b * spb + n[:, None] * spn + rc[None, :] * spc, mask=tile_ok)
+        # add in fp32 and round once, as torch does for half types: bit-equal to the reference
+        val = (val.to(tl.float32) + p.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b * sob + rm[:, None] * som + rc[None, :] * soc, val, mask=tile_ok)
+
+
+@triton.jit
+def _segment_rows(g_ptr, perm_ptr, starts_ptr, rn, rc, row_ok, col_ok,
+                  sgm, sgc, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 sum, per source row n, of the gradient rows g[perm[j]] for j in [starts[n], starts[n+1]).
+
+    The pointers are already offset to one batch row.
+    """
+    start = tl.load(starts_ptr + rn, mask=row_ok, other=0)
+    count = tl.load(starts_ptr + rn + 1, mask=row_ok, other=0) - start
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for j in range(0, tl.max(count, axis=0)):
+        live = j < count
+        m = tl.load(perm_ptr + start + j, mask=live, other=0).to(tl.int64)
+        g = tl.load(g_ptr + m[:, None] * sgm + rc[None, :] * sgc,
+                    mask=live[:, None] & col_ok[None, :], other=0.0)
+        acc += g.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _segment_sum_kernel(
+    g_ptr, perm_ptr, starts_ptr, gx_ptr, gpos_ptr,
+    N, C, B,
+    sgb, sgm, sgc,
+    spb, ssb,
+    sxb, sxn, sxc,
+    sqb, sqn, sqc,
+    WRITE_X: tl.constexpr, WRITE_POS: tl.constexpr, POS_SHARED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_x[b, n] = sum of grad rows whose index is n; grad_pos likewise (summed over b if shared).
+
+    Every element of grad_x / grad_pos is written (zeros where nothing points), so outputs can be
+    allocated with torch.empty.
+    """
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rn < N
+    col_ok = rc < C
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if POS_SHARED:
+        # pointers advance batch by batch (64-bit pointer arithmetic, no int32 b * stride)
+        total = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        for _ in range(0, B):
+            acc = _segment_rows(g_ptr, perm_ptr, starts_ptr, rn, rc, row_ok, col_ok,
+                                sgm, sgc, BLOCK_N, BLOCK_C)
+            if WRITE_X:
+                tl.store(gx_ptr + rn[:, None] * sxn + rc[None, :] * sxc,
+                         acc.to(gx_ptr.dtype.element_ty), mask=tile_ok)
+            total += acc
+            g_ptr += sgb
+            perm_ptr += spb
+            starts_ptr += ssb
+            gx_ptr += sxb
+        if WRITE_POS:
+            tl.store(gpos_ptr + rn[:, None] * sqn + rc[None, :] * sqc,
+                     total.to(gpos_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        b = tl.program_id(2).to(tl.int64)
+        acc = _segment_rows(g_ptr + b * sgb, perm_ptr + b * spb, starts_ptr + b * ssb, rn, rc, row_ok,
+                            col_ok, sgm, sgc, BLOCK_N, BLOCK_C)
+        if WRITE_X:
+            tl.store(gx_ptr + b * sxb + rn[:, None] * sxn + rc[None, :] * sxc,
+                     acc.to(gx_ptr.dtype.element_ty), mask=tile_ok)
+        if WRITE_POS:
+            tl.store(gpos_ptr + b * sqb + rn[:, None] * sqn + rc[None, :] * sqc,
+                     acc.to(gpos_ptr.dtype.element_ty), mask=tile_ok)
+
+
+# --- launch helpers (shared with assemble_decoder_tokens) -------------------------------------------
+
+
+def row_tile(rows: int, channels: int, elem_bytes: int) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_C): ~16 KB of data per program, columns a power of two."""
+    block_c = min(triton.next_power_of_2(channels), 256 if elem_bytes >= 4 else 512)
+    block_rows = max(1, min(64, 4096 // block_c, triton.next_power_of_2(rows)))
+    return block_rows, block_c
+
+
+def index_csr(idx: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of idx [B, M] as CSR: rows j in [starts[b, n], starts[b, n+1]) of perm[b] point at n."""
+    sorted_idx, perm = torch.sort(idx.long(), dim=1, stable=True)
+    bounds = torch.arange(num_rows + 1, device=idx.device).expand(idx.shape[0], -1).contiguous()
+    starts = torch.searchsorted(sorted_idx, bounds)
+    return perm, starts
+
+
+def segment_sum(grad: torch.Tensor, idx: torch.Tensor, num_rows: int, *, want_x: bool, x_dtype: torch.dtype,
+                pos_shape: tuple[int, ...] | None, pos_dtype: torch.dtype | None):
+    """grad [B, L, C] rows scattered (summed) by idx [B, L] into [B, num_rows, C] and/or pos's shape."""
+    B, _, C = grad.shape
+    perm, starts = index_csr(idx, num_rows)
+    gx = torch.empty((B, num_rows, C), device=grad.device, dtype=x_dtype) if want_x else None
+    gpos = torch.empty(pos_shape, device=grad.device, dtype=pos_dtype) if pos_shape is not None else None
+    shared = pos_shape is not None and len(pos_shape) == 2
+    block_n, block_c = row_tile(num_rows, C, grad.element_size())
+    grid = (triton.cdiv(num_rows, block_n), triton.cdiv(C, block_c), 1 if shared else B)
+    dummy = grad  # never dereferenced when the matching WRITE_* flag is off
+    sx = gx.stride() if gx is not None else (0, 0, 0)
+    sq = (0, *gpos.stride()) if shared else (gpos.stride() if gpos is not None else (0, 0, 0))
+    _segment_sum_kernel[grid](
+        grad, perm, starts, gx if gx is not None else dummy, gpos if gpos is not None else dummy,
+        num_rows, C, B,
+        *grad.stride(), perm.stride(0), starts.stride(0), *sx, *sq,
+        WRITE_X=gx is not None, WRITE_POS=gpos is not None, POS_SHARED=shared,
+        BLOCK_N=block_n, BLOCK_C=block_c,
+    )
+    return gx, gpos
+
+
+def pos_strides(pos: torch.Tensor | None) -> tuple[int, int, int]:
+    """Strides of pos as [B, N, C]; a shared [N, C] table gets batch stride 0."""
+    if pos is None:
+        return (0, 0, 0)
+    return (0, *pos.stride()) if pos.dim() == 2 else tuple(pos.stride())
+
+
+# --- reference --------------------------------------------------------------------------------------
+
+
+def gather_rows_reference(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t [B, N, C] or [N, C] (shared), idx [B, M] -> [B, M, C]."""
+    idx = idx.long()
+    if t.dim() == 2:
+        return t[idx]
+    return torch.gather(t, 1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def gather_tokens_reference(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    out = gather_rows_reference(x, idx)
+    if pos is not None:
+        out = out + gather_rows_reference(pos, idx)
+    return out
+
+
+# --- autograd ---------------------------------------------------------------------------------------
+
+
+class _GatherTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        B, N, C = x.shape
+        M = idx.shape[1]
+        out = torch.empty((B, M, C), device=x.device, dtype=x.dtype)
+        block_m, block_c = row_tile(M, C, x.element_size())
+        grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c), B)
+        _gather_fwd_kernel[grid](
+            x, idx, pos if pos is not None else x, out, M, C,
+            *x.stride(), *idx.stride(), *pos_strides(pos), *out.stride(),
+            HAS_POS=pos is not None, BLOCK_M=block_m, BLOCK_C=block_c,
+        )
+        ctx.save_for_backward(idx)
+        ctx.num_rows = N
+        ctx.x_dtype = x.dtype
+        ctx.pos_meta = (tuple(pos.shape), pos.dtype) if pos is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        want_pos = ctx.pos_meta is not None and ctx.needs_input_grad[2]
+        gx, gpos = segment_sum(
+            grad_out, idx, ctx.num_rows, want_x=ctx.needs_input_grad[0], x_dtype=ctx.x_dtype,
+            pos_shape=ctx.pos_meta[0] if want_pos else None, pos_dtype=ctx.pos_meta[1] if want_pos else None,
+        )
+        return gx, None, gpos
+
+
+# --- public op --------------------------------------------------------------------------------------
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather the rows ``idx`` lists from ``x``, adding their positional embedding.
+
+    Args:
+        x: [B, N, C] float32/float16/bfloat16, any strides.
+        idx: [B, M] int32 or int64, 0 <= idx < N, M >= 1. Repeats are allowed (their gradients add up).
+        pos: optional [N, C] (shared by the batch) or [B, N, C], same dtype and device as x.
+
+    Returns:
+        [B, M, C] contiguous, dtype of x: ``x[b, idx[b]] + pos[idx[b]]``. Matches the reference bit
+        for bit (the add is done in fp32 and rounded once).
+
+    Differentiable in x and pos; the backward pass is a deterministic gather (no atomics).
+    Raises ValueError/TypeError naming the argument on bad shapes, dtypes, devices or indices.
+    """
+    check_tensor("x", x, 3)
+    B, N, C = x.shape
+    check_same_device(x=x, idx=idx if isinstance(idx, torch.Tensor) else None, pos=pos)
+    check_index("idx", idx, B, N)
+    if pos is not None:
+        check_pos("pos", pos, B, N, C)
+        check_same_dtype(x=x, pos=pos)
+    if use_triton(x, idx, pos):
+        return _GatherTokens.apply(x, idx, pos)
+    return gather_tokens_reference(x, idx, pos)

@@ -1,0 +1,215 @@
+"""masked_mse_loss: MAE's reconstruction loss with the target gathered and normalised on the fly.
+
+    target[b, m] = patches[b, idx[b, m]], normalised per patch (per group of P/G values when
+                   norm_groups=G) to zero mean and unit variance: (t - mean) / sqrt(var + eps),
+                   var with unbiased=False, as MAE's norm_pix_loss.
+    loss = sum over valid rows of sum_p (pred - target)^2  /  (number of valid rows * P)
+
+The MAE way materialises the gathered targets, their normalised copy and the squared error, then
+reduces. Here one kernel reads pred and the gathered patch rows once and writes one float per row
+(summed by torch, deterministic); the backward kernel recomputes the normalised target from the
+patches, so no target tensor is ever stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import check_index, check_same_device, check_tensor, use_triton
+from .gather_tokens import gather_rows_reference
+
+# --- Triton kernels ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _normalised_target_error(pred_ptr, patch_ptr, b, rm, n, row_ok, g, PG, eps,
+                             spb, spm, spp, sxb, sxn, sxp,
+                             NORM_PIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
+    """pred - normalised target for columns of group g, fp32 [BLOCK_M, BLOCK_P], zero off the tile."""
+    cols = g * PG + tl.arange(0, BLOCK_P)
+    tile_ok = row_ok[:, None] & (tl.arange(0, BLOCK_P) < PG)[None, :]
+    t = tl.load(patch_ptr + b * sxb + n[:, None] * sxn + cols[None, :] * sxp, mask=tile_ok, other=0.0)
+    t = t.to(tl.float32)
+    if NORM_PIX:
+        mean = tl.sum(t, axis=1) / PG
+        centred = tl.where(tile_ok, t - mean[:, None], 0.0)
+        var = tl.sum(centred * centred, axis=1) / PG
+        t = centred * tl.math.rsqrt(var + eps)[:, None]
+    p = tl.load(pred_ptr + b * spb + rm[:, None] * spm + cols[None, :] * spp, mask=tile_ok, other=0.0)
+    return tl.where(tile_ok, p.to(tl.float32) - t, 0.0), cols, tile_ok
+
+
+@triton.jit
+def _masked_mse_fwd_kernel(
+    pred_ptr, patch_ptr, idx_ptr, valid_ptr, row_loss_ptr,
+    M, PG, eps,
+    spb, spm, spp, sxb, sxn, sxp, sib, sim, svb, svm,
+    HAS_VALID: tl.constexpr, NORM_PIX: tl.constexpr, GROUPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rm < M
+    n = tl.load(idx_ptr + b * sib + rm * sim, mask=row_ok, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for g in tl.static_range(GROUPS):
+        err, cols, tile_ok = _normalised_target_error(
+            pred_ptr, patch_ptr, b, rm, n, row_ok, g, PG, eps, spb, spm, spp, sxb, sxn, sxp,
+            NORM_PIX, BLOCK_M, BLOCK_P)
+        acc += tl.sum(err * err, axis=1)
+    if HAS_VALID:
+        keep = tl.load(valid_ptr + b * svb + rm * svm, mask=row_ok, other=0)
+        acc = tl.where(keep != 0, acc, 0.0)
+    tl.store(row_loss_ptr + b * M + rm, acc, mask=row_ok)
+
+
+@triton.jit
+def _masked_mse_bwd_kernel(
+    pred_ptr, patch_ptr, idx_ptr, valid_ptr, coef_ptr, grad_ptr,
+    M, PG, eps,
+    spb, spm, spp, sxb, sxn, sxp, sib, sim, svb, svm, sgb, sgm, sgp,
+    HAS_VALID: tl.constexpr, NORM_PIX: tl.constexpr, GROUPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """grad_pred = coef * 2 * (pred - target) on valid rows, 0 elsewhere; coef = dL_out / (count * P)."""
+    b = tl.program_id(1).to(tl.int64)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rm < M
+    n = tl.load(idx_ptr + b * sib + rm * sim, mask=row_ok, other=0).to(tl.int64)
+    coef = tl.load(coef_ptr) * 2.0
+    scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + coef
+    if HAS_VALID:
+        keep = tl.load(valid_ptr + b * svb + rm * svm, mask=row_ok, other=0)
+        scale = tl.where(keep != 0, scale, 0.0)
+    for g in tl.static_range(GROUPS):
+        err, cols, tile_ok = _normalised_target_error(
+            pred_ptr, patch_ptr, b, rm, n, row_ok, g, PG, eps, spb, spm, spp, sxb, sxn, sxp,
+            NORM_PIX, BLOCK_M, BLOCK_P)
+        grad = err * scale[:, None]
+        tl.store(grad_ptr + b * sgb + rm[:, None] * sgm + cols[None, :] * sgp,
+                 grad.to(grad_ptr.dtype.element_ty), mask=tile_ok)
+
+
+def _tile(M: int, group_size: int) -> tuple[int, int]:
+    block_p = triton.next_power_of_2(group_size)
+    block_m = max(1, min(64, 4096 // block_p, triton.next_power_of_2(M)))
+    return block_m, block_p
+
+
+# --- reference --------------------------------------------------------------------------------------
+
+
+def normalise_patches(target: torch.Tensor, norm_groups: int = 1, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch (per group of P/G contiguous values) zero-mean, unit-variance target, in fp32."""
+    *lead, P = target.shape
+    t = target.float().reshape(*lead, norm_groups, P // norm_groups)
+    mean = t.mean(dim=-1, keepdim=True)
+    var = t.var(dim=-1, unbiased=False, keepdim=True)
+    return ((t - mean) / torch.sqrt(var + eps)).reshape(*lead, P)
+
+
+def masked_mse_loss_reference(pred, patches, idx, valid=None, norm_pix=True, eps=1e-6, norm_groups=1):
+    target = gather_rows_reference(patches.detach(), idx)
+    target = normalise_patches(target, norm_groups, eps) if norm_pix else target.float()
+    row_err = (pred.float() - target).pow(2).sum(dim=-1)  # [B, M]
+    if valid is None:
+        return row_err.sum() / row_err.numel() / pred.shape[-1]
+    count = valid.sum().clamp(min=1)
+    return (row_err * valid).sum() / (count * pred.shape[-1])
+
+
+# --- autograd ---------------------------------------------------------------------------------------
+
+
+class _MaskedMSELoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, patches, idx, valid, norm_pix, eps, norm_groups):
+        B, M, P = pred.shape
+        group_size = P // norm_groups
+        valid_u8 = valid.to(torch.uint8) if valid is not None else None
+        row_loss = torch.empty((B, M), device=pred.device, dtype=torch.float32)
+        block_m, block_p = _tile(M, group_size)
+        grid = (triton.cdiv(M, block_m), B)
+        _masked_mse_fwd_kernel[grid](
+            pred, patches, idx, valid_u8 if valid_u8 is not None else idx, row_loss,
+            M, group_size, eps,
+            *pred.stride(), *patches.stride(), *idx.stride(),
+            *(valid_u8.stride() if valid_u8 is not None else (0, 0)),
+            HAS_VALID=valid_u8 is not None, NORM_PIX=norm_pix, GROUPS=norm_groups,
+            BLOCK_M=block_m, BLOCK_P=block_p,
+        )
+        count = valid_u8.sum(dtype=torch.float32).clamp(min=1) if valid_u8 is not None else \
+            torch.tensor(float(B * M), device=pred.device)
+        denom = count * P
+        ctx.save_for_backward(pred, patches, idx, valid_u8, denom)
+        ctx.meta = (norm_pix, eps, norm_groups)
+        return row_loss.sum() / denom
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        pred, patches, idx, valid_u8, denom = ctx.saved_tensors
+        norm_pix, eps, norm_groups = ctx.meta
+        B, M, P = pred.shape
+        group_size = P // norm_groups
+        coef = (grad_loss.float() / denom).reshape(1).contiguous()
+        grad = torch.empty_like(pred, memory_format=torch.contiguous_format)
+        block_m, block_p = _tile(M, group_size)
+        grid = (triton.cdiv(M, block_m), B)
+        _masked_mse_bwd_kernel[grid](
+            pred, patches, idx, valid_u8 if valid_u8 is not None else idx, coef, grad,
+            M, group_size, eps,
+            *pred.stride(), *patches.stride(), *idx.stride(),
+            *(valid_u8.stride() if valid_u8 is not None else (0, 0)), *grad.stride(),
+            HAS_VALID=valid_u8 is not None, NORM_PIX=norm_pix, GROUPS=norm_groups,
+            BLOCK_M=block_m, BLOCK_P=block_p,
+        )
+        return grad, None, None, None, None, None, None
+
+
+# --- public op --------------------------------------------------------------------------------------
+
+
+def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
+                    valid: torch.Tensor | None = None, norm_pix: bool = True, eps: float = 1e-6,
+                    norm_groups: int = 1) -> torch.Tensor:
+    """Mean squared error between predictions and the (normalised) patches they reconstruct.
+
+    Args:
+        pred: [B, M, P] predictions, float32/float16/bfloat16, any strides.
+        patches: [B, N, P] patchified targets (same dtype family; not differentiated: targets are data).
+        idx: [B, M] int32/int64, the patch each prediction row reconstructs, 0 <= idx < N.
+        valid: optional [B, M] bool; rows where it is False do not count (dual masking: decoder
+            rows that the encoder saw). The mean runs over the valid rows only; with no valid row
+            the loss is 0 (not NaN), so one empty batch cannot poison training.
+        norm_pix: normalise each target patch to zero mean / unit variance (MAE's norm_pix_loss).
+        eps: added to the variance before the square root.
+        norm_groups: normalise P/G contiguous values at a time (3 for channel-major video patches,
+            the VideoMAE V2 convention of per-colour-channel statistics); P must divide by it.
+
+    Returns:
+        A float32 scalar. Differentiable in pred only.
+    """
+    check_tensor("pred", pred, 3)
+    check_tensor("patches", patches, 3)
+    B, M, P = pred.shape
+    if patches.shape[0] != B or patches.shape[2] != P:
+        raise ValueError(f"patches must be [B={B}, N, P={P}] to match pred, got {tuple(patches.shape)}")
+    check_same_device(pred=pred, patches=patches, idx=idx if isinstance(idx, torch.Tensor) else None,
+                      valid=valid)
+    check_index("idx", idx, B, patches.shape[1])
+    if idx.shape[1] != M:
+        raise ValueError(f"idx must have one entry per prediction row ({M}), got shape {tuple(idx.shape)}")
+    if valid is not None:
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+            raise TypeError(f"valid must be a bool tensor, got {getattr(valid, 'dtype', type(valid))}")
+        if tuple(valid.shape) != (B, M):
+            raise ValueError(f"valid must have shape [{B}, {M}], got {tuple(valid.shape)}")
+    if not isinstance(norm_groups, int) or norm_groups < 1 or P % norm_groups:
+        raise ValueError(f"norm_groups must be a positive integer dividing P={P}, got {norm_groups!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    if use_triton(pred, patches, idx, valid):
+        return _MaskedMSELoss.apply(pred, patches, idx, valid, bool(norm_pix), float(eps), norm_groups)
+    return masked_mse_loss_reference(pred, patches, idx, valid, norm_pix, eps, norm_groups)
