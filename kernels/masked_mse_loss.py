@@ -102,9 +102,9 @@ def _tile(M: int, group_size: int) -> tuple[int, int]:
 
 
 def normalise_patches(target: torch.Tensor, norm_groups: int = 1, eps: float = 1e-6) -> torch.Tensor:
-    """Per-patch (per group of P/G contiguous values) zero-mean, unit-variance target, in fp32."""
+    """Per-patch (per group of P/G contiguous values) zero-mean, unit-variance target, in fp32 (fp64 kept)."""
     *lead, P = target.shape
-    t = target.float().reshape(*lead, norm_groups, P // norm_groups)
+    t = target.to(torch.promote_types(target.dtype, torch.float32)).reshape(*lead, norm_groups, P // norm_groups)
     mean = t.mean(dim=-1, keepdim=True)
     var = t.var(dim=-1, unbiased=False, keepdim=True)
     return ((t - mean) / torch.sqrt(var + eps)).reshape(*lead, P)
@@ -112,8 +112,9 @@ def normalise_patches(target: torch.Tensor, norm_groups: int = 1, eps: float = 1
 
 def masked_mse_loss_reference(pred, patches, idx, valid=None, norm_pix=True, eps=1e-6, norm_groups=1):
     target = gather_rows_reference(patches.detach(), idx)
-    target = normalise_patches(target, norm_groups, eps) if norm_pix else target.float()
-    row_err = (pred.float() - target).pow(2).sum(dim=-1)  # [B, M]
+    compute = torch.promote_types(pred.dtype, torch.float32)
+    target = normalise_patches(target, norm_groups, eps) if norm_pix else target
+    row_err = (pred.to(compute) - target.to(compute)).pow(2).sum(dim=-1)  # [B, M]
     if valid is None:
         return row_err.sum() / row_err.numel() / pred.shape[-1]
     count = valid.sum().clamp(min=1)

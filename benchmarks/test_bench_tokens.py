@@ -1,0 +1,113 @@
+"""gather_tokens / assemble_decoder_tokens / masked_mse_loss vs the way MAE/VideoMAE code does it.
+
+The "mae_way" baselines are written as in MAE-family repositories: boolean-mask indexing of the
+tokens plus a separate positional add, torch.cat of encoder tokens and expanded mask tokens, and a
+loss that materialises gathered and normalised targets. Group names pair each op with its baseline;
+the ratio of their medians is the speedup. On CUDA the mae_kernels cases run Triton; on CPU both
+sides run torch (the reference), so CPU ratios only check the harness.
+"""
+
+import pytest
+import torch
+
+import mae_kernels
+from benchmarks.conftest import CUDA, DEVICE, run_timed
+
+pytestmark = pytest.mark.kernels
+
+# video pre-training shapes (DESIGN): N=800 tokens, 80 visible, 400 decoder-visible; audio N=128
+BATCH = 32 if CUDA else 4
+VIDEO = dict(N=800, ME=80, MD=400)
+AUDIO = dict(N=128, ME=24, MD=64)
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+
+def masks(B, N, M, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(N, generator=gen)[:M].sort().values for _ in range(B)])
+    bool_mask = torch.zeros(B, N, dtype=torch.bool)
+    bool_mask.scatter_(1, idx, True)
+    return idx.to(DEVICE), bool_mask.to(DEVICE)
+
+
+def tensors(B, N, C, requires_grad=False):
+    x = torch.randn(B, N, C, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)
+    pos = torch.randn(N, C, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)
+    return x, pos
+
+
+def mae_way_gather(x, keep, pos):
+    B, _, C = x.shape
+    return x[keep].reshape(B, -1, C) + pos.expand(B, -1, -1)[keep].reshape(B, -1, C)
+
+
+def mae_way_assemble(enc, mask_token, pos, enc_keep, dec_keep):
+    B, _, C = enc.shape
+    pos_b = pos.expand(B, -1, -1)
+    pos_vis = pos_b[enc_keep].reshape(B, -1, C)
+    pos_dec = pos_b[dec_keep].reshape(B, -1, C)
+    return torch.cat([enc + pos_vis, mask_token.expand(B, pos_dec.shape[1], -1) + pos_dec], dim=1)
+
+
+def mae_way_loss(pred, patches, dec_keep, groups):
+    B, _, P = pred.shape
+    target = patches[dec_keep].reshape(B, -1, groups, P // groups)
+    mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, unbiased=False, keepdim=True)
+    target = ((target - mean) / (var + 1e-6) ** 0.5).reshape(B, -1, P)
+    return ((pred.float() - target.float()) ** 2).mean()
+
+
+def nbytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("modality,C", [("video", 512), ("video", 768), ("audio", 512)])
+@pytest.mark.parametrize("impl", ["mae_kernels", "mae_way"])
+def test_gather_tokens(benchmark, modality, C, impl):
+    shape = VIDEO if modality == "video" else AUDIO
+    benchmark.group = f"gather_tokens {modality} C={C}"
+    x, pos = tensors(BATCH, shape["N"], C)
+    idx, keep = masks(BATCH, shape["N"], shape["ME"])
+    fn = (lambda: mae_kernels.gather_tokens(x, idx, pos)) if impl == "mae_kernels" else \
+        (lambda: mae_way_gather(x, keep, pos))
+    out = fn()
+    run_timed(benchmark, fn, bytes_moved=2 * nbytes(out) + nbytes(idx))
+
+
+@pytest.mark.parametrize("modality,C", [("video", 384), ("video", 512), ("audio", 384)])
+@pytest.mark.parametrize("impl", ["mae_kernels", "mae_way"])
+def test_assemble_decoder_tokens(benchmark, modality, C, impl):
+    shape = VIDEO if modality == "video" else AUDIO
+    benchmark.group = f"assemble_decoder_tokens {modality} C={C}"
+    enc = torch.randn(BATCH, shape["ME"], C, device=DEVICE, dtype=DTYPE)
+    token = torch.randn(C, device=DEVICE, dtype=DTYPE)
+    _, pos = tensors(1, shape["N"], C)
+    enc_idx, enc_keep = masks(BATCH, shape["N"], shape["ME"], seed=1)
+    dec_idx, dec_keep = masks(BATCH, shape["N"], shape["MD"], seed=2)
+    if impl == "mae_kernels":
+        fn = lambda: mae_kernels.assemble_decoder_tokens(enc, token, pos, enc_idx, dec_idx)  # noqa: E731
+    else:
+        fn = lambda: mae_way_assemble(enc, token, pos, enc_keep, dec_keep)  # noqa: E731
+    out = fn()
+    run_timed(benchmark, fn, bytes_moved=2 * nbytes(out))
+
+
+@pytest.mark.parametrize("modality,P,groups", [("video", 1536, 3), ("audio", 256, 1)])
+@pytest.mark.parametrize("impl", ["mae_kernels", "mae_way"])
+def test_masked_mse_loss_fwd_bwd(benchmark, modality, P, groups, impl):
+    shape = VIDEO if modality == "video" else AUDIO
+    benchmark.group = f"masked_mse_loss fwd+bwd {modality} P={P}"
+    pred = torch.randn(BATCH, shape["MD"], P, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    patches = torch.randn(BATCH, shape["N"], P, device=DEVICE, dtype=DTYPE)
+    dec_idx, dec_keep = masks(BATCH, shape["N"], shape["MD"], seed=3)
+
+    def fn():
+        if impl == "mae_kernels":
+            loss = mae_kernels.masked_mse_loss(pred, patches, dec_idx, norm_groups=groups)
+        else:
+            loss = mae_way_loss(pred, patches, dec_keep, groups)
+        loss.backward()
+        return loss
+
+    # forward reads pred + gathered patches; backward reads both again and writes grad
+    run_timed(benchmark, fn, bytes_moved=5 * nbytes(pred))
