@@ -5,19 +5,370 @@
 The LGI-Former runs four tiny attentions per layer (stage I inside each region, II over region
 tokens, III local->region, IV region->local); this op serves all four.
 
-TODO(issue 3): Triton forward/backward kernels packing several small groups per tile. Until they
-land, every backend runs the reference below.
+Every (b, g, h) triple is an independent attention problem ("a group" below); the kernels number
+them flat, (b, g, h) with h fastest, and never copy q/k/v: each row's address comes from the strides,
+so slices of one fused qkv projection are read in place.
+
+Two tilings, picked by length:
+- packed (Lq, Lk <= 64, e.g. stage I at 11 tokens): one program holds several whole groups, their
+  query rows stacked in one BLOCK_M tile and their key rows in one BLOCK_N tile; a block-diagonal
+  mask (same slot in the pack) keeps groups apart. A tiny group no longer pads a whole tile, and the
+  backward pass needs one kernel: the program owns all of dQ, dK and dV of its groups.
+- looped (longer groups, e.g. fine-tuning at 101 tokens): FlashAttention-2 — one group and one query
+  block per program, online softmax over key blocks; backward as a dQ kernel (which also writes
+  delta = rowsum(dO * O)) followed by a dK/dV kernel looping over query blocks. No atomics anywhere:
+  the backward pass is deterministic.
+Scores live in log2 units (scale * log2(e) folded into one multiplier, tl.exp2); the forward pass
+saves the per-row log-sum-exp so the backward pass recomputes P instead of storing it. Statistics and
+accumulators are fp32; fp32 inputs use IEEE dots (no TF32), 16-bit inputs tensor-core dots.
+Tile sizes are autotuned on CUDA per (Lq, Lk, head dim, dtype); the interpreter runs one fixed tiling.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from einops import rearrange
 
-from .dispatch import check_same_device, check_same_dtype, check_tensor
+from .dispatch import check_same_device, check_same_dtype, check_tensor, interpreter_enabled, use_triton
 
 SUPPORTED_HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128)
+LOG2E = 1.4426950408889634
+PACK_MAX_LEN = 64  # groups up to this many queries and keys are packed several per tile
+MIN_DOT = 16  # smallest tl.dot dimension a GPU accepts (the interpreter would take less)
+
+# --- Triton kernels ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _groups_per_tile(Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr):
+    if PACK:
+        return tl.minimum(BLOCK_M // Lq, BLOCK_N // Lk)
+    else:
+        return 1
+
+
+@triton.jit
+def _tile_rows(pid, L, NG, gpt, start, BLOCK: tl.constexpr, PACK: tl.constexpr):
+    """The rows of one tile: (flat group, slot in the pack, position in the group, in bounds).
+
+    Packed: rows r of the tile are position r % L of group pid * gpt + r // L.
+    Looped: group pid, positions start + r.
+    """
+    r = tl.arange(0, BLOCK)
+    if PACK:
+        slot = r // L
+        pos = r - slot * L
+        group = pid * gpt + slot
+        ok = (slot < gpt) & (group < NG)
+    else:
+        slot = r * 0
+        pos = start + r
+        group = slot + pid
+        ok = pos < L
+    return group, slot, pos, ok
+
+
+@triton.jit
+def _row_offsets(group, pos, G, H, sb, sg, sl, sh):
+    """Element offset of row (flat group, pos) in a [B, G, L, H, D] tensor with the given strides."""
+    group = group.to(tl.int64)
+    bg = group // H
+    return (bg // G) * sb + (bg % G) * sg + pos.to(tl.int64) * sl + (group % H) * sh
+
+
+@triton.jit
+def _load_rows(ptr, group, pos, ok, d, d_ok, G, H, sb, sg, sl, sh, sd):
+    offs = _row_offsets(group, pos, G, H, sb, sg, sl, sh)[:, None] + d[None, :] * sd
+    return tl.load(ptr + offs, mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, val, group, pos, ok, d, d_ok, G, H, sb, sg, sl, sh, sd):
+    offs = _row_offsets(group, pos, G, H, sb, sg, sl, sh)[:, None] + d[None, :] * sd
+    tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    sqb, sqg, sql, sqh, sqd,
+    skb, skg, skl, skh, skd,
+    svb, svg, svl, svh, svd,
+    sob, sog, sol, soh, sod,
+    NG, G, H, Lq, Lk, D, qk_scale,
+    PACK: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """O = softmax(QK^T * scale) V and the log2-sum-exp of every query row (lse_ptr: [NG, Lq])."""
+    pid = tl.program_id(0)
+    gpt = _groups_per_tile(Lq, Lk, BLOCK_M, BLOCK_N, PACK)
+    gq, slot_q, iq, q_ok = _tile_rows(pid, Lq, NG, gpt, tl.program_id(1) * BLOCK_M, BLOCK_M, PACK)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = _load_rows(q_ptr, gq, iq, q_ok, d, d_ok, G, H, sqb, sqg, sql, sqh, sqd)
+    # finite start: tile rows that match no key (pack padding) keep m finite, l = 0 and no NaN
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    n_end = BLOCK_N if PACK else Lk  # a pack holds all keys of its groups in one tile
+    for start_n in range(0, n_end, BLOCK_N):
+        gk, slot_k, jk, k_ok = _tile_rows(pid, Lk, NG, gpt, start_n, BLOCK_N, PACK)
+        k = _load_rows(k_ptr, gk, jk, k_ok, d, d_ok, G, H, skb, skg, skl, skh, skd)
+        v = _load_rows(v_ptr, gk, jk, k_ok, d, d_ok, G, H, svb, svg, svl, svh, svd)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.where((slot_q[:, None] == slot_k[None, :]) & k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)
+    _store_rows(o_ptr, acc / l_i[:, None], gq, iq, q_ok, d, d_ok, G, H, sob, sog, sol, soh, sod)
+    tl.store(lse_ptr + gq.to(tl.int64) * Lq + iq, m_i + tl.log2(l_i), mask=q_ok)
+
+
+@triton.jit
+def _attn_bwd_packed_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
+    sqb, sqg, sql, sqh, sqd,
+    skb, skg, skl, skh, skd,
+    svb, svg, svl, svh, svd,
+    sob, sog, sol, soh, sod,
+    sdob, sdog, sdol, sdoh, sdod,
+    NG, G, H, Lq, Lk, D, sm_scale, qk_scale,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """All three gradients of the groups of one pack (every query and key of them sits in the tile).
+
+    dq/dk/dv are contiguous [B, G, L, H, D] (strides recomputed from the shapes).
+    """
+    pid = tl.program_id(0)
+    gpt = _groups_per_tile(Lq, Lk, BLOCK_M, BLOCK_N, True)
+    gq, slot_q, iq, q_ok = _tile_rows(pid, Lq, NG, gpt, 0, BLOCK_M, True)
+    gk, slot_k, jk, k_ok = _tile_rows(pid, Lk, NG, gpt, 0, BLOCK_N, True)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = _load_rows(q_ptr, gq, iq, q_ok, d, d_ok, G, H, sqb, sqg, sql, sqh, sqd)
+    o = _load_rows(o_ptr, gq, iq, q_ok, d, d_ok, G, H, sob, sog, sol, soh, sod)
+    do = _load_rows(do_ptr, gq, iq, q_ok, d, d_ok, G, H, sdob, sdog, sdol, sdoh, sdod)
+    k = _load_rows(k_ptr, gk, jk, k_ok, d, d_ok, G, H, skb, skg, skl, skh, skd)
+    v = _load_rows(v_ptr, gk, jk, k_ok, d, d_ok, G, H, svb, svg, svl, svh, svd)
+    lse = tl.load(lse_ptr + gq.to(tl.int64) * Lq + iq, mask=q_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+
+    live = (slot_q[:, None] == slot_k[None, :]) & q_ok[:, None] & k_ok[None, :]
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    p = tl.exp2(tl.where(live, s - lse[:, None], float("-inf")))  # [BLOCK_M, BLOCK_N]
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dq = tl.dot(ds, k, input_precision=DOT_PREC) * sm_scale
+    dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PREC) * sm_scale
+
+    sl_c = H * D  # contiguous [B, G, L, H, D] gradients
+    _store_rows(dq_ptr, dq, gq, iq, q_ok, d, d_ok, G, H, G * Lq * sl_c, Lq * sl_c, sl_c, D, 1)
+    _store_rows(dk_ptr, dk, gk, jk, k_ok, d, d_ok, G, H, G * Lk * sl_c, Lk * sl_c, sl_c, D, 1)
+    _store_rows(dv_ptr, dv, gk, jk, k_ok, d, d_ok, G, H, G * Lk * sl_c, Lk * sl_c, sl_c, D, 1)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    sqb, sqg, sql, sqh, sqd,
+    skb, skg, skl, skh, skd,
+    svb, svg, svl, svh, svd,
+    sob, sog, sol, soh, sod,
+    sdob, sdog, sdol, sdoh, sdod,
+    NG, G, H, Lq, Lk, D, sm_scale, qk_scale,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ of one query block of one group (looped tiling); also writes delta = rowsum(dO * O)."""
+    pid = tl.program_id(0)
+    gq, _slot_q, iq, q_ok = _tile_rows(pid, Lq, NG, 1, tl.program_id(1) * BLOCK_M, BLOCK_M, False)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = _load_rows(q_ptr, gq, iq, q_ok, d, d_ok, G, H, sqb, sqg, sql, sqh, sqd)
+    o = _load_rows(o_ptr, gq, iq, q_ok, d, d_ok, G, H, sob, sog, sol, soh, sod)
+    do = _load_rows(do_ptr, gq, iq, q_ok, d, d_ok, G, H, sdob, sdog, sdol, sdoh, sdod)
+    row = gq.to(tl.int64) * Lq + iq
+    lse = tl.load(lse_ptr + row, mask=q_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(delta_ptr + row, delta, mask=q_ok)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        gk, _slot_k, jk, k_ok = _tile_rows(pid, Lk, NG, 1, start_n, BLOCK_N, False)
+        k = _load_rows(k_ptr, gk, jk, k_ok, d, d_ok, G, H, skb, skg, skl, skh, skd)
+        v = _load_rows(v_ptr, gk, jk, k_ok, d, d_ok, G, H, svb, svg, svl, svh, svd)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.exp2(tl.where(k_ok[None, :], s - lse[:, None], float("-inf")))
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq += tl.dot(ds, k, input_precision=DOT_PREC)
+    sl_c = H * D  # contiguous [B, G, Lq, H, D]
+    _store_rows(dq_ptr, dq * sm_scale, gq, iq, q_ok, d, d_ok, G, H, G * Lq * sl_c, Lq * sl_c, sl_c, D, 1)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    sqb, sqg, sql, sqh, sqd,
+    skb, skg, skl, skh, skd,
+    svb, svg, svl, svh, svd,
+    sdob, sdog, sdol, sdoh, sdod,
+    NG, G, H, Lq, Lk, D, sm_scale, qk_scale,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK and dV of one key block of one group (looped tiling), in transposed form: P^T is [N, M]."""
+    pid = tl.program_id(0)
+    gk, _slot_k, jk, k_ok = _tile_rows(pid, Lk, NG, 1, tl.program_id(1) * BLOCK_N, BLOCK_N, False)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    k = _load_rows(k_ptr, gk, jk, k_ok, d, d_ok, G, H, skb, skg, skl, skh, skd)
+    v = _load_rows(v_ptr, gk, jk, k_ok, d, d_ok, G, H, svb, svg, svl, svh, svd)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for start_m in range(0, Lq, BLOCK_M):
+        gq, _slot_q, iq, q_ok = _tile_rows(pid, Lq, NG, 1, start_m, BLOCK_M, False)
+        q = _load_rows(q_ptr, gq, iq, q_ok, d, d_ok, G, H, sqb, sqg, sql, sqh, sqd)
+        do = _load_rows(do_ptr, gq, iq, q_ok, d, d_ok, G, H, sdob, sdog, sdol, sdoh, sdod)
+        row = gq.to(tl.int64) * Lq + iq
+        lse = tl.load(lse_ptr + row, mask=q_ok, other=0.0)
+        delta = tl.load(delta_ptr + row, mask=q_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+        pt = tl.exp2(tl.where(q_ok[None, :], st - lse[None, :], float("-inf")))  # [BLOCK_N, BLOCK_M]
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dst, q, input_precision=DOT_PREC)
+    sl_c = H * D  # contiguous [B, G, Lk, H, D]
+    _store_rows(dk_ptr, dk * sm_scale, gk, jk, k_ok, d, d_ok, G, H, G * Lk * sl_c, Lk * sl_c, sl_c, D, 1)
+    _store_rows(dv_ptr, dv, gk, jk, k_ok, d, d_ok, G, H, G * Lk * sl_c, Lk * sl_c, sl_c, D, 1)
+
+
+# --- tiling ------------------------------------------------------------------------------------------
+
+TILE_SIZES = (16, 32, 64, 128)
+# Tiles the interpreter runs (it cannot autotune). Tests override these to cover other tilings.
+INTERPRETER_TILES = {"packed": (64, 64), "looped": (32, 32)}
+
+
+def packs(Lq: int, Lk: int) -> bool:
+    """Packed tiling (several whole groups per tile, one-kernel backward) for short groups."""
+    return Lq <= PACK_MAX_LEN and Lk <= PACK_MAX_LEN
+
+
+def groups_per_tile(Lq: int, Lk: int, block_m: int, block_n: int) -> int:
+    return min(block_m // Lq, block_n // Lk)
+
+
+def _packed_tile_fits(block_m: int, block_n: int, Lq: int, Lk: int) -> bool:
+    """At least one group fits, and neither side could be halved while holding as many groups."""
+    gpt = groups_per_tile(Lq, Lk, block_m, block_n)
+    return gpt >= 1 and (block_m == MIN_DOT or block_m // 2 < gpt * Lq) and \
+        (block_n == MIN_DOT or block_n // 2 < gpt * Lk)
+
+
+def _looped_side_fits(block: int, length: int, floor: int) -> bool:
+    """A block no longer than the (power-of-2 padded) length, nor needlessly small for long ones."""
+    p2 = triton.next_power_of_2(length)
+    return min(floor, p2) <= block <= max(MIN_DOT, p2)
+
+
+def _prune_packed(configs, named_args, **kwargs):
+    Lq, Lk = named_args["Lq"], named_args["Lk"]
+    kept = [c for c in configs if _packed_tile_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], Lq, Lk)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _prune_looped(configs, named_args, **kwargs):
+    Lq, Lk = named_args["Lq"], named_args["Lk"]
+    kept = [c for c in configs if _looped_side_fits(c.kwargs["BLOCK_M"], Lq, 64)
+            and _looped_side_fits(c.kwargs["BLOCK_N"], Lk, 32)]
+    return kept or configs[:1]
+
+
+_PACKED_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=1)
+    for bm in TILE_SIZES for bn in TILE_SIZES for w in (2, 4, 8)
+]
+_LOOPED_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=8 if max(bm, bn) == 128 else 4, num_stages=s)
+    for bm in TILE_SIZES for bn in TILE_SIZES for s in (2, 3)
+]
+_TUNING_KEY = ["Lq", "Lk", "BLOCK_D", "DOT_PREC"]
+
+
+def _autotuned(kernel, configs, prune):
+    return triton.autotune(configs=configs, key=_TUNING_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+_fwd_packed = _autotuned(_attn_fwd_kernel, _PACKED_CONFIGS, _prune_packed)
+_fwd_looped = _autotuned(_attn_fwd_kernel, _LOOPED_CONFIGS, _prune_looped)
+_bwd_packed = _autotuned(_attn_bwd_packed_kernel, _PACKED_CONFIGS, _prune_packed)
+_bwd_dq = _autotuned(_attn_bwd_dq_kernel, _LOOPED_CONFIGS, _prune_looped)
+_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _LOOPED_CONFIGS, _prune_looped)
+
+
+def _launch(tuned, plain, grid_of, pack: bool, *args, **constexprs) -> None:
+    """Autotuned launch on CUDA; under the interpreter one fixed tiling (autotune would time them all)."""
+    if interpreter_enabled():
+        block_m, block_n = INTERPRETER_TILES["packed" if pack else "looped"]
+        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        plain[grid_of(meta)](*args, **constexprs, **meta)
+    else:
+        tuned[grid_of](*args, **constexprs)
+
+
+def _common(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int, int, int, dict]:
+    B, G, Lq, H, D = q.shape
+    constexprs = {"BLOCK_D": max(MIN_DOT, triton.next_power_of_2(D)),
+                  "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32"}
+    return B * G * H, G, H, Lq, k.shape[2], D, constexprs
+
+
+def _packed_grid(NG: int, Lq: int, Lk: int):
+    return lambda meta: (triton.cdiv(NG, groups_per_tile(Lq, Lk, meta["BLOCK_M"], meta["BLOCK_N"])), 1)
+
+
+def _attention_forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    NG, G, H, Lq, Lk, D, constexprs = _common(q, k)
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty((NG, Lq), device=q.device, dtype=torch.float32)
+    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            NG, G, H, Lq, Lk, D, scale * LOG2E)
+    if packs(Lq, Lk):
+        _launch(_fwd_packed, _attn_fwd_kernel, _packed_grid(NG, Lq, Lk), True, *args, PACK=True, **constexprs)
+    else:
+        grid = lambda meta: (NG, triton.cdiv(Lq, meta["BLOCK_M"]))
+        _launch(_fwd_looped, _attn_fwd_kernel, grid, False, *args, PACK=False, **constexprs)
+    return out, lse
+
+
+def _attention_backward(q, k, v, out, lse, grad_out, scale: float):
+    NG, G, H, Lq, Lk, D, constexprs = _common(q, k)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=q.device, dtype=q.dtype)
+    dv = torch.empty(k.shape, device=q.device, dtype=q.dtype)
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    sizes = (NG, G, H, Lq, Lk, D, scale, scale * LOG2E)
+    if packs(Lq, Lk):
+        _launch(_bwd_packed, _attn_bwd_packed_kernel, _packed_grid(NG, Lq, Lk), True,
+                q, k, v, out, grad_out, lse, dq, dk, dv, *strides, *out.stride(), *grad_out.stride(), *sizes,
+                **constexprs)
+        return dq, dk, dv
+    delta = torch.empty_like(lse)
+    _launch(_bwd_dq, _attn_bwd_dq_kernel, lambda meta: (NG, triton.cdiv(Lq, meta["BLOCK_M"])), False,
+            q, k, v, out, grad_out, lse, delta, dq, *strides, *out.stride(), *grad_out.stride(), *sizes,
+            **constexprs)
+    _launch(_bwd_dkdv, _attn_bwd_dkdv_kernel, lambda meta: (NG, triton.cdiv(Lk, meta["BLOCK_N"])), False,
+            q, k, v, grad_out, lse, delta, dk, dv, *strides, *grad_out.stride(), *sizes, **constexprs)
+    return dq, dk, dv
 
 
 # --- reference --------------------------------------------------------------------------------------
@@ -31,6 +382,25 @@ def grouped_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     out = F.scaled_dot_product_attention(rearrange(q, fold), rearrange(k, fold), rearrange(v, fold),
                                          scale=scale)
     return rearrange(out, "(b g) h l d -> b g l h d", b=B, g=G)
+
+
+# --- autograd ---------------------------------------------------------------------------------------
+
+
+class _GroupedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = _attention_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _attention_backward(q, k, v, out, lse, grad_out, ctx.scale)
+        return dq, dk, dv, None
 
 
 # --- public op --------------------------------------------------------------------------------------
@@ -59,12 +429,16 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Softmax attention within each group.
 
     Args:
-        q: [B, G, Lq, H, D]; k, v: [B, G, Lk, H, D]; one dtype (float32/float16/bfloat16), one device.
-            Strided views are accepted (e.g. slices of one fused qkv projection).
+        q: [B, G, Lq, H, D]; k, v: [B, G, Lk, H, D]; one dtype (float32/float16/bfloat16), one device;
+            D in SUPPORTED_HEAD_DIMS, every dim >= 1. Strided views are accepted (e.g. slices of one
+            fused qkv projection ``linear(x).view(B, G, L, 3, H, D).unbind(3)``) and read in place.
         scale: softmax scale, default 1/sqrt(D).
 
     Returns:
-        [B, G, Lq, H, D]. Differentiable in q, k and v.
+        [B, G, Lq, H, D], contiguous, in the input dtype (softmax statistics and accumulation in fp32).
+        Differentiable in q, k and v (not twice).
     """
     _check(q, k, v, scale)
+    if use_triton(q, k, v):
+        return _GroupedAttention.apply(q, k, v, float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
     return grouped_attention_reference(q, k, v, scale)
