@@ -1,0 +1,47 @@
+"""dali_pipelines: NVIDIA DALI audio-visual data loading for AVF-MAE++.
+
+``build_loader(manifest, batch_size, train, device="gpu"|"cpu", ...)`` yields
+``{"video": [B, 3, 16, 160, 160], "audio": [B, 1, 256, 128], "label", "index"}`` from a CSV manifest
+(``video,audio,label``), with exact audio/video/label pairing, per-epoch shuffling, sharding by rank and
+DeepSpeed-friendly last-batch handling. Also here: the manifest reader, a Kaldi-exact fbank reference,
+a PyAV baseline loader (``dali_pipelines.baseline``), synthetic data (``python -m
+dali_pipelines.synthetic``) and a transcoder to CPU-decodable VP9 (``python -m dali_pipelines.transcode``).
+"""
+
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+
+from .fbank import kaldi_fbank, kaldi_mel_banks, kaldi_window
+from .manifest import Clip, Manifest, ManifestError, read_manifest, write_manifest
+from .pipeline import (
+    AUDIO_MEAN,
+    AUDIO_STD,
+    HICMAE_FBANK_MEAN,
+    HICMAE_FBANK_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AVLoader,
+    ClipSpec,
+    build_loader,
+    build_pipeline,
+    default_policy,
+    denormalize_video,
+    normalize_fbank,
+)
+from .source import (
+    CPU_VIDEO_CODECS,
+    GPU_VIDEO_CODECS,
+    PAD_INDEX,
+    UnsupportedCodecError,
+    VideoInfo,
+    probe_video,
+    sample_frame_indices,
+)
+
+__all__ = [
+    "build_loader", "build_pipeline", "AVLoader", "ClipSpec", "LastBatchPolicy", "default_policy",
+    "read_manifest", "write_manifest", "Manifest", "Clip", "ManifestError",
+    "AUDIO_MEAN", "AUDIO_STD", "HICMAE_FBANK_MEAN", "HICMAE_FBANK_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+    "denormalize_video", "normalize_fbank", "kaldi_fbank", "kaldi_mel_banks", "kaldi_window",
+    "UnsupportedCodecError", "VideoInfo", "probe_video", "sample_frame_indices", "PAD_INDEX",
+    "CPU_VIDEO_CODECS", "GPU_VIDEO_CODECS",
+]

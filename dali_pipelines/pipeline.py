@@ -1,0 +1,321 @@
+"""The DALI audio-visual pipeline and its PyTorch iterator.
+
+Graph, per batch (``device="gpu"``: decoding on NVDEC, everything after it on the GPU; ``"cpu"``: all
+on CPU threads)::
+
+    ClipSource ─ video bytes ─ decoders.video(frames=indices) ─ random_resized_crop | resize+centre crop
+               │                                    ─ crop_mirror_normalize → [3, T, S, S] float
+               ├ audio bytes ─ decoders.audio(16 kHz mono) ─ − mean ─ preemphasis ─ spectrogram
+               │             ─ mel_filter_bank ─ to_decibels(ln) ─ crop/pad time ─ normalise → [1, 256, 128]
+               ├ label, index ──────────────────────────────────────────────────────────→ as fed
+
+Audio features follow HiCMAE's Kaldi fbank (see :mod:`dali_pipelines.fbank`) as far as DALI's operators
+allow: a symmetric Hann window (Kaldi "hanning"), 512-point FFT, frames only where they fit (Kaldi
+``snip_edges``), 128 HTK-mel triangles 20 Hz–Nyquist with peak 1 (``normalize=False``), natural log
+floored at float32 eps (``to_decibels`` with ``multiplier=ln 10``, ``reference=1.0`` — its default
+reference is the per-sample maximum — and ``cutoff_db=ln eps``). Pre-emphasis over the whole signal
+equals Kaldi's per-frame pre-emphasis because the window is zero at each frame's first sample. What
+remains different: Kaldi removes each frame's mean before pre-emphasis (DALI cannot), and DALI's
+triangles are linear in Hz rather than in mel; ``tests/test_data_fbank.py`` bounds the difference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from .fbank import LOG_FLOOR, kaldi_window
+from .manifest import Manifest, read_manifest
+from .source import ClipSource
+
+# AudioMAE's AudioSet fbank statistics, which HiCMAE reuses; both normalise as (x - mean) / (2 * std).
+HICMAE_FBANK_MEAN = -4.2677393
+HICMAE_FBANK_STD = 4.5689974
+AUDIO_MEAN = HICMAE_FBANK_MEAN
+AUDIO_STD = 2 * HICMAE_FBANK_STD  # the divisor actually applied: (fbank - AUDIO_MEAN) / AUDIO_STD
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OUTPUT_NAMES = ("video", "audio", "label", "index")
+DEVICES = ("gpu", "cpu")
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """What one sample looks like. Defaults are the model's shapes (DESIGN "Shapes").
+
+    Video: ``num_frames`` frames ``frame_stride`` apart, ``frame_size`` square, normalised with
+    ``video_mean``/``video_std`` (fractions of 255). Training crops a random area fraction in
+    ``crop_area`` with aspect ratio in ``crop_aspect`` (the default 0.44–1 is VideoMAE's multi-scale
+    crop of 0.66–1 per side) and flips with probability 0.5 when ``flip``.
+    Audio: ``sample_rate`` mono, ``mel_bins`` Kaldi-style log mel bins over ``audio_frames`` 10 ms
+    frames (zero-padded before normalisation, as HiCMAE), normalised as ``(x - audio_mean) / audio_std``.
+    """
+
+    num_frames: int = 16
+    frame_stride: int = 4
+    frame_size: int = 160
+    audio_frames: int = 256
+    mel_bins: int = 128
+    sample_rate: int = 16000
+    audio_mean: float = AUDIO_MEAN
+    audio_std: float = AUDIO_STD
+    video_mean: tuple[float, float, float] = IMAGENET_MEAN
+    video_std: tuple[float, float, float] = IMAGENET_STD
+    crop_area: tuple[float, float] = (0.44, 1.0)
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_frames", "frame_stride", "frame_size", "audio_frames", "mel_bins", "sample_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ClipSpec.{name} must be a positive int, got {value!r}")
+        if self.audio_std <= 0:
+            raise ValueError(f"ClipSpec.audio_std must be > 0, got {self.audio_std}")
+        if len(self.video_mean) != 3 or len(self.video_std) != 3 or min(self.video_std) <= 0:
+            raise ValueError(f"ClipSpec.video_mean/video_std must be 3 values (std > 0), got "
+                             f"{self.video_mean}, {self.video_std}")
+        lo, hi = self.crop_area
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"ClipSpec.crop_area must satisfy 0 < low <= high <= 1, got {self.crop_area}")
+        if not 0 < self.crop_aspect[0] <= self.crop_aspect[1]:
+            raise ValueError(f"ClipSpec.crop_aspect must satisfy 0 < low <= high, got {self.crop_aspect}")
+
+    @property
+    def window_length(self) -> int:
+        return self.sample_rate * 25 // 1000
+
+    @property
+    def window_step(self) -> int:
+        return self.sample_rate * 10 // 1000
+
+
+def _video_graph(encoded, frame_idx, spec: ClipSpec, train: bool, device: str):
+    frames = fn.decoders.video(
+        encoded, device="mixed" if device == "gpu" else "cpu", frames=frame_idx, pad_mode="edge"
+    )  # [T, H, W, 3] uint8
+    size = spec.frame_size
+    mean = [255 * m for m in spec.video_mean]
+    std = [255 * s for s in spec.video_std]
+    if train:
+        frames = fn.random_resized_crop(
+            frames, size=[size, size], random_area=list(spec.crop_area),
+            random_aspect_ratio=list(spec.crop_aspect), antialias=True,
+        )
+        mirror = fn.random.coin_flip(probability=0.5) if spec.flip else 0
+        return fn.crop_mirror_normalize(
+            frames, mirror=mirror, mean=mean, std=std, dtype=types.FLOAT, output_layout="CFHW"
+        )
+    frames = fn.resize(frames, resize_shorter=size, antialias=True)
+    return fn.crop_mirror_normalize(
+        frames, crop=(size, size), mean=mean, std=std, dtype=types.FLOAT, output_layout="CFHW"
+    )  # [3, T, S, S]
+
+
+def _audio_graph(encoded, spec: ClipSpec, train: bool, device: str):
+    wave, _ = fn.decoders.audio(encoded, sample_rate=spec.sample_rate, downmix=True, dtype=types.FLOAT)
+    wave = fn.pad(wave, shape=[spec.window_length])  # at least one frame, even for a tiny file
+    if device == "gpu":
+        wave = wave.gpu()
+    wave = wave - fn.reductions.mean(wave)  # HiCMAE: waveform - waveform.mean()
+    wave = fn.preemphasis_filter(wave, preemph_coeff=0.97)
+    power = fn.spectrogram(
+        wave, nfft=1 << (spec.window_length - 1).bit_length(), window_length=spec.window_length,
+        window_step=spec.window_step, window_fn=kaldi_window("hanning", spec.window_length).tolist(),
+        center_windows=False, power=2, layout="tf",
+    )
+    mel = fn.mel_filter_bank(
+        power, nfilter=spec.mel_bins, sample_rate=spec.sample_rate, freq_low=20.0,
+        freq_high=spec.sample_rate / 2, mel_formula="htk", normalize=False,
+    )
+    # natural log floored at eps: ln(x) = ln(10) * log10(x / 1.0); the default reference is the sample max
+    logmel = fn.to_decibels(mel, multiplier=math.log(10), reference=1.0, cutoff_db=math.log(LOG_FLOOR))
+    length = logmel.shape(dtype=types.INT32)[0]
+    position = fn.random.uniform(range=[0.0, 1.0]) if train else 0.5
+    start = fn.cast(dmath.floor(position * dmath.max(length - spec.audio_frames, 0)), dtype=types.INT32)
+    logmel = fn.slice(
+        logmel, start=fn.stack(start), shape=[spec.audio_frames], axes=[0], out_of_bounds_policy="pad",
+        fill_values=0.0,
+    )  # [audio_frames, F]; zeros appended to short clips before normalising, as HiCMAE
+    audio = (logmel - spec.audio_mean) / spec.audio_std
+    return fn.expand_dims(audio, axes=[0], new_axis_names="C")  # [1, audio_frames, F]
+
+
+def _label_type(manifest: Manifest) -> types.DALIDataType:
+    return types.FLOAT if manifest.task == "regression" else types.INT64
+
+
+def _check_args(batch_size, device, num_threads, shard_id, num_shards, seed, start_epoch) -> None:
+    for name, value, low in (("batch_size", batch_size, 1), ("num_threads", num_threads, 1),
+                             ("num_shards", num_shards, 1), ("shard_id", shard_id, 0), ("seed", seed, 0),
+                             ("start_epoch", start_epoch, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if shard_id >= num_shards:
+        raise ValueError(f"shard_id must be < num_shards={num_shards}, got {shard_id}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ValueError("device='gpu' needs CUDA, which is not available here; use device='cpu' "
+                         "(VP8/VP9/MJPEG videos; see python -m dali_pipelines.transcode)")
+
+
+def default_policy(train: bool, num_shards: int) -> LastBatchPolicy:
+    """DROP for training, FILL (padding marked index -1) for multi-rank evaluation, else PARTIAL."""
+    if train:
+        return LastBatchPolicy.DROP
+    return LastBatchPolicy.FILL if num_shards > 1 else LastBatchPolicy.PARTIAL
+
+
+def build_pipeline(
+    manifest: Manifest | str | Path,
+    batch_size: int,
+    train: bool,
+    device: str = "gpu",
+    num_threads: int = 4,
+    seed: int = 0,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    spec: ClipSpec | None = None,
+    last_batch_policy: LastBatchPolicy | None = None,
+    device_id: int | None = None,
+    start_epoch: int = 0,
+    prefetch_queue_depth: int = 2,
+) -> tuple[Pipeline, ClipSource]:
+    """Build (not yet started) the DALI pipeline for one rank and the external source that feeds it.
+
+    Args:
+        manifest: a :class:`Manifest` or a manifest path (read and validated here).
+        batch_size: clips per batch on this rank.
+        train: random temporal start, random-resized crop, flip, random audio crop and a per-epoch
+            shuffle; otherwise centred windows, centre crop, manifest order.
+        device: "gpu" (NVDEC + GPU operators; outputs on ``cuda:device_id``) or "cpu" (VP8/VP9/MJPEG only).
+        num_threads: DALI CPU worker threads.
+        seed: shuffling, temporal sampling and DALI's random operators; use the same on every rank.
+        shard_id, num_shards: this rank's slice of every epoch (rank, world size).
+        spec: sample sizes and normalisation (:class:`ClipSpec`; default the model's shapes).
+        last_batch_policy: see :mod:`dali_pipelines.source`; default :func:`default_policy`.
+        device_id: CUDA device for device="gpu" (default: the current one).
+        start_epoch: the epoch of the first pass, for resuming: the clip order and temporal windows
+            are those an uninterrupted run would see; DALI's random crops, flips and audio crops come
+            from a stream seeded by (seed, shard_id, start_epoch).
+        prefetch_queue_depth: batches DALI prepares ahead.
+
+    Returns:
+        (pipeline, source): the pipeline's outputs are video float32 [3, T, S, S], audio float32
+        [1, audio_frames, mel_bins], label (int64 [] or float32 [L]) and index (int64 []); ``len(source)``
+        is the number of batches per epoch. Running past the epoch raises StopIteration.
+    """
+    _check_args(batch_size, device, num_threads, shard_id, num_shards, seed, start_epoch)
+    if not isinstance(manifest, Manifest):
+        manifest = read_manifest(manifest)
+    spec = spec or ClipSpec()
+    if not isinstance(spec, ClipSpec):
+        raise TypeError(f"spec must be a ClipSpec, got {type(spec).__name__}")
+    policy = default_policy(train, num_shards) if last_batch_policy is None else last_batch_policy
+    if not isinstance(policy, LastBatchPolicy):
+        raise TypeError(f"last_batch_policy must be a nvidia.dali LastBatchPolicy, got {policy!r}")
+    source = ClipSource(manifest, batch_size, train, device, spec.num_frames, spec.frame_stride, seed,
+                        shard_id, num_shards, policy, start_epoch)
+    if len(source) == 0:
+        raise ValueError(
+            f"shard {shard_id}/{num_shards} of {manifest.path} ({len(manifest)} clips) yields no batch of "
+            f"{batch_size} under {policy.name}; lower batch_size or num_shards"
+        )
+    if device == "gpu" and device_id is None:
+        device_id = torch.cuda.current_device()
+
+    dali_seed = (seed + 7919 * shard_id + 104729 * start_epoch) % 2**31  # distinct streams per rank
+
+    @pipeline_def(
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
+        seed=dali_seed, prefetch_queue_depth=prefetch_queue_depth,
+    )
+    def av_pipeline():
+        video_bytes, audio_bytes, frame_idx, label, index = fn.external_source(
+            source=source, num_outputs=5, batch=True, batch_info=True,
+            dtype=[types.UINT8, types.UINT8, types.INT32, _label_type(manifest), types.INT64],
+        )
+        video = _video_graph(video_bytes, frame_idx, spec, train, device)
+        audio = _audio_graph(audio_bytes, spec, train, device)
+        return video, audio, label, index
+
+    return av_pipeline(), source
+
+
+class AVLoader(DALIGenericIterator):
+    """PyTorch iterator over one rank's share of a manifest; yields one dict per batch.
+
+    ``{"video": float32 [B, 3, T, S, S], "audio": float32 [B, 1, audio_frames, mel_bins],
+    "label": int64 [B] (class; -1 when unlabelled) or float32 [B, L] (regression), "index": int64 [B]
+    (manifest row; -1 marks a FILL padding sample)}``. ``video``/``audio`` live on the pipeline's
+    device, ``label``/``index`` on the CPU. ``len()`` is the number of batches per epoch; iterating
+    again starts the next epoch (new shuffle). Consume whole epochs: DALI cannot restart an epoch
+    half-way (a new ``iter()`` mid-epoch continues where it stopped).
+    """
+
+    def __init__(self, pipeline: Pipeline, source: ClipSource) -> None:
+        self.source = source
+        super().__init__([pipeline], list(OUTPUT_NAMES), auto_reset=True)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.source.manifest
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return super().__next__()[0]
+
+
+def build_loader(
+    manifest: Manifest | str | Path,
+    batch_size: int,
+    train: bool,
+    device: str = "gpu",
+    num_threads: int | None = None,
+    seed: int = 0,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    spec: ClipSpec | None = None,
+    last_batch_policy: LastBatchPolicy | None = None,
+    device_id: int | None = None,
+    start_epoch: int = 0,
+) -> AVLoader:
+    """Build the pipeline (:func:`build_pipeline`, same arguments) and wrap it in an :class:`AVLoader`.
+
+    For DeepSpeed: ``shard_id=rank, num_shards=world_size``, the same ``seed`` everywhere; the default
+    policies give every rank ``len(loader)`` steps per epoch (DROP in training, FILL in evaluation).
+    ``num_threads`` defaults to min(4, CPU count). The first batch is prepared here, so an unreadable
+    or undecodable first clip fails at construction.
+    """
+    threads = min(4, os.cpu_count() or 1) if num_threads is None else num_threads
+    pipe, source = build_pipeline(manifest, batch_size, train, device, threads, seed, shard_id, num_shards,
+                                  spec, last_batch_policy, device_id, start_epoch)
+    return AVLoader(pipe, source)
+
+
+def denormalize_video(video: torch.Tensor, spec: ClipSpec | None = None) -> torch.Tensor:
+    """Undo the video normalisation: [..., 3, T, H, W] → pixel values in [0, 255] (float)."""
+    spec = spec or ClipSpec()
+    shape = (3, 1, 1, 1)
+    mean = torch.tensor(spec.video_mean, device=video.device).view(shape) * 255
+    std = torch.tensor(spec.video_std, device=video.device).view(shape) * 255
+    return video * std + mean
+
+
+def normalize_fbank(fbank: torch.Tensor | np.ndarray, spec: ClipSpec | None = None):
+    """``(fbank - audio_mean) / audio_std`` — the audio normalisation the pipeline applies."""
+    spec = spec or ClipSpec()
+    return (fbank - spec.audio_mean) / spec.audio_std

@@ -1,0 +1,255 @@
+"""The pipeline's one external source: epoch order, sharding, last batch, file bytes, frame indices.
+
+One callable feeds every per-clip input of the DALI pipeline in the same batch — encoded video,
+encoded audio, the frame indices to decode, the label and the manifest row — so audio, video and
+label can never come from different clips. Everything that decides *which* clip lands where is
+plain numpy, seeded by ``(seed, epoch)``, and therefore identical on every rank:
+
+* epoch order: a permutation of the rows (training) or the rows in order (evaluation);
+* sharding: rank ``s`` of ``S`` takes ``order[s::S]`` (as torch's ``DistributedSampler``);
+* last batch, with DALI's :class:`LastBatchPolicy` names:
+
+  - ``DROP`` (training): the order is first padded to a multiple of ``S`` by wrapping around (the
+    repeats are real training samples with their true ``index``), then the incomplete last batch is
+    dropped — every rank runs ``floor(ceil(N / S) / B)`` steps.
+  - ``FILL`` (multi-rank evaluation): shards are padded to equal length and the last batch to ``B``
+    with *padding samples* whose ``index`` is ``-1``; every clip appears exactly once with
+    ``index >= 0`` over all ranks, and every rank runs ``ceil(ceil(N / S) / B)`` steps (what ZeRO-3
+    needs: its forward pass gathers parameters collectively, so ranks must step together).
+  - ``PARTIAL`` (single-rank evaluation): no repeats at all; the last batch is smaller; shards may
+    differ by one clip.
+
+Temporal sampling is also drawn here (it needs each clip's frame count, which the video container
+knows): ``num_frames`` frames ``stride`` apart, starting at a random frame (training; seeded by
+``(seed, epoch, row)``) or centred (evaluation); clips shorter than the span are looped.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import soundfile as sf
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+
+from .manifest import Manifest
+
+# What DALI's fn.decoders.video decodes (its docstring): CPU backend VP8/VP9/MJPEG; the mixed (NVDEC)
+# backend also AV1, MPEG-4, H.264 and HEVC. Names as FFmpeg (PyAV) reports them.
+CPU_VIDEO_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+GPU_VIDEO_CODECS = CPU_VIDEO_CODECS | {"av1", "mpeg4", "h264", "hevc"}
+# What DALI's fn.decoders.audio decodes (its docstring), as libsndfile names the formats.
+AUDIO_FORMATS = frozenset({"WAV", "FLAC", "OGG"})
+PAD_INDEX = -1  # ``index`` of padding samples (FILL policy)
+
+
+class UnsupportedCodecError(ValueError):
+    """A video whose codec the chosen DALI decoder cannot decode."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    codec: str
+    num_frames: int
+    width: int
+    height: int
+
+
+def probe_video(data: bytes | np.ndarray, path: str | Path = "<memory>") -> VideoInfo:
+    """Codec, frame count and size of an encoded video, from its container (no decoding).
+
+    The frame count is the container's when it stores one (MP4), else the number of video packets
+    (WebM/Matroska do not store it; one packet holds one shown frame, VP9 superframes included).
+    """
+    buf = io.BytesIO(data.tobytes() if isinstance(data, np.ndarray) else data)
+    try:
+        with av.open(buf) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            ctx = stream.codec_context
+            info = VideoInfo(ctx.name, int(count), int(ctx.width), int(ctx.height))
+    except av.FFmpegError as e:
+        raise ValueError(f"cannot read video {path}: {e}") from e
+    if info.num_frames < 1:
+        raise ValueError(f"video {path} has no frames")
+    return info
+
+
+def check_audio(data: bytes | np.ndarray, path: str | Path, manifest: str | Path = "MANIFEST") -> None:
+    """Raise ValueError naming the file unless it is WAV/FLAC/OGG audio with at least one sample."""
+    buf = io.BytesIO(data.tobytes() if isinstance(data, np.ndarray) else data)
+    try:
+        info = sf.info(buf)
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise ValueError(f"cannot read audio {path}: {e}. DALI decodes WAV, FLAC and OGG; convert other "
+                         f"formats with `python -m dali_pipelines.transcode {manifest} OUT_DIR`") from e
+    if info.format not in AUDIO_FORMATS:
+        raise ValueError(f"audio {path} is {info.format}, DALI decodes WAV, FLAC and OGG; convert it with "
+                         f"`python -m dali_pipelines.transcode {manifest} OUT_DIR`")
+    if info.frames < 1:
+        raise ValueError(f"audio {path} has no samples")
+
+
+def check_codec(info: VideoInfo, path: str | Path, device: str, manifest: str | Path = "MANIFEST") -> None:
+    """Raise :class:`UnsupportedCodecError` naming the file and the fix when DALI cannot decode it."""
+    allowed = CPU_VIDEO_CODECS if device == "cpu" else GPU_VIDEO_CODECS
+    if info.codec in allowed:
+        return
+    command = f"python -m dali_pipelines.transcode {manifest} OUT_DIR"
+    if device == "cpu" and info.codec in GPU_VIDEO_CODECS:
+        raise UnsupportedCodecError(
+            f"{path}: codec {info.codec!r} cannot be decoded by DALI's CPU video decoder, which takes only "
+            f"VP8, VP9 and MJPEG. Either load with device='gpu' (NVDEC decodes {info.codec}) or re-encode "
+            f"the dataset once: `{command}` (writes VP9 + 16 kHz wav and a new manifest "
+            "OUT_DIR/manifest.csv)."
+        )
+    decodable = "VP8, VP9, MJPEG" if device == "cpu" else "VP8, VP9, MJPEG, AV1, MPEG-4, H.264, HEVC"
+    raise UnsupportedCodecError(
+        f"{path}: codec {info.codec!r} is not decoded by DALI's {device.upper()} video decoder "
+        f"({decodable}). Re-encode the dataset once: `{command}`."
+    )
+
+
+def sample_frame_indices(
+    clip_frames: int, num_frames: int, stride: int, rng: np.random.Generator | None
+) -> np.ndarray:
+    """Indices of ``num_frames`` frames ``stride`` apart, looped over short clips: int32 [num_frames].
+
+    ``rng`` given: random start (uniform over the starts that fit, or over the whole clip when the
+    span does not fit); ``rng`` None: the window centred in the clip (start 0 when it does not fit).
+    """
+    span = (num_frames - 1) * stride + 1
+    room = clip_frames - span
+    if rng is not None:
+        start = int(rng.integers(0, room + 1)) if room >= 0 else int(rng.integers(0, clip_frames))
+    else:
+        start = room // 2 if room >= 0 else 0
+    return ((start + stride * np.arange(num_frames)) % clip_frames).astype(np.int32)
+
+
+def epoch_order(num_clips: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+    """The manifest rows in the order of one epoch: int64 [num_clips]; same on every rank."""
+    if not shuffle:
+        return np.arange(num_clips, dtype=np.int64)
+    return np.random.default_rng([seed, epoch]).permutation(num_clips).astype(np.int64)
+
+
+def shard_batches(
+    order: np.ndarray, shard_id: int, num_shards: int, batch_size: int, policy: LastBatchPolicy
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Split one epoch's order into this shard's batches: a list of (rows int64 [b], is_padding bool [b])."""
+    n = len(order)
+    per_shard = -(-n // num_shards)
+    if policy is LastBatchPolicy.PARTIAL:
+        rows = order[shard_id::num_shards]
+        padding = np.zeros(len(rows), dtype=bool)
+    else:
+        # Equal shards: wrap around the order. Under DROP the repeats are real samples; under FILL padding.
+        padded = np.resize(order, per_shard * num_shards)
+        rows = padded[shard_id::num_shards]
+        padding = np.arange(len(padded))[shard_id::num_shards] >= n
+        if policy is LastBatchPolicy.DROP:
+            padding[:] = False
+            keep = (len(rows) // batch_size) * batch_size
+            rows, padding = rows[:keep], padding[:keep]
+        elif len(rows) % batch_size:
+            extra = batch_size - len(rows) % batch_size
+            rows = np.concatenate([rows, np.resize(rows, extra)])
+            padding = np.concatenate([padding, np.ones(extra, dtype=bool)])
+    return [(rows[i:i + batch_size], padding[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def batches_per_epoch(
+    num_clips: int, shard_id: int, num_shards: int, batch_size: int, policy: LastBatchPolicy
+) -> int:
+    """Steps per epoch of shard ``shard_id`` (the same on every shard except, maybe, under PARTIAL)."""
+    if policy is LastBatchPolicy.PARTIAL:
+        return -(-len(range(shard_id, num_clips, num_shards)) // batch_size)
+    per_shard = -(-num_clips // num_shards)
+    if policy is LastBatchPolicy.DROP:
+        return per_shard // batch_size
+    return -(-per_shard // batch_size)
+
+
+class ClipSource:
+    """DALI external source (batch mode, called with ``BatchInfo``) yielding one batch of clips.
+
+    Outputs, each a list with one entry per sample: video bytes (uint8 [n]), audio bytes (uint8 [n]),
+    frame indices (int32 [num_frames]), label (int64 [] class, float32 [L] regression, int64 [] -1
+    unlabelled), manifest row (int64 [], -1 for padding). Raises StopIteration at the end of an epoch.
+    DALI counts epochs from 0 for every new pipeline; ``start_epoch`` is added (resuming training).
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        batch_size: int,
+        train: bool,
+        device: str,
+        num_frames: int,
+        frame_stride: int,
+        seed: int,
+        shard_id: int,
+        num_shards: int,
+        policy: LastBatchPolicy,
+        start_epoch: int = 0,
+    ) -> None:
+        self.manifest = manifest
+        self.batch_size = batch_size
+        self.train = train
+        self.device = device
+        self.num_frames = num_frames
+        self.frame_stride = frame_stride
+        self.seed = seed
+        self.shard_id = shard_id
+        self.num_shards = num_shards
+        self.policy = policy
+        self.start_epoch = start_epoch
+        self.labels = manifest.labels()
+        self._frame_counts: dict[int, int] = {}
+        self._epoch = -1
+        self._batches: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __len__(self) -> int:
+        n = len(self.manifest)
+        return batches_per_epoch(n, self.shard_id, self.num_shards, self.batch_size, self.policy)
+
+    def epoch_batches(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """This shard's batches of ``epoch`` as (rows, is_padding) pairs."""
+        order = epoch_order(len(self.manifest), epoch, self.seed, shuffle=self.train)
+        return shard_batches(order, self.shard_id, self.num_shards, self.batch_size, self.policy)
+
+    def _clip_inputs(self, row: int, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        clip = self.manifest.clips[row]
+        video = np.fromfile(clip.video, dtype=np.uint8)
+        audio = np.fromfile(clip.audio, dtype=np.uint8)
+        if row not in self._frame_counts:  # probe once per clip; later epochs reuse the checks and count
+            info = probe_video(video, clip.video)
+            check_codec(info, clip.video, self.device, self.manifest.path)
+            check_audio(audio, clip.audio, self.manifest.path)
+            self._frame_counts[row] = info.num_frames
+        rng = np.random.default_rng([self.seed, epoch, row]) if self.train else None
+        frames = sample_frame_indices(self._frame_counts[row], self.num_frames, self.frame_stride, rng)
+        return video, audio, frames
+
+    def __call__(self, info) -> tuple[list[np.ndarray], ...]:
+        if self.start_epoch + info.epoch_idx != self._epoch:
+            self._epoch = self.start_epoch + info.epoch_idx
+            self._batches = self.epoch_batches(self._epoch)
+        if info.iteration >= len(self._batches):
+            raise StopIteration
+        rows, padding = self._batches[info.iteration]
+        videos, audios, frames, labels, indices = [], [], [], [], []
+        for row, is_pad in zip(rows.tolist(), padding.tolist(), strict=True):
+            video, audio, idx = self._clip_inputs(row, self._epoch)
+            videos.append(video)
+            audios.append(audio)
+            frames.append(idx)
+            labels.append(np.asarray(self.labels[row]))
+            indices.append(np.asarray(PAD_INDEX if is_pad else row, dtype=np.int64))
+        return videos, audios, frames, labels, indices

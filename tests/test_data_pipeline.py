@@ -1,0 +1,353 @@
+"""The DALI loader on CPU: pairing, shapes, determinism, sharding, last batch, decoding accuracy, errors.
+
+Clips come from dali_pipelines.synthetic with one class per row, so every clip's audio pitch and
+video background colour identify its manifest row. GPU-only paths (NVDEC) skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dali_pipelines import (
+    PAD_INDEX,
+    ClipSpec,
+    LastBatchPolicy,
+    ManifestError,
+    UnsupportedCodecError,
+    build_loader,
+    denormalize_video,
+    kaldi_fbank,
+    read_manifest,
+    sample_frame_indices,
+)
+from dali_pipelines.source import batches_per_epoch, epoch_order, shard_batches
+from dali_pipelines.synthetic import class_background, encode_video, generate_dataset
+
+ROWS = 8
+SMALL = ClipSpec(num_frames=8, frame_stride=2, frame_size=64)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs CUDA: DALI's mixed (NVDEC) video decoder has no CPU fallback")
+
+
+def load(manifest, batch_size=3, train=False, spec=SMALL, **kw):
+    return build_loader(manifest, batch_size, train, device="cpu", num_threads=2, spec=spec, **kw)
+
+
+def epoch(loader) -> list[dict[str, torch.Tensor]]:
+    return list(loader)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """8 rows, one class each: pitch and background colour identify the row. 24 frames of 64x64."""
+    return generate_dataset(tmp_path_factory.mktemp("rows"), clips=ROWS, classes=ROWS, num_frames=24, size=64)
+
+
+@pytest.fixture(scope="module")
+def row_pitch_bins(dataset: Path) -> np.ndarray:
+    """The loudest mel bin of each row's wav under the Kaldi reference."""
+    bins = []
+    for clip in read_manifest(dataset).clips:
+        wave, _ = sf.read(clip.audio, dtype="float64")
+        bins.append(int(kaldi_fbank(torch.from_numpy(wave)).mean(0).argmax()))
+    assert len(set(bins)) == ROWS  # the rows are distinguishable by pitch
+    return np.array(bins)
+
+
+def rows_from_audio(audio: torch.Tensor, pitch_bins: np.ndarray) -> list[int]:
+    # zero padding is one constant over all bins, so it cannot move the time-averaged peak
+    peaks = audio[:, 0].mean(1).argmax(-1)
+    return [int(np.abs(pitch_bins - int(p)).argmin()) for p in peaks]
+
+
+def rows_from_video(video: torch.Tensor, spec: ClipSpec = SMALL) -> list[int]:
+    """Vote over pixels: nearest colour among the face colours and every row's background."""
+    palette = torch.tensor(np.stack([(224, 172, 140), (40, 30, 30), (120, 30, 40)]
+                                    + [class_background(r, ROWS) for r in range(ROWS)]), dtype=torch.float32)
+    pixels = denormalize_video(video, spec).permute(0, 2, 3, 4, 1).reshape(video.shape[0], -1, 3)
+    nearest = torch.cdist(pixels, palette[None].expand(video.shape[0], -1, -1)).argmin(-1) - 3
+    return [int(torch.bincount(n[n >= 0], minlength=ROWS).argmax()) for n in nearest]
+
+
+# --- shapes, pairing, determinism ----------------------------------------------------------------
+
+
+def test_default_spec_gives_the_model_shapes(tmp_path: Path) -> None:
+    manifest = generate_dataset(tmp_path, clips=2, classes=2, num_frames=20, size=176)
+    for train in (True, False):
+        batch = next(iter(build_loader(manifest, 2, train, device="cpu", num_threads=2)))
+        assert batch["video"].shape == (2, 3, 16, 160, 160) and batch["video"].dtype == torch.float32
+        assert batch["audio"].shape == (2, 1, 256, 128) and batch["audio"].dtype == torch.float32
+        assert batch["label"].dtype == torch.int64 and batch["index"].dtype == torch.int64
+        assert batch["video"].is_contiguous() and torch.isfinite(batch["video"]).all()
+        # ImageNet-normalised pixels stay within [(0 - 0.485) / 0.229, (1 - 0.406) / 0.225]
+        assert batch["video"].min() >= -2.2 and batch["video"].max() <= 2.7
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["ordered", "shuffled"])
+def test_audio_video_label_and_index_stay_paired(dataset: Path, row_pitch_bins, train: bool) -> None:
+    seen = []
+    for shard in range(2):
+        loader = load(dataset, batch_size=2, train=train, seed=5, shard_id=shard, num_shards=2)
+        for batch in loader:
+            index = batch["index"].tolist()
+            assert batch["label"].tolist() == index  # one class per row
+            assert rows_from_audio(batch["audio"], row_pitch_bins) == index
+            assert rows_from_video(batch["video"]) == index
+            seen += index
+    assert sorted(seen) == list(range(ROWS))
+    if train:
+        assert seen != sorted(seen)
+
+
+def test_same_seed_same_batches_new_epoch_new_order(dataset: Path) -> None:
+    a, b = load(dataset, train=True, seed=3), load(dataset, train=True, seed=3)
+    first_a, first_b = epoch(a), epoch(b)
+    second_a, second_b = epoch(a), epoch(b)
+    for x, y in zip(first_a + second_a, first_b + second_b, strict=True):
+        for key in ("video", "audio", "label", "index"):
+            assert torch.equal(x[key], y[key]), key
+    order = [torch.cat([batch["index"] for batch in e]).tolist() for e in (first_a, second_a)]
+    assert order[0] != order[1]
+    other = torch.cat([batch["index"] for batch in epoch(load(dataset, train=True, seed=4))]).tolist()
+    assert other != order[0]
+    resumed = epoch(load(dataset, train=True, seed=3, start_epoch=1))
+    assert torch.cat([batch["index"] for batch in resumed]).tolist() == order[1]
+
+
+def test_training_crop_and_flip_are_shared_by_all_frames(tmp_path: Path) -> None:
+    still = np.repeat(np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8), 12, axis=0)
+    manifest = generate_dataset(tmp_path, clips=4, classes=2, num_frames=12, size=64)
+    for clip in read_manifest(manifest).clips:
+        clip.video.write_bytes(encode_video(still, quality=4))
+    eval_video = next(iter(load(manifest, batch_size=4, train=False)))["video"]
+    for batch in load(manifest, batch_size=4, train=True, seed=1):
+        video = batch["video"]
+        # a still clip stays still: the same crop and flip for every frame (up to codec noise)
+        assert (video - video[:, :, :1]).abs().max() < 0.35
+        assert not torch.allclose(video, eval_video, atol=0.1)  # and the augmentation did something
+
+
+def test_eval_audio_is_the_centred_window_and_train_crops_vary(tmp_path: Path) -> None:
+    manifest = generate_dataset(tmp_path, clips=2, classes=2, num_frames=8, size=64, audio_seconds=4.0)
+    spec = ClipSpec(num_frames=4, frame_stride=1, frame_size=64)
+    eval_audio = next(iter(load(manifest, batch_size=2, spec=spec)))["audio"]
+    wave, _ = sf.read(read_manifest(manifest).clips[0].audio, dtype="float64")
+    fbank = kaldi_fbank(torch.from_numpy(wave - wave.mean())).float()  # 398 frames
+    start = (fbank.shape[0] - 256) // 2
+    reference = (fbank[start:start + 256] - spec.audio_mean) / spec.audio_std
+    assert (eval_audio[0, 0] - reference)[:, 16:].abs().max() < 0.01  # bins above ~300 Hz
+    train_windows = [next(iter(load(manifest, batch_size=2, train=True, seed=s, spec=spec)))["audio"]
+                     for s in range(3)]
+    assert not all(torch.allclose(w, train_windows[0]) for w in train_windows[1:])
+
+
+# --- decoding accuracy -----------------------------------------------------------------------------
+
+
+def yuv420p_to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """BT.601 limited-range YUV→RGB with bilinear (centred) chroma upsampling, as DALI converts.
+
+    PyAV's own ``to_ndarray("rgb24")`` (swscale defaults) upsamples chroma more coarsely and lands
+    3-5 dB lower on these sharp synthetic colour edges; the pixels it decodes (Y, U, V) are the same.
+    """
+    h, w = frame.height, frame.width
+    planes = frame.to_ndarray()  # yuv420p: [h * 3 / 2, w]
+    y = torch.from_numpy(planes[:h].astype(np.float32))
+    uv = torch.from_numpy(planes[h:].reshape(2, h // 2, w // 2).astype(np.float32))
+    u, v = torch.nn.functional.interpolate(uv[None], scale_factor=2, mode="bilinear", align_corners=False)[0]
+    y, u, v = (y - 16) * 255 / 219, (u - 128) * 255 / 224, (v - 128) * 255 / 224
+    rgb = torch.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], -1)
+    return rgb.round().clamp(0, 255).numpy()
+
+
+def test_decoded_frames_match_pyav_above_40db(dataset: Path) -> None:
+    spec = ClipSpec(num_frames=8, frame_stride=4, frame_size=64)  # 29-frame span: loops the 24-frame clips
+    batch = next(iter(load(dataset, batch_size=4, spec=spec)))
+    for i, row in enumerate(batch["index"].tolist()):
+        with av.open(str(read_manifest(dataset).clips[row].video)) as container:
+            frames = np.stack([yuv420p_to_rgb(f) for f in container.decode(video=0)])
+        indices = sample_frame_indices(len(frames), spec.num_frames, spec.frame_stride, None)
+        assert indices.tolist() == [0, 4, 8, 12, 16, 20, 0, 4]
+        reference = torch.from_numpy(frames[indices]).permute(3, 0, 1, 2)
+        mse = float(((denormalize_video(batch["video"][i], spec) - reference) ** 2).mean())
+        assert 10 * math.log10(255**2 / mse) >= 40.0
+
+
+def test_frame_sampling() -> None:
+    assert sample_frame_indices(100, 16, 4, None).tolist() == list(range(19, 80, 4))  # centred
+    assert sample_frame_indices(10, 4, 4, None).tolist() == [0, 4, 8, 2]  # looped
+    rng = np.random.default_rng(0)
+    starts = {int(sample_frame_indices(100, 16, 4, rng)[0]) for _ in range(300)}
+    assert min(starts) >= 0 and max(starts) <= 100 - 61 and len(starts) > 30
+    assert sample_frame_indices(100, 16, 4, rng).dtype == np.int32
+
+
+# --- sharding and the last batch ------------------------------------------------------------------
+
+
+@given(n=st.integers(1, 40), shards=st.integers(1, 4), batch=st.integers(1, 5), epoch_seed=st.integers(0, 3))
+def test_shard_batches_cover_the_epoch(n: int, shards: int, batch: int, epoch_seed: int) -> None:
+    order = epoch_order(n, epoch_seed, seed=7, shuffle=True)
+    for policy in LastBatchPolicy:
+        per_shard = [shard_batches(order, s, shards, batch, policy) for s in range(shards)]
+        for s, batches in enumerate(per_shard):
+            assert len(batches) == batches_per_epoch(n, s, shards, batch, policy)
+        rows = np.concatenate([r for b in per_shard for r, _ in b] or [np.zeros(0, int)])
+        real = np.concatenate([r[~p] for b in per_shard for r, p in b] or [np.zeros(0, int)])
+        if policy is LastBatchPolicy.PARTIAL:
+            assert sorted(rows.tolist()) == list(range(n))
+        else:
+            assert len({len(b) for b in per_shard}) == 1  # every rank runs the same number of steps
+            assert all(len(r) == batch for b in per_shard for r, _ in b)
+        if policy is LastBatchPolicy.FILL:
+            assert sorted(real.tolist()) == list(range(n))
+        if policy is LastBatchPolicy.DROP:
+            assert len(rows) == shards * batch * (-(-n // shards) // batch)
+            assert len(set(rows.tolist())) == min(n, len(rows))
+
+
+def test_two_shards_cover_the_manifest_once(dataset: Path) -> None:
+    for policy in (LastBatchPolicy.FILL, LastBatchPolicy.PARTIAL):
+        loaders = [load(dataset, batch_size=3, num_shards=2, shard_id=s, last_batch_policy=policy)
+                   for s in (0, 1)]
+        indices = [torch.cat([b["index"] for b in epoch(ld)]).tolist() for ld in loaders]
+        assert sorted(i for ix in indices for i in ix if i != PAD_INDEX) == list(range(ROWS))
+        assert len(loaders[0]) == len(loaders[1]) == 2
+    train = [load(dataset, batch_size=2, train=True, num_shards=2, shard_id=s, seed=9) for s in (0, 1)]
+    steps = [epoch(ld) for ld in train]
+    assert len(steps[0]) == len(steps[1]) == len(train[0]) == 2
+    rows = [set(torch.cat([b["index"] for b in s]).tolist()) for s in steps]
+    assert not rows[0] & rows[1] and rows[0] | rows[1] == set(range(ROWS))
+
+
+@pytest.mark.parametrize(
+    "policy, sizes, last_index",
+    [(LastBatchPolicy.DROP, [3, 3], [3, 4, 5]),
+     (LastBatchPolicy.PARTIAL, [3, 3, 1], [6]),
+     (LastBatchPolicy.FILL, [3, 3, 3], [6, PAD_INDEX, PAD_INDEX])],
+)
+def test_last_batch_policy(dataset: Path, policy, sizes, last_index) -> None:
+    manifest = read_manifest(dataset)
+    seven = type(manifest)(manifest.path, manifest.clips[:7], manifest.label_columns, manifest.task)
+    loader = load(seven, batch_size=3, last_batch_policy=policy)
+    for _ in range(2):  # and again next epoch
+        batches = epoch(loader)
+        assert len(loader) == len(batches) and [len(b["index"]) for b in batches] == sizes
+        assert batches[-1]["index"].tolist() == last_index
+        assert batches[-1]["video"].shape[0] == batches[-1]["audio"].shape[0] == sizes[-1]
+
+
+def test_default_policies() -> None:
+    from dali_pipelines import default_policy
+
+    assert default_policy(True, 4) is LastBatchPolicy.DROP
+    assert default_policy(False, 4) is LastBatchPolicy.FILL
+    assert default_policy(False, 1) is LastBatchPolicy.PARTIAL
+
+
+def test_regression_and_unlabelled_labels(dataset: Path, tmp_path: Path) -> None:
+    clips = read_manifest(dataset).clips[:3]
+    regression = tmp_path / "reg.csv"
+    regression.write_text("video,audio,label_v,label_a\n" + "".join(
+        f"{c.video},{c.audio},{i / 2},{-i}\n" for i, c in enumerate(clips)))
+    batch = next(iter(load(regression, batch_size=3)))
+    assert batch["label"].dtype == torch.float32
+    torch.testing.assert_close(batch["label"], torch.tensor([[0.0, 0.0], [0.5, -1.0], [1.0, -2.0]]))
+    unlabelled = tmp_path / "pre.csv"
+    unlabelled.write_text("video,audio\n" + "".join(f"{c.video},{c.audio}\n" for c in clips))
+    assert next(iter(load(unlabelled, batch_size=3)))["label"].tolist() == [-1, -1, -1]
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [({"batch_size": 0}, ValueError, "batch_size"),
+     ({"num_threads": 0}, ValueError, "num_threads"),
+     ({"shard_id": 2, "num_shards": 2}, ValueError, "shard_id"),
+     ({"num_shards": 0}, ValueError, "num_shards"),
+     ({"seed": -1}, ValueError, "seed"),
+     ({"start_epoch": -1}, ValueError, "start_epoch"),
+     ({"device": "tpu"}, ValueError, "device"),
+     ({"spec": {"num_frames": 8}}, TypeError, "spec"),
+     ({"last_batch_policy": "drop"}, TypeError, "last_batch_policy"),
+     ({"batch_size": 9, "train": True}, ValueError, "yields no batch")],
+)
+def test_bad_arguments(dataset: Path, kwargs, error, match) -> None:
+    args = {"batch_size": 2, "train": False, "device": "cpu", "num_threads": 2, "spec": SMALL} | kwargs
+    with pytest.raises(error, match=match):
+        build_loader(dataset, **args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is missing")
+def test_gpu_without_cuda_is_a_clear_error(dataset: Path) -> None:
+    with pytest.raises(ValueError, match="needs CUDA"):
+        build_loader(dataset, 2, False, device="gpu")
+
+
+@pytest.mark.parametrize("field, value", [("num_frames", 0), ("frame_size", 1.5), ("audio_std", 0.0),
+                                          ("crop_area", (0.5, 0.2)), ("video_std", (1.0, 1.0))])
+def test_bad_clip_spec(field, value) -> None:
+    with pytest.raises(ValueError, match=field):
+        ClipSpec(**{field: value})
+
+
+def test_h264_on_cpu_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    manifest = generate_dataset(tmp_path, clips=2, classes=2, num_frames=8, size=64, codec="h264")
+    with pytest.raises(UnsupportedCodecError) as info:
+        load(manifest, batch_size=2)
+    message = str(info.value)
+    assert "clip_0000.mp4" in message and "'h264'" in message
+    assert f"python -m dali_pipelines.transcode {manifest}" in message and "device='gpu'" in message
+
+
+@pytest.mark.parametrize("kind", ["video", "audio"])
+def test_unreadable_media_names_the_file(dataset: Path, tmp_path: Path, kind: str) -> None:
+    clip = read_manifest(dataset).clips[0]
+    broken = tmp_path / ("broken.webm" if kind == "video" else "broken.wav")
+    broken.write_bytes(b"\x00not media" * 100)
+    video, audio = (broken, clip.audio) if kind == "video" else (clip.video, broken)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"video,audio,label\n{video},{audio},0\n")
+    with pytest.raises(ValueError, match=f"cannot read {kind} {broken}"):
+        load(manifest, batch_size=1)
+
+
+def test_missing_manifest_is_a_manifest_error(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError):
+        load(tmp_path / "none.csv")
+
+
+# --- GPU (NVDEC) -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_loader_matches_cpu(dataset: Path) -> None:
+    gpu = next(iter(build_loader(dataset, 4, False, device="gpu", spec=SMALL)))
+    cpu = next(iter(load(dataset, batch_size=4)))
+    assert gpu["video"].is_cuda and gpu["audio"].is_cuda and not gpu["index"].is_cuda
+    assert torch.equal(gpu["index"], cpu["index"])
+    mse = float(((denormalize_video(gpu["video"].cpu()) - denormalize_video(cpu["video"])) ** 2).mean())
+    assert 10 * math.log10(255**2 / max(mse, 1e-12)) >= 40.0
+    assert (gpu["audio"].cpu() - cpu["audio"]).abs().max() < 1e-3
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_nvdec_decodes_h264(tmp_path: Path) -> None:
+    manifest = generate_dataset(tmp_path, clips=4, classes=4, num_frames=24, size=64, codec="h264")
+    batches = list(build_loader(manifest, 2, True, device="gpu", spec=SMALL))
+    assert len(batches) == 2 and batches[0]["video"].shape == (2, 3, 8, 64, 64)
+    assert torch.isfinite(batches[0]["video"]).all()
