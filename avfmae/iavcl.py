@@ -1,0 +1,197 @@
+"""IAV-CL: Iteratively Audio-Visual Correlations Learning (paper §3.4, eqs. 8–16).
+
+Inputs: per-modality token features ``f_v [B, Lv, C]``, ``f_a [B, La, C]`` (F_m^1) and the
+multi-modal feature ``f_av [B, Lav, 2C]`` (F_av^0). Fine-tuning feeds the K region tokens (pooled
+over layers) and the concatenated layer-weighted sums (eq. 8); pre-training feeds the visible local
+tokens and ``cat(mean_v, mean_a)`` as one token.
+
+* DiER unit (eqs. 9–11), one per iteration, per modality m: a complete self-attention block and a
+  complete cross-attention block (query m, key/value the other modality), each attention + FFN,
+  run in parallel; channel gates sigma(W [F^s, F^c] + b) weigh and sum them. A LayerNorm closes
+  the unit *(reference code; eq. 9 as printed has none)*.
+* ER layer (eqs. 12–13), one module shared by all units: F_av^0 is first projected 2C -> C; then a
+  parameter-free single-head cross-attention from F_av to each modality's unit output, a 1x1
+  Conv1d + BatchNorm + PReLU per modality giving R_m, and F_av <- LN(F_av + R_a + R_v)
+  *(reference code: the SHCA has no projections)*.
+* HAFE layer (eqs. 14–16): per modality, stack the N_c unit outputs [B, L, N_c, C], unit-level
+  MHSA + FFN (attention across units, separately for every token), sigmoid-scored weighted sum
+  (eq. 15), then MHCA to F_av^{N_c} + FFN (eq. 16). The MHCA module is shared by both modalities
+  *(reference code)*.
+
+Parameter count per unit ~56C^2, ER ~4C^2, HAFE ~44C^2 — see config.py for how this meets the
+paper's fine-tuning model sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .layers import Attention, CrossAttention, LayerNorm, Linear, Mlp
+
+
+class _AttentionBlock(nn.Module):
+    """Complete pre-norm attention block on [B, L, C]: self-attention (ctx None) or cross-attention
+    to ``ctx``, then an FFN."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, eps: float,
+                 cross: bool) -> None:
+        super().__init__()
+        self.norm_q = LayerNorm(dim, eps)
+        self.norm_kv = LayerNorm(dim, eps) if cross else None
+        self.attn = CrossAttention(dim, num_heads, qkv_bias) if cross else Attention(dim, num_heads, qkv_bias)
+        self.mlp_norm = LayerNorm(dim, eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.norm_q(x).unsqueeze(1)
+        if self.norm_kv is None:
+            x = x + self.attn(q).squeeze(1)
+        else:
+            x = x + self.attn(q, self.norm_kv(ctx).unsqueeze(1)).squeeze(1)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DenseInteraction(nn.Module):
+    """One modality's half of a DiER unit (eqs. 9–11)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 eps: float = 1e-6) -> None:
+        super().__init__()
+        self.self_block = _AttentionBlock(dim, num_heads, mlp_ratio, qkv_bias, eps, cross=False)
+        self.cross_block = _AttentionBlock(dim, num_heads, mlp_ratio, qkv_bias, eps, cross=True)
+        self.gate_self = Linear(2 * dim, dim)
+        self.gate_cross = Linear(2 * dim, dim)
+        self.norm = LayerNorm(dim, eps)
+
+    def forward(self, f: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """f [B, L, C] (F_m^1), other [B, L', C] (the other modality) -> F_m^2 [B, L, C]."""
+        f_s = self.self_block(f)                       # eq. 10
+        f_c = self.cross_block(f, other)               # eq. 11
+        f_sc = torch.cat([f_s, f_c], dim=-1)
+        fused = torch.sigmoid(self.gate_self(f_sc)) * f_s + torch.sigmoid(self.gate_cross(f_sc)) * f_c
+        return self.norm(fused)                        # eq. 9
+
+
+class DiERUnit(nn.Module):
+    """Dense audio-visual interactions for both modalities, in parallel."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 eps: float = 1e-6) -> None:
+        super().__init__()
+        self.video = DenseInteraction(dim, num_heads, mlp_ratio, qkv_bias, eps)
+        self.audio = DenseInteraction(dim, num_heads, mlp_ratio, qkv_bias, eps)
+
+    def forward(self, f_v: torch.Tensor, f_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.video(f_v, f_a), self.audio(f_a, f_v)
+
+
+def _conv_bn_prelu(dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv1d(dim, dim, 1), nn.BatchNorm1d(dim), nn.PReLU())
+
+
+class EvolutionaryRefinement(nn.Module):
+    """ER layer (eqs. 12–13), shared by all DiER units.
+
+    BatchNorm in training mode needs more than one value per channel: in pre-training F_av is a
+    single token per sample, so the per-rank batch must be >= 2.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.in_proj = Linear(2 * dim, dim)
+        self.conv_video = _conv_bn_prelu(dim)
+        self.conv_audio = _conv_bn_prelu(dim)
+        self.norm = LayerNorm(dim, eps)
+
+    @staticmethod
+    def _residual(conv: nn.Module, f_av: torch.Tensor, f_m: torch.Tensor) -> torch.Tensor:
+        # single-head cross-attention without projections (head dim C is outside the grouped
+        # kernel's supported head dims, and the query is 1-8 tokens: torch SDPA is the right tool)
+        attended = F.scaled_dot_product_attention(f_av, f_m, f_m)            # [B, Lav, C]
+        return rearrange(conv(rearrange(attended, "b l c -> b c l")), "b c l -> b l c")
+
+    def forward(self, f_av: torch.Tensor, f2_v: torch.Tensor, f2_a: torch.Tensor,
+                project: bool = False) -> torch.Tensor:
+        """f_av [B, Lav, C] ([B, Lav, 2C] with ``project`` for F_av^0) -> next F_av [B, Lav, C]."""
+        if project:
+            f_av = self.in_proj(f_av)
+        r_v = self._residual(self.conv_video, f_av, f2_v)
+        r_a = self._residual(self.conv_audio, f_av, f2_a)
+        return self.norm(f_av + r_a + r_v)
+
+
+class UnitAggregation(nn.Module):
+    """One modality's hierarchical aggregation (eqs. 14–15): [B, L, N_c, C] -> [B, L, C]."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = LayerNorm(dim, eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.mlp_norm = LayerNorm(dim, eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.select = Linear(dim, 1)
+
+    def forward(self, stacked: torch.Tensor) -> torch.Tensor:
+        gamma = stacked + self.attn(self.norm(stacked))     # attention across units, per token (G = L)
+        gamma = gamma + self.mlp(self.mlp_norm(gamma))      # eq. 14
+        weights = torch.sigmoid(self.select(gamma))         # [B, L, N_c, 1]
+        return (weights * gamma).sum(dim=2)                 # eq. 15
+
+
+class HAFE(nn.Module):
+    """Hierarchical Aggregations and Feedback Enhancement layer (eqs. 14–16)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 eps: float = 1e-6) -> None:
+        super().__init__()
+        self.video_units = UnitAggregation(dim, num_heads, mlp_ratio, qkv_bias, eps)
+        self.audio_units = UnitAggregation(dim, num_heads, mlp_ratio, qkv_bias, eps)
+        self.feedback_attn = CrossAttention(dim, num_heads, qkv_bias)     # shared by both modalities
+        self.feedback_norm_av = LayerNorm(dim, eps)
+        self.video_norm_q = LayerNorm(dim, eps)
+        self.audio_norm_q = LayerNorm(dim, eps)
+        self.video_mlp_norm = LayerNorm(dim, eps)
+        self.video_mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.audio_mlp_norm = LayerNorm(dim, eps)
+        self.audio_mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def _feedback(self, f3: torch.Tensor, av: torch.Tensor, norm_q: nn.Module, mlp_norm: nn.Module,
+                  mlp: nn.Module) -> torch.Tensor:
+        f4 = f3 + self.feedback_attn(norm_q(f3).unsqueeze(1), av).squeeze(1)   # eq. 16
+        return f4 + mlp(mlp_norm(f4))
+
+    def forward(self, stacked_v: torch.Tensor, stacked_a: torch.Tensor,
+                f_av: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """stacked_m [B, Lm, N_c, C], f_av [B, Lav, C] -> (F_v^4 [B, Lv, C], F_a^4 [B, La, C])."""
+        av = self.feedback_norm_av(f_av).unsqueeze(1)
+        f4_v = self._feedback(self.video_units(stacked_v), av, self.video_norm_q, self.video_mlp_norm,
+                              self.video_mlp)
+        f4_a = self._feedback(self.audio_units(stacked_a), av, self.audio_norm_q, self.audio_mlp_norm,
+                              self.audio_mlp)
+        return f4_v, f4_a
+
+
+class IAVCL(nn.Module):
+    """N_c DiER units with a shared ER layer, then HAFE."""
+
+    def __init__(self, dim: int, num_heads: int, depth: int = 2, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(DiERUnit(dim, num_heads, mlp_ratio, qkv_bias, eps) for _ in range(depth))
+        self.refine = EvolutionaryRefinement(dim, eps)
+        self.hafe = HAFE(dim, num_heads, mlp_ratio, qkv_bias, eps)
+
+    def forward(self, f_v: torch.Tensor, f_a: torch.Tensor,
+                f_av: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f_v [B, Lv, C], f_a [B, La, C], f_av [B, Lav, 2C] -> (F_v^4 [B, Lv, C], F_a^4 [B, La, C])."""
+        units_v, units_a = [], []
+        for i, unit in enumerate(self.units):
+            f_v, f_a = unit(f_v, f_a)
+            f_av = self.refine(f_av, f_v, f_a, project=i == 0)
+            units_v.append(f_v)
+            units_a.append(f_a)
+        return self.hafe(torch.stack(units_v, dim=2), torch.stack(units_a, dim=2), f_av)

@@ -1,0 +1,124 @@
+"""Fine-tuning classifier: outputs, losses, loading pre-trained encoders, optimizer parameter groups."""
+
+import pytest
+import torch
+
+import avfmae
+from tests.test_model_pretrain import assert_gradients
+
+
+def inputs(B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, 16, 160, 160, generator=g), torch.randn(B, 1, 256, 128, generator=g)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
+    # drop_path 0: with stochastic depth a whole layer may be dropped for the batch, zeroing its grads
+    return avfmae.build_model("tiny", "finetune", num_outputs=7, label_smoothing=0.1, drop_path=0.0)
+
+
+def test_audio_visual_classifier_trains_every_parameter(classifier):
+    video, audio = inputs()
+    classifier.train().zero_grad()
+    logits = classifier(video, audio)
+    assert logits.shape == (2, 7) and bool(torch.isfinite(logits).all())
+    loss = classifier.compute_loss(logits, torch.tensor([1, 6]))
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 6]), label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert_gradients(classifier)        # region tokens of every layer are used, so stage IV trains too
+
+
+def test_soft_targets_and_batch_size_one(classifier):
+    video, audio = inputs(B=1)
+    classifier.train()
+    logits = classifier(video, audio)
+    soft = torch.full((1, 7), 1 / 7)
+    assert torch.isfinite(classifier.compute_loss(logits, soft))
+
+
+def test_classifier_depends_on_both_modalities(classifier):
+    video, audio = inputs(seed=1)
+    classifier.eval()
+    with torch.no_grad():
+        base = classifier(video, audio)
+        assert not torch.allclose(classifier(video, audio + 1), base)
+        assert not torch.allclose(classifier(video + 1, audio), base)
+    with pytest.raises(ValueError, match="audio is required"):
+        classifier(video)
+
+
+def test_video_only_and_regression_heads():
+    torch.manual_seed(0)
+    video, audio = inputs()
+    mer = avfmae.build_model("tiny", "finetune", num_outputs=3, video_only=True, drop_path=0.0)
+    assert not hasattr(mer, "audio_encoder") and not hasattr(mer, "fusion")
+    logits = mer(video)
+    assert logits.shape == (2, 3)
+    mer.compute_loss(logits, torch.tensor([0, 2])).backward()
+    assert_gradients(mer)
+    with pytest.raises(ValueError, match="video-only"):
+        mer(video, audio)
+    reg = avfmae.build_model("tiny", "finetune", num_outputs=3, regression=True)
+    out = reg(video, audio)
+    target = torch.randn(2, 3)
+    torch.testing.assert_close(reg.compute_loss(out, target), torch.nn.functional.mse_loss(out, target))
+
+
+def test_load_pretrained_encoders_from_pretraining_checkpoint():
+    torch.manual_seed(0)
+    pre = avfmae.build_model("tiny", "pretrain")
+    torch.manual_seed(1)
+    ft = avfmae.build_model("tiny", "finetune", num_outputs=4)
+    wrapped = {"module": {"module." + k: v for k, v in pre.state_dict().items()}}
+    missing, unexpected = ft.load_pretrained_encoders(wrapped)
+    assert unexpected == []
+    assert set(missing) == {"video_layer_weights", "audio_layer_weights", "fc_norm.weight", "fc_norm.bias",
+                            "head.weight", "head.bias"}
+    own = ft.state_dict()
+    for k, v in pre.state_dict().items():
+        if k.startswith(("video_encoder.", "audio_encoder.", "fusion.")):
+            assert torch.equal(own[k], v), k
+    # a pre-training model with HiCMAE's fusion shares the encoders only
+    hic = avfmae.build_model("tiny", "pretrain", fusion="hicmae")
+    missing, unexpected = ft.load_pretrained_encoders(hic.state_dict())
+    assert unexpected and all(k.startswith("fusion.") for k in unexpected)
+    assert any(k.startswith("fusion.") for k in missing)
+    bad = dict(pre.state_dict())
+    bad["video_encoder.region_tokens"] = torch.zeros(3, 64)
+    with pytest.raises(ValueError, match="shape mismatch for video_encoder.region_tokens"):
+        ft.load_pretrained_encoders(bad)
+
+
+def test_no_weight_decay_and_layer_ids(classifier):
+    skip = classifier.no_weight_decay()
+    assert {"video_encoder.region_tokens", "audio_encoder.region_tokens", "video_layer_weights",
+            "fc_norm.weight", "head.bias", "video_encoder.layers.0.local_attn.q_bias"} <= skip
+    assert "video_encoder.layers.0.local_attn.qkv_weight" not in skip and "head.weight" not in skip
+    depth = classifier.cfg.depth
+    assert classifier.layer_id("video_encoder.embed.proj.weight") == 0
+    assert classifier.layer_id("audio_encoder.region_tokens") == 0
+    assert classifier.layer_id("audio_encoder.layers.1.mlp.fc1.weight") == 2
+    assert classifier.layer_id("video_encoder.norm.weight") == depth + 1
+    assert classifier.layer_id("fusion.units.0.video.gate_self.weight") == depth + 1
+    assert classifier.layer_id("head.weight") == depth + 1
+
+
+def test_param_groups_cover_every_parameter_once(classifier):
+    groups = classifier.param_groups(weight_decay=0.05, layer_decay=0.75)
+    params = [p for g in groups for p in g["params"]]
+    assert len(params) == len(list(classifier.parameters())) == len({id(p) for p in params})
+    depth = classifier.cfg.depth
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(classifier.named_parameters())
+    g = by_param[id(named["video_encoder.layers.0.mlp.fc1.weight"])]
+    assert g["weight_decay"] == 0.05 and g["lr_scale"] == pytest.approx(0.75 ** depth)
+    g = by_param[id(named["video_encoder.embed.proj.bias"])]
+    assert g["weight_decay"] == 0.0 and g["lr_scale"] == pytest.approx(0.75 ** (depth + 1))
+    assert by_param[id(named["head.weight"])]["lr_scale"] == 1.0
+    flat = classifier.param_groups(0.05)
+    assert {g["lr_scale"] for g in flat} == {1.0} and len(flat) == 2
+    with pytest.raises(ValueError, match="layer_decay"):
+        classifier.param_groups(0.05, layer_decay=0.0)
