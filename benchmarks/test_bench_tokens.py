@@ -7,10 +7,10 @@ the ratio of their medians is the speedup. On CUDA the mae_kernels cases run Tri
 sides run torch (the reference), so CPU ratios only check the harness.
 """
 
+import mae_kernels
 import pytest
 import torch
 
-import mae_kernels
 from benchmarks.conftest import CUDA, DEVICE, run_timed
 
 pytestmark = pytest.mark.kernels

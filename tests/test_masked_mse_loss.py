@@ -1,12 +1,12 @@
 """masked_mse_loss: Triton (interpreter on CPU) against the torch reference, and against MAE's formula."""
 
+import mae_kernels
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-import mae_kernels
 from mae_kernels.masked_mse_loss import masked_mse_loss_reference
+
 from tests.conftest import DEVICE
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

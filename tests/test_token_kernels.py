@@ -1,13 +1,13 @@
 """gather_tokens and assemble_decoder_tokens: Triton (interpreter on CPU) against the torch reference."""
 
+import mae_kernels
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-import mae_kernels
 from mae_kernels.assemble_decoder_tokens import assemble_decoder_tokens_reference
 from mae_kernels.gather_tokens import gather_tokens_reference
+
 from tests.conftest import DEVICE, INTERPRETED
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
