@@ -17,7 +17,7 @@ from mae_kernels import assemble_decoder_tokens, gather_tokens
 from torch import nn
 
 from .embed import sinusoid_table
-from .layers import Block, Checkpointed, CrossBlock, LayerNorm, Linear
+from .layers import Block, Checkpointed, CrossBlock, LayerNorm, LearnedTokens, Linear
 
 
 class Decoder(Checkpointed, nn.Module):
@@ -28,8 +28,7 @@ class Decoder(Checkpointed, nn.Module):
                  checkpoint_activations: bool = False) -> None:
         super().__init__()
         self.encoder_to_decoder = Linear(enc_dim, dim, bias=False)
-        self.mask_token = nn.Parameter(torch.empty(dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
+        self.mask_token = LearnedTokens(dim)
         self.register_buffer("pos", sinusoid_table(num_tokens, dim), persistent=False)
         self.blocks = nn.ModuleList(
             [Block(dim, num_heads, mlp_ratio, qkv_bias, eps=eps)]
@@ -52,7 +51,7 @@ class Decoder(Checkpointed, nn.Module):
                              f"got {len(skips)}")
         proj = self.encoder_to_decoder(enc)                                   # [B, Me, D]
         pos = self.pos.to(proj.dtype)
-        x = assemble_decoder_tokens(proj, self.mask_token.to(proj.dtype), pos, enc_idx, dec_idx)
+        x = assemble_decoder_tokens(proj, self.mask_token(proj.dtype), pos, enc_idx, dec_idx)
         skip_pos = gather_tokens(pos.expand(proj.shape[0], -1, -1), enc_idx)  # [B, Me, D]
         contexts = [self.encoder_to_decoder(f) + skip_pos for f in skips]
         for j, block in enumerate(self.blocks):

@@ -33,6 +33,29 @@ class Linear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
+class LearnedTokens(nn.Module):
+    """A table of learned vectors (region tokens, a mask token, layer weights) as a leaf module.
+
+    ZeRO-3 gathers a module's parameters around its own forward and backward; a parameter read
+    directly by a big parent module is released again while the parent's children run backward, and
+    its gradient then lands on an empty partition. Owning it in a leaf whose forward returns it keeps
+    the gather/release pairing exact.
+    """
+
+    def __init__(self, count: int, dim: int | None = None, std: float | None = 0.02,
+                 fill: float | None = None) -> None:
+        super().__init__()
+        shape = (count,) if dim is None else (count, dim)
+        self.weight = nn.Parameter(torch.empty(shape))
+        if fill is not None:
+            nn.init.constant_(self.weight, fill)
+        else:
+            nn.init.trunc_normal_(self.weight, std=std, a=-std, b=std)
+
+    def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.weight if dtype is None else self.weight.to(dtype)
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm with the project's default eps (1e-6)."""
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from einops import rearrange
@@ -29,13 +29,21 @@ from torch import nn
 
 from .config import ModelConfig
 from .embed import CubeEmbed, PatchEmbed, sinusoid_table
-from .layers import Attention, Checkpointed, CrossAttention, DropPath, LayerNorm, Mlp, stochastic_depth
+from .layers import (
+    Attention,
+    Checkpointed,
+    CrossAttention,
+    DropPath,
+    LayerNorm,
+    LearnedTokens,
+    Mlp,
+    stochastic_depth,
+)
 from .masking import region_index, region_major
 
 
-@dataclass
-class EncoderOutput:
-    """What an encoder hands on.
+class EncoderOutput(NamedTuple):
+    """What an encoder hands on (a NamedTuple so DeepSpeed ZeRO-3's hooks can see its tensors).
 
     tokens:  [B, M, C] final local tokens after the encoder's LayerNorm, in emitted order.
     order:   [B, M] int64 raster position of each emitted token (the decoder's ``enc_idx``).
@@ -127,8 +135,7 @@ class LGIEncoder(Checkpointed, nn.Module):
         self.register_buffer("region_of", region_of, persistent=False)
         self.register_buffer("full_order", torch.argsort(region_of * self.num_tokens
                                                          + torch.arange(self.num_tokens)), persistent=False)
-        self.region_tokens = nn.Parameter(torch.empty(self.num_regions, cfg.embed_dim))
-        nn.init.trunc_normal_(self.region_tokens, std=0.02, a=-0.02, b=0.02)
+        self.region_tokens = LearnedTokens(self.num_regions, cfg.embed_dim)
         rates = stochastic_depth(cfg.drop_path, cfg.depth)
         self.layers = nn.ModuleList(
             LGILayer(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, rates[i], cfg.norm_eps)
@@ -153,7 +160,7 @@ class LGIEncoder(Checkpointed, nn.Module):
         order = self.emitted_order(visible, B)
         x = gather_tokens(tokens, order, self.pos.to(tokens.dtype))            # [B, K*Z, C]
         x = rearrange(x, "b (k z) c -> b k z c", k=self.num_regions)           # [B, K, Z, C]
-        s = self.region_tokens.to(x.dtype).expand(B, -1, -1)                   # [B, K, C]
+        s = self.region_tokens(x.dtype).expand(B, -1, -1)                      # [B, K, C]
         hidden: dict[int, torch.Tensor] = {}
         regions = []
         last = len(self.layers) - 1

@@ -32,7 +32,7 @@ from .decoder import Decoder
 from .embed import patchify_audio, patchify_video
 from .hicmae import HiCMAEFusion, ViTEncoder
 from .iavcl import IAVCL
-from .layers import LayerNorm
+from .layers import LayerNorm, LearnedTokens
 from .lgi_former import EncoderOutput, LGIEncoder
 from .losses import hcmcl_loss, reconstruction_loss
 from .masking import PretrainMasks, complement, contains, sample_pretrain_masks
@@ -53,7 +53,7 @@ class TrainingMixin:
         """Names of parameters trained without weight decay: biases, norm weights, every other 1-D
         parameter (mask tokens, layer weights) and the region tokens."""
         return {name for name, p in self.named_parameters()  # type: ignore[attr-defined]
-                if p.ndim <= 1 or name.endswith("region_tokens")}
+                if p.ndim <= 1 or name.endswith("region_tokens.weight")}
 
     @property
     def num_layer_ids(self) -> int:
@@ -67,7 +67,7 @@ class TrainingMixin:
         match = _LAYER.match(name)
         if match:
             return int(match.group(1)) + 1
-        if name.startswith(ENCODER_PREFIXES) and (".embed." in name or name.endswith("region_tokens")):
+        if name.startswith(ENCODER_PREFIXES) and (".embed." in name or name.endswith("region_tokens.weight")):
             return 0
         return self.cfg.depth + 1
 
@@ -289,10 +289,10 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
         self.label_smoothing = label_smoothing
         C = cfg.embed_dim
         self.video_encoder = LGIEncoder(cfg, "video")
-        self.video_layer_weights = nn.Parameter(torch.full((cfg.depth,), 1.0 / cfg.depth))
+        self.video_layer_weights = LearnedTokens(cfg.depth, fill=1.0 / cfg.depth)
         if not video_only:
             self.audio_encoder = LGIEncoder(cfg, "audio")
-            self.audio_layer_weights = nn.Parameter(torch.full((cfg.depth,), 1.0 / cfg.depth))
+            self.audio_layer_weights = LearnedTokens(cfg.depth, fill=1.0 / cfg.depth)
             self.fusion = IAVCL(C, cfg.num_heads, cfg.fusion_depth, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps)
         features = C if video_only else 2 * C
         self.fc_norm = LayerNorm(features, cfg.norm_eps)
@@ -303,7 +303,7 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
         c = self.cfg
         _check_input("video", video, (3, c.num_frames, c.image_size, c.image_size))
         f_v = self.video_encoder(video, return_regions=True).regions                  # [B, K, L, C]
-        w_v = torch.softmax(self.video_layer_weights, dim=0).to(f_v.dtype)
+        w_v = torch.softmax(self.video_layer_weights(), dim=0).to(f_v.dtype)
         if self.video_only:
             if audio is not None:
                 raise ValueError("this classifier is video-only; pass audio=None")
@@ -314,7 +314,7 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
                              "video_only=True for video-only datasets)")
         _check_input("audio", audio, (1, c.audio_frames, c.audio_bins))
         f_a = self.audio_encoder(audio, return_regions=True).regions                  # [B, K, L, C]
-        w_a = torch.softmax(self.audio_layer_weights, dim=0).to(f_a.dtype)
+        w_a = torch.softmax(self.audio_layer_weights(), dim=0).to(f_a.dtype)
         f_av = torch.cat([torch.einsum("bklc,l->bkc", f_v, w_v),
                           torch.einsum("bklc,l->bkc", f_a, w_a)], dim=-1)             # [B, K, 2C] eq. 8
         f4_v, f4_a = self.fusion(f_v.mean(dim=2), f_a.mean(dim=2), f_av)             # [B, K, C] each

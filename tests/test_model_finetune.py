@@ -75,7 +75,7 @@ def test_load_pretrained_encoders_from_pretraining_checkpoint():
     wrapped = {"module": {"module." + k: v for k, v in pre.state_dict().items()}}
     missing, unexpected = ft.load_pretrained_encoders(wrapped)
     assert unexpected == []
-    assert set(missing) == {"video_layer_weights", "audio_layer_weights", "fc_norm.weight", "fc_norm.bias",
+    assert set(missing) == {"video_layer_weights.weight", "audio_layer_weights.weight", "fc_norm.weight", "fc_norm.bias",
                             "head.weight", "head.bias"}
     own = ft.state_dict()
     for k, v in pre.state_dict().items():
@@ -87,19 +87,19 @@ def test_load_pretrained_encoders_from_pretraining_checkpoint():
     assert unexpected and all(k.startswith("fusion.") for k in unexpected)
     assert any(k.startswith("fusion.") for k in missing)
     bad = dict(pre.state_dict())
-    bad["video_encoder.region_tokens"] = torch.zeros(3, 64)
-    with pytest.raises(ValueError, match="shape mismatch for video_encoder.region_tokens"):
+    bad["video_encoder.region_tokens.weight"] = torch.zeros(3, 64)
+    with pytest.raises(ValueError, match="shape mismatch for video_encoder.region_tokens.weight"):
         ft.load_pretrained_encoders(bad)
 
 
 def test_no_weight_decay_and_layer_ids(classifier):
     skip = classifier.no_weight_decay()
-    assert {"video_encoder.region_tokens", "audio_encoder.region_tokens", "video_layer_weights",
+    assert {"video_encoder.region_tokens.weight", "audio_encoder.region_tokens.weight", "video_layer_weights.weight",
             "fc_norm.weight", "head.bias", "video_encoder.layers.0.local_attn.q_bias"} <= skip
     assert "video_encoder.layers.0.local_attn.qkv_weight" not in skip and "head.weight" not in skip
     depth = classifier.cfg.depth
     assert classifier.layer_id("video_encoder.embed.proj.weight") == 0
-    assert classifier.layer_id("audio_encoder.region_tokens") == 0
+    assert classifier.layer_id("audio_encoder.region_tokens.weight") == 0
     assert classifier.layer_id("audio_encoder.layers.1.mlp.fc1.weight") == 2
     assert classifier.layer_id("video_encoder.norm.weight") == depth + 1
     assert classifier.layer_id("fusion.units.0.video.gate_self.weight") == depth + 1

@@ -83,7 +83,7 @@ def test_decoder_positions_follow_the_encoders_emitted_order(tiny):
         order = tiny.video_encoder.emitted_order(masks.video_visible, 2)
         pos = dec.pos
         expected_visible = dec.encoder_to_decoder(seen["fused"]) + pos[order]
-        expected_masked = dec.mask_token + pos[masks.video_decode]
+        expected_masked = dec.mask_token.weight + pos[masks.video_decode]
     h.remove()
     torch.testing.assert_close(seen["x"][:, :80], expected_visible)
     torch.testing.assert_close(seen["x"][:, 80:], expected_masked)

@@ -1,0 +1,126 @@
+"""train.py's config handling, lr schedule and crash-safe checkpoint bookkeeping (no DeepSpeed launch)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from avfmae.training import CheckpointManager, ConfigError, apply_overrides, atomic_write_text, load_config, lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, **avfmae) -> Path:
+    (tmp_path / "train.csv").write_text("video,audio,label\n")
+    section = {"size": "tiny", "stage": "pretrain", "train_manifest": "train.csv", "output_dir": "out", **avfmae}
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "avfmae": section}))
+    return path
+
+
+def test_config_splits_deepspeed_keys_and_resolves_paths(tmp_path):
+    ds, cfg = load_config(write_config(tmp_path, mask={"video_ratio": 0.9}, betas=[0.9, 0.95]))
+    assert ds == {"train_micro_batch_size_per_gpu": 2}
+    assert cfg.size == "tiny" and cfg.mask.video_ratio == 0.9 and cfg.betas == (0.9, 0.95)
+    assert cfg.train_manifest == str(tmp_path / "train.csv") and cfg.output_dir == str(tmp_path / "out")
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"size": "gigantic"}, "avfmae.size: expected one of"),
+    ({"stage": "distill"}, "avfmae.stage: expected one of"),
+    ({"stage": "finetune"}, "avfmae.num_outputs"),
+    ({"train_manifest": "missing.csv"}, "avfmae.train_manifest: file not found"),
+    ({"lr": -1}, "avfmae.lr: must be a positive number"),
+    ({"layer_decay": 1.5}, "avfmae.layer_decay"),
+    ({"mask": {"video_ratio": 1.0}}, "avfmae.mask.video_ratio"),
+    ({"mask": {"ratio": 0.5}}, "avfmae.mask"),
+    ({"betas": [0.9]}, "avfmae.betas"),
+    ({"warmup_epochs": 5, "epochs": 2}, "avfmae.warmup_epochs"),
+    ({"stop_at_step": 0}, "avfmae.stop_at_step"),
+    ({"learning_rate": 1e-3}, "unknown keys in the avfmae section: \\['learning_rate'\\]"),
+])
+def test_bad_configs_name_the_key(tmp_path, section, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, **section))
+
+
+def test_missing_section_and_deepspeed_key(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2}))
+    with pytest.raises(ConfigError, match="'avfmae' section"):
+        load_config(path)
+    cfg = write_config(tmp_path)
+    raw = json.loads(cfg.read_text())
+    del raw["train_micro_batch_size_per_gpu"]
+    cfg.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
+        load_config(cfg)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(path)
+
+
+def test_overrides_parse_json_and_nest(tmp_path):
+    section = apply_overrides({"epochs": 1, "mask": {}}, ["epochs=3", "mask.audio_ratio=0.75", "size=base"])
+    assert section == {"epochs": 3, "mask": {"audio_ratio": 0.75}, "size": "base"}
+    _, cfg = load_config(write_config(tmp_path), ["max_steps=7"])
+    assert cfg.max_steps == 7
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["epochs"])
+
+
+def test_train_py_rejects_a_bad_config_before_starting(tmp_path):
+    path = write_config(tmp_path, size="gigantic")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "bad config: config key avfmae.size: expected one of" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_lr_schedule_warms_up_then_follows_the_cosine():
+    peak, low = 1e-3, 1e-5
+    lrs = [lr_at(s, 100, 10, peak, low) for s in range(100)]
+    assert lrs[0] == pytest.approx(peak / 10) and lrs[9] == pytest.approx(peak)
+    assert lrs[10] == pytest.approx(peak)
+    assert lrs[55] == pytest.approx(low + 0.5 * (peak - low))  # half-way through the cosine
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(100, 100, 10, peak, low) == pytest.approx(low)
+
+
+class FakeEngine:
+    """Writes a tag directory like DeepSpeed; can be told to die half-way through a save."""
+
+    def __init__(self):
+        self.crash = False
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        assert save_latest is False  # the manager owns `latest`
+        path = Path(directory) / tag
+        path.mkdir()
+        (path / "part0").write_text(json.dumps(client_state))
+        if self.crash:
+            raise RuntimeError("killed mid-save")
+        (path / "part1").write_text("done")
+
+
+def test_a_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path):
+    manager, engine = CheckpointManager(tmp_path, keep=2), FakeEngine()
+    for step in (1, 2, 3):
+        manager.save(engine, step, {"step": step}, is_rank0=True, barrier=lambda: None)
+    assert manager.latest_tag() == "step_00000003"
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+    engine.crash = True
+    with pytest.raises(RuntimeError):
+        manager.save(engine, 4, {"step": 4}, is_rank0=True, barrier=lambda: None)
+    assert manager.latest_tag() == "step_00000003"
+    assert (tmp_path / "step_00000003" / "part1").exists()
+
+
+def test_latest_pointing_at_a_missing_tag_is_ignored(tmp_path):
+    atomic_write_text(tmp_path / "latest", "step_00000009")
+    assert (tmp_path / "latest").read_text() == "step_00000009"
+    assert CheckpointManager(tmp_path).latest_tag() is None
+    assert not list(tmp_path.glob(".latest.tmp*"))

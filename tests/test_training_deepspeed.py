@@ -1,0 +1,152 @@
+"""train.py under DeepSpeed's launcher: ZeRO-3 on CPU with 2 processes, on a small synthetic dataset.
+
+Pre-training then fine-tuning, loss going down, resumption reproducing the uninterrupted trajectory,
+SIGTERM leaving a resumable checkpoint, exported weights loading into a fresh model, bad configs
+failing before any work. Every parameter is partitioned (persistence threshold 0), so a parameter
+read outside its module's forward would break these runs.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import avfmae
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not DEEPSPEED.exists(), reason="needs the `train` extra (deepspeed launcher)"),
+]
+_port = iter(range(29610, 29700))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    subprocess.run([sys.executable, "-m", "dali_pipelines.synthetic", str(out), "--clips", "24", "--classes", "4",
+                    "--frames", "20", "--val-clips", "8"], check=True, capture_output=True, timeout=120)
+    return out
+
+
+def config(dataset: Path, out: Path, stage: str = "pretrain", **avfmae) -> Path:
+    base = json.loads((ROOT / "ds_configs" / ("tiny.json" if stage == "pretrain" else "tiny_finetune.json")).read_text())
+    base["train_micro_batch_size_per_gpu"] = 2
+    base["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    settings = dict(train_manifest=str(dataset / "train.csv"), output_dir=str(out), epochs=2, warmup_epochs=0,
+                    log_every_steps=1, checkpoint_every_steps=1000, lr=4e-3)
+    base["avfmae"].update({**settings, **avfmae})
+    if stage != "pretrain":
+        base["avfmae"]["val_manifest"] = str(dataset / "val.csv")
+    path = out.with_suffix(".json")
+    path.write_text(json.dumps(base))
+    return path
+
+
+def launch(cfg: Path, *extra: str, timeout: int = 300, wait: bool = True):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(next(_port)), str(ROOT / "train.py"),
+           "--config", str(cfg), *extra]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def events(out: Path, kind: str) -> list[dict]:
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == kind]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in events(out, "train")}
+
+
+@pytest.fixture(scope="module")
+def pretrained(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "pretrain"
+    launch(config(dataset, out))
+    return out
+
+
+def test_pretraining_lowers_the_loss_and_exports_loadable_weights(pretrained):
+    trajectory = losses(pretrained)
+    assert sorted(trajectory) == list(range(1, 9))  # 16 clips / (2 ranks x 2) = 4 steps x 2 epochs
+    first, last = [trajectory[s] for s in (1, 2, 3)], [trajectory[s] for s in (6, 7, 8)]
+    assert sum(last) < 0.9 * sum(first), trajectory
+    assert (pretrained / "checkpoints" / "latest").read_text() == "step_00000008"
+    state = torch.load(pretrained / "model_fp32.pt", weights_only=True)
+    model = avfmae.build_model("tiny", "pretrain")
+    model.load_state_dict(state, strict=True)  # every parameter present, none extra
+    assert torch.equal(model.state_dict()["video_encoder.region_tokens.weight"],
+                       state["video_encoder.region_tokens.weight"])
+    assert (pretrained / "reconstructions.png").stat().st_size > 10_000
+
+
+def test_resume_reproduces_the_uninterrupted_run(dataset, pretrained, tmp_path):
+    out = tmp_path / "interrupted"
+    cfg = config(dataset, out, stop_at_step=3)  # mid-epoch
+    launch(cfg)
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert not (out / "model_fp32.pt").exists()
+    cfg = config(dataset, out)
+    launch(cfg, "--resume")
+    assert events(out, "resume")[0]["step"] == 3
+    resumed, reference = losses(out), losses(pretrained)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5), (step, resumed, reference)
+
+
+def test_finetuning_from_the_pretrained_export(dataset, pretrained, tmp_path):
+    out = tmp_path / "finetune"
+    launch(config(dataset, out, stage="finetune", init_checkpoint=str(pretrained / "model_fp32.pt"), lr=2e-3))
+    init = events(out, "init_checkpoint")[0]
+    assert init["unexpected"] == [] and "head.weight" in init["missing"]
+    assert not any(k.startswith(("video_encoder.", "audio_encoder.")) for k in init["missing"])
+    trajectory = losses(out)
+    first, last = [trajectory[s] for s in (1, 2, 3)], [trajectory[s] for s in (6, 7, 8)]
+    assert sum(last) < sum(first), trajectory
+    evals = events(out, "eval")
+    assert [e["epoch"] for e in evals] == [1, 2] and all(e["samples"] == 8 for e in evals)
+    best = json.loads((out / "metrics.json").read_text())["best"]
+    assert best["war"] == max(e["war"] for e in evals)
+    classifier = avfmae.build_model("tiny", "finetune", num_outputs=4)
+    classifier.load_state_dict(torch.load(out / "best_fp32.pt", weights_only=True), strict=True)
+
+
+def test_sigterm_saves_a_resumable_checkpoint(dataset, tmp_path):
+    out = tmp_path / "terminated"
+    proc = launch(config(dataset, out, epochs=50), wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "log.jsonl").exists() or not events(out, "train"):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)  # what a cluster scheduler does at the end of a job
+    output, _ = proc.communicate(timeout=120)
+    saved = events(out, "checkpoint")
+    assert saved and saved[-1]["reason"] == "signal SIGTERM", output[-3000:]
+    assert (out / "checkpoints" / "latest").read_text() == saved[-1]["tag"]
+    assert saved[-1]["step"] < 100
+
+
+def test_a_bad_config_fails_fast_under_the_launcher(dataset, tmp_path):
+    cfg = config(dataset, tmp_path / "bad", mask={"video_ratio": 1.5})
+    start = time.time()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(next(_port)),
+                             str(ROOT / "train.py"), "--config", str(cfg)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "bad config: config key avfmae.mask.video_ratio: must lie in (0, 1), got 1.5" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.time() - start < 60
