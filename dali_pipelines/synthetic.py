@@ -21,7 +21,7 @@ import av
 import numpy as np
 import soundfile as sf
 
-from .manifest import write_manifest
+from .manifest import read_manifest, write_manifest
 
 VIDEO_CODECS = {"vp9": ("libvpx-vp9", "webm"), "h264": ("libx264", "mp4"), "mpeg4": ("mpeg4", "mp4")}
 
@@ -142,6 +142,13 @@ def generate_dataset(
     return write_manifest(out / "manifest.csv", rows)
 
 
+def split_manifest(manifest: Path, train_clips: int) -> tuple[Path, Path]:
+    """Write ``train.csv`` (the first ``train_clips`` rows) and ``val.csv`` (the rest) beside ``manifest``."""
+    rows = [(c.video, c.audio, int(c.label[0])) for c in read_manifest(manifest).clips]  # class labels
+    return (write_manifest(manifest.with_name("train.csv"), rows[:train_clips]),
+            write_manifest(manifest.with_name("val.csv"), rows[train_clips:]))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dali_pipelines.synthetic",
                                      description=__doc__.split("\n\n")[0])
@@ -153,10 +160,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=160, help="frame width and height in pixels")
     parser.add_argument("--codec", choices=sorted(VIDEO_CODECS), default="vp9",
                         help="vp9 (decodable on CPU and GPU) or h264/mpeg4 (GPU only; tests the transcoder)")
+    parser.add_argument("--val-clips", type=int, default=0,
+                        help="also split the clips: the last VAL_CLIPS rows go to val.csv, the rest to train.csv")
     args = parser.parse_args(argv)
+    if not 0 <= args.val_clips < args.clips:
+        parser.error(f"--val-clips must lie in [0, clips={args.clips}), got {args.val_clips}")
     manifest = generate_dataset(args.out_dir, args.clips, args.classes, args.seed, args.frames, args.size,
                                 codec=args.codec)
     print(f"wrote {args.clips} clips and {manifest}")
+    if args.val_clips:
+        train, val = split_manifest(manifest, args.clips - args.val_clips)
+        print(f"split: {train} ({args.clips - args.val_clips} clips), {val} ({args.val_clips} clips)")
 
 
 if __name__ == "__main__":
