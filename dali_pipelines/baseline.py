@@ -1,8 +1,9 @@
 """The conventional loader the DALI pipeline is measured against: PyAV + torch in DataLoader workers.
 
-It does the same work per clip as :mod:`dali_pipelines.pipeline` — read the files, pick the same
-frame indices (:func:`sample_frame_indices`), decode with PyAV, random-resized crop + flip or resize +
-centre crop, ImageNet normalisation; decode the audio, resample to 16 kHz mono, Kaldi fbank
+It does the same work per clip as :mod:`dali_pipelines.pipeline` — read the files, draw the same
+frames, crop window, flip and audio position (:func:`sample_clip`, seeded per ``(seed, epoch, row)``
+as in the DALI source), decode with PyAV, crop + resize + flip or resize + centre crop, ImageNet
+normalisation; decode the audio, resample to 16 kHz mono, Kaldi fbank
 (:func:`kaldi_fbank`, standing in for ``torchaudio.compliance.kaldi.fbank``), crop/pad, normalise —
 and yields the same dict. It also serves as a readable reference of what the DALI graph computes.
 The one deliberate difference in decoding: PyAV's ``rgb24`` conversion (swscale) upsamples chroma
@@ -12,7 +13,6 @@ more coarsely than DALI, which costs a few dB of PSNR on sharp colour edges.
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 
 import av
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from .fbank import kaldi_fbank
 from .manifest import Manifest, read_manifest
 from .pipeline import ClipSpec
-from .source import epoch_order, probe_video, sample_frame_indices
+from .source import ClipAugmentation, clip_rng, epoch_order, probe_video, sample_clip
 
 
 def decode_frames(data: bytes, indices: np.ndarray) -> np.ndarray:
@@ -57,28 +57,16 @@ def decode_audio(data: bytes, sample_rate: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(wave))
 
 
-def random_crop_box(
-    height: int, width: int, area: tuple[float, float], aspect: tuple[float, float], rng: np.random.Generator
-) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random-resized-crop window (the usual 10 tries, then the whole frame)."""
-    for _ in range(10):
-        target = height * width * rng.uniform(*area)
-        ratio = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
-        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    return 0, 0, height, width
-
-
-def video_tensor(frames: np.ndarray, spec: ClipSpec, rng: np.random.Generator | None) -> torch.Tensor:
-    """uint8 [T, H, W, 3] → normalised float32 [3, T, S, S] (random crop + flip when ``rng`` is given)."""
+def video_tensor(frames: np.ndarray, spec: ClipSpec, aug: ClipAugmentation) -> torch.Tensor:
+    """uint8 [T, H, W, 3] → normalised float32 [3, T, S, S]: ``aug``'s crop window resized + flip, or
+    (``aug.crop`` None) resize + centre crop."""
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
     size = spec.frame_size
-    if rng is not None:
-        top, left, h, w = random_crop_box(x.shape[2], x.shape[3], spec.crop_area, spec.crop_aspect, rng)
+    if aug.crop is not None:
+        top, left, h, w = aug.crop
         x = F.interpolate(x[:, :, top:top + h, left:left + w], size=(size, size), mode="bilinear",
                           antialias=True, align_corners=False)
-        if spec.flip and rng.random() < 0.5:
+        if aug.flip:
             x = x.flip(-1)
     else:
         scale = size / min(x.shape[2], x.shape[3])
@@ -91,11 +79,12 @@ def video_tensor(frames: np.ndarray, spec: ClipSpec, rng: np.random.Generator | 
     return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()
 
 
-def audio_tensor(wave: torch.Tensor, spec: ClipSpec, rng: np.random.Generator | None) -> torch.Tensor:
-    """Waveform → HiCMAE's normalised fbank [1, audio_frames, mel_bins] (random crop when ``rng``)."""
+def audio_tensor(wave: torch.Tensor, spec: ClipSpec, position: float) -> torch.Tensor:
+    """Waveform → HiCMAE's normalised fbank [1, audio_frames, mel_bins], the window starting at
+    ``position`` (a fraction of the frames beyond ``audio_frames``; 0.5 centres it)."""
     fbank = kaldi_fbank(wave - wave.mean(), spec.sample_rate, spec.mel_bins)
     room = max(fbank.shape[0] - spec.audio_frames, 0)
-    start = int(rng.uniform() * room) if rng is not None else room // 2
+    start = int(np.floor(np.float32(position) * np.float32(room)))  # in float32, as the DALI graph
     fbank = fbank[start:start + spec.audio_frames]
     fbank = F.pad(fbank, (0, 0, 0, spec.audio_frames - fbank.shape[0]))
     return ((fbank - spec.audio_mean) / spec.audio_std)[None]
@@ -104,8 +93,9 @@ def audio_tensor(wave: torch.Tensor, spec: ClipSpec, rng: np.random.Generator | 
 class PyAVClipDataset(Dataset):
     """Map-style dataset over a manifest with the DALI loader's outputs.
 
-    Items are ``(row, epoch)`` pairs (a plain ``row`` means epoch 0): the epoch seeds the training
-    augmentation, as in the DALI source, and travels with the item so persistent workers see it.
+    Items are ``(row, epoch)`` pairs (a plain ``row`` means epoch 0): with the seed they pick the
+    training augmentation, the same as the DALI loader's, and the epoch travels with the item so
+    persistent workers see it.
     """
 
     def __init__(self, manifest: Manifest | str | Path, train: bool, spec: ClipSpec | None = None,
@@ -123,12 +113,12 @@ class PyAVClipDataset(Dataset):
         row, epoch = item if isinstance(item, tuple) else (item, 0)
         clip = self.manifest.clips[row]
         video_bytes, audio_bytes = clip.video.read_bytes(), clip.audio.read_bytes()
-        rng = np.random.default_rng([self.seed, epoch, row]) if self.train else None
-        count = probe_video(video_bytes, clip.video).num_frames
-        indices = sample_frame_indices(count, self.spec.num_frames, self.spec.frame_stride, rng)
+        rng = clip_rng(self.seed, epoch, row) if self.train else None
+        aug = sample_clip(probe_video(video_bytes, clip.video), self.spec, rng)
         return {
-            "video": video_tensor(decode_frames(video_bytes, indices), self.spec, rng),
-            "audio": audio_tensor(decode_audio(audio_bytes, self.spec.sample_rate), self.spec, rng),
+            "video": video_tensor(decode_frames(video_bytes, aug.frames), self.spec, aug),
+            "audio": audio_tensor(decode_audio(audio_bytes, self.spec.sample_rate), self.spec,
+                                  aug.audio_position),
             "label": torch.as_tensor(self.labels[row]),
             "index": torch.tensor(row, dtype=torch.int64),
         }

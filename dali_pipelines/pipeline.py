@@ -3,11 +3,16 @@
 Graph, per batch (``device="gpu"``: decoding on NVDEC, everything after it on the GPU; ``"cpu"``: all
 on CPU threads)::
 
-    ClipSource ─ video bytes ─ decoders.video(frames=indices) ─ random_resized_crop | resize+centre crop
-               │                                    ─ crop_mirror_normalize → [3, T, S, S] float
+    ClipSource ─ video bytes ─ decoders.video(frames=indices) ─ slice(crop window) + resize | resize+centre
+               │                                    crop ─ crop_mirror_normalize(mirror=flip) → [3, T, S, S]
                ├ audio bytes ─ decoders.audio(16 kHz mono) ─ − mean ─ preemphasis ─ spectrogram
-               │             ─ mel_filter_bank ─ to_decibels(ln) ─ crop/pad time ─ normalise → [1, 256, 128]
+               │             ─ mel_filter_bank ─ to_decibels(ln) ─ crop(position)/pad time ─ normalise
+               │                                                                      → [1, 256, 128]
                ├ label, index ──────────────────────────────────────────────────────────→ as fed
+
+Every random choice (frames, crop window, flip, audio position) comes from the source, drawn per
+``(seed, epoch, manifest row)`` (:func:`dali_pipelines.source.sample_clip`), and reaches the operators
+as CPU argument inputs; the graph itself has no random operator.
 
 Audio features follow HiCMAE's Kaldi fbank (see :mod:`dali_pipelines.fbank`) as far as DALI's operators
 allow: a symmetric Hann window (Kaldi "hanning"), 512-point FFT, frames only where they fit (Kaldi
@@ -100,21 +105,22 @@ class ClipSpec:
         return self.sample_rate * 10 // 1000
 
 
-def _video_graph(encoded, frame_idx, spec: ClipSpec, train: bool, device: str):
+def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, flip=None):
+    """Decode, then crop window ``crop`` = ((top, left), (h, w)) resized to S x S and mirrored by ``flip``
+    (training), or resize + centre crop (evaluation, ``crop`` None)."""
     frames = fn.decoders.video(
         encoded, device="mixed" if device == "gpu" else "cpu", frames=frame_idx, pad_mode="edge"
     )  # [T, H, W, 3] uint8
     size = spec.frame_size
     mean = [255 * m for m in spec.video_mean]
     std = [255 * s for s in spec.video_std]
-    if train:
-        frames = fn.random_resized_crop(
-            frames, size=[size, size], random_area=list(spec.crop_area),
-            random_aspect_ratio=list(spec.crop_aspect), antialias=True,
-        )
-        mirror = fn.random.coin_flip(probability=0.5) if spec.flip else 0
+    if crop is not None:
+        start, shape = crop
+        # trim, not fail, should the decoder's frame be smaller than the container's stated size
+        frames = fn.slice(frames, start=start, shape=shape, axis_names="HW", out_of_bounds_policy="trim_to_shape")
+        frames = fn.resize(frames, size=[size, size], antialias=True)
         return fn.crop_mirror_normalize(
-            frames, mirror=mirror, mean=mean, std=std, dtype=types.FLOAT, output_layout="CFHW"
+            frames, mirror=flip, mean=mean, std=std, dtype=types.FLOAT, output_layout="CFHW"
         )
     frames = fn.resize(frames, resize_shorter=size, antialias=True)
     return fn.crop_mirror_normalize(
@@ -122,7 +128,9 @@ def _video_graph(encoded, frame_idx, spec: ClipSpec, train: bool, device: str):
     )  # [3, T, S, S]
 
 
-def _audio_graph(encoded, spec: ClipSpec, train: bool, device: str):
+def _audio_graph(encoded, spec: ClipSpec, device: str, position=0.5):
+    """Kaldi-style normalised fbank [1, audio_frames, F]; the window starts at ``position`` (a fraction
+    of the frames beyond ``audio_frames``; a CPU input in training, the centre in evaluation)."""
     wave, _ = fn.decoders.audio(encoded, sample_rate=spec.sample_rate, downmix=True, dtype=types.FLOAT)
     wave = fn.pad(wave, shape=[spec.window_length])  # at least one frame, even for a tiny file
     if device == "gpu":
@@ -141,7 +149,6 @@ def _audio_graph(encoded, spec: ClipSpec, train: bool, device: str):
     # natural log floored at eps: ln(x) = ln(10) * log10(x / 1.0); the default reference is the sample max
     logmel = fn.to_decibels(mel, multiplier=math.log(10), reference=1.0, cutoff_db=math.log(LOG_FLOOR))
     length = logmel.shape(dtype=types.INT32)[0]
-    position = fn.random.uniform(range=[0.0, 1.0]) if train else 0.5
     start = fn.cast(dmath.floor(position * dmath.max(length - spec.audio_frames, 0)), dtype=types.INT32)
     logmel = fn.slice(
         logmel, start=fn.stack(start), shape=[spec.audio_frames], axes=[0], out_of_bounds_policy="pad",
@@ -197,18 +204,18 @@ def build_pipeline(
     Args:
         manifest: a :class:`Manifest` or a manifest path (read and validated here).
         batch_size: clips per batch on this rank.
-        train: random temporal start, random-resized crop, flip, random audio crop and a per-epoch
-            shuffle; otherwise centred windows, centre crop, manifest order.
+        train: random temporal start, random-resized crop (torchvision semantics), flip, random audio
+            crop and a per-epoch shuffle; otherwise centred windows, centre crop, manifest order.
         device: "gpu" (NVDEC + GPU operators; outputs on ``cuda:device_id``) or "cpu" (VP8/VP9/MJPEG only).
         num_threads: DALI CPU worker threads.
-        seed: shuffling, temporal sampling and DALI's random operators; use the same on every rank.
+        seed: shuffling and every augmentation choice; use the same on every rank.
         shard_id, num_shards: this rank's slice of every epoch (rank, world size).
         spec: sample sizes and normalisation (:class:`ClipSpec`; default the model's shapes).
         last_batch_policy: see :mod:`dali_pipelines.source`; default :func:`default_policy`.
         device_id: CUDA device for device="gpu" (default: the current one).
-        start_epoch: the epoch of the first pass, for resuming: the clip order and temporal windows
-            are those an uninterrupted run would see; DALI's random crops, flips and audio crops come
-            from a stream seeded by (seed, shard_id, start_epoch).
+        start_epoch: the epoch of the first pass, for resuming: clip order, frames, crops, flips and
+            audio windows are exactly those an uninterrupted run sees in that epoch (each a function of
+            seed, epoch and manifest row only, whatever the sharding, batch size or threads).
         prefetch_queue_depth: batches DALI prepares ahead.
 
     Returns:
@@ -225,8 +232,8 @@ def build_pipeline(
     policy = default_policy(train, num_shards) if last_batch_policy is None else last_batch_policy
     if not isinstance(policy, LastBatchPolicy):
         raise TypeError(f"last_batch_policy must be a nvidia.dali LastBatchPolicy, got {policy!r}")
-    source = ClipSource(manifest, batch_size, train, device, spec.num_frames, spec.frame_stride, seed,
-                        shard_id, num_shards, policy, start_epoch)
+    source = ClipSource(manifest, batch_size, train, device, spec, seed, shard_id, num_shards, policy,
+                        start_epoch)
     if len(source) == 0:
         raise ValueError(
             f"shard {shard_id}/{num_shards} of {manifest.path} ({len(manifest)} clips) yields no batch of "
@@ -235,19 +242,24 @@ def build_pipeline(
     if device == "gpu" and device_id is None:
         device_id = torch.cuda.current_device()
 
-    dali_seed = (seed + 7919 * shard_id + 104729 * start_epoch) % 2**31  # distinct streams per rank
-
     @pipeline_def(
         batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
-        seed=dali_seed, prefetch_queue_depth=prefetch_queue_depth,
+        # no random operator is left in the graph (the source draws everything); seeded all the same
+        seed=seed % 2**31, prefetch_queue_depth=prefetch_queue_depth,
     )
     def av_pipeline():
-        video_bytes, audio_bytes, frame_idx, label, index = fn.external_source(
-            source=source, num_outputs=5, batch=True, batch_info=True,
-            dtype=[types.UINT8, types.UINT8, types.INT32, _label_type(manifest), types.INT64],
+        augment = [types.INT32, types.INT32, types.INT32, types.FLOAT] if train else []
+        video_bytes, audio_bytes, frame_idx, *choices, label, index = fn.external_source(
+            source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
+            dtype=[types.UINT8, types.UINT8, types.INT32, *augment, _label_type(manifest), types.INT64],
         )
-        video = _video_graph(video_bytes, frame_idx, spec, train, device)
-        audio = _audio_graph(audio_bytes, spec, train, device)
+        if train:
+            crop_start, crop_shape, flip, position = choices
+            video = _video_graph(video_bytes, frame_idx, spec, device, (crop_start, crop_shape), flip)
+            audio = _audio_graph(audio_bytes, spec, device, position)
+        else:
+            video = _video_graph(video_bytes, frame_idx, spec, device)
+            audio = _audio_graph(audio_bytes, spec, device)
         return video, audio, label, index
 
     return av_pipeline(), source

@@ -19,16 +19,22 @@ plain numpy, seeded by ``(seed, epoch)``, and therefore identical on every rank:
   - ``PARTIAL`` (single-rank evaluation): no repeats at all; the last batch is smaller; shards may
     differ by one clip.
 
-Temporal sampling is also drawn here (it needs each clip's frame count, which the video container
-knows): ``num_frames`` frames ``stride`` apart, starting at a random frame (training; seeded by
-``(seed, epoch, row)``) or centred (evaluation); clips shorter than the span are looped.
+Every random choice of training is drawn here too, from one generator per ``(seed, epoch, row)``
+(:func:`clip_rng`, :func:`sample_clip`), so a sample depends on nothing but the seed, the epoch and
+its manifest row — not on the rank, the number of ranks, the batch size, DALI's threads or the epoch a
+run was resumed at: the temporal window (``num_frames`` frames ``stride`` apart from a random start;
+clips shorter than the span are looped), the random-resized-crop window (it needs the frame size, which
+the container knows), the flip and the audio window position. DALI only applies them. Evaluation uses
+the centred window, a centre crop, no flip and the centred audio window.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
@@ -36,6 +42,9 @@ import soundfile as sf
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
 from .manifest import Manifest
+
+if TYPE_CHECKING:  # pipeline.py imports this module
+    from .pipeline import ClipSpec
 
 # What DALI's fn.decoders.video decodes (its docstring): CPU backend VP8/VP9/MJPEG; the mixed (NVDEC)
 # backend also AV1, MPEG-4, H.264 and HEVC. Names as FFmpeg (PyAV) reports them.
@@ -132,6 +141,66 @@ def sample_frame_indices(
     return ((start + stride * np.arange(num_frames)) % clip_frames).astype(np.int32)
 
 
+def sample_crop_window(
+    height: int, width: int, area: tuple[float, float], aspect: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) in pixels of a random-resized-crop window inside a ``height`` x ``width`` frame.
+
+    torchvision's ``RandomResizedCrop`` (as VideoMAE/HiCMAE use it): up to 10 tries of an area fraction
+    uniform in ``area`` and an aspect ratio (w / h) log-uniform in ``aspect``, the first that fits placed
+    uniformly; otherwise the centred crop of the whole frame with its aspect ratio clamped to ``aspect``.
+    """
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+    for _ in range(10):
+        target = height * width * rng.uniform(*area)
+        ratio = math.exp(rng.uniform(*log_aspect))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    ratio = width / height
+    if ratio < aspect[0]:
+        w, h = width, max(1, round(width / aspect[0]))  # at least a pixel, even for a 1-pixel frame
+    elif ratio > aspect[1]:
+        w, h = max(1, round(height * aspect[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclass(frozen=True)
+class ClipAugmentation:
+    """The choices for one clip in one epoch: frame indices int32 [num_frames]; ``crop`` (top, left, h, w)
+    in pixels, or None for evaluation's resize + centre crop; horizontal ``flip``; ``audio_position``
+    in [0, 1]: where the audio window starts, as a fraction of the frames left over beyond the window."""
+
+    frames: np.ndarray
+    crop: tuple[int, int, int, int] | None
+    flip: bool
+    audio_position: float
+
+
+def clip_rng(seed: int, epoch: int, row: int) -> np.random.Generator:
+    """The generator of every random choice for manifest ``row`` in ``epoch``."""
+    return np.random.default_rng([seed, epoch, row])
+
+
+def sample_clip(info: VideoInfo, spec: ClipSpec, rng: np.random.Generator | None) -> ClipAugmentation:
+    """Training choices drawn from ``rng`` (see :func:`clip_rng`), or evaluation's fixed ones when None."""
+    if rng is None:
+        return ClipAugmentation(sample_frame_indices(info.num_frames, spec.num_frames, spec.frame_stride, None),
+                                None, False, 0.5)
+    # The frames first, so the temporal windows stay those of the frames-only sampling before.
+    frames = sample_frame_indices(info.num_frames, spec.num_frames, spec.frame_stride, rng)
+    crop = sample_crop_window(info.height, info.width, spec.crop_area, spec.crop_aspect, rng)
+    flip = bool(rng.random() < 0.5)  # drawn even when spec.flip is off, so the audio draw does not move
+    # float32: the precision DALI computes the window start in (see baseline.audio_tensor)
+    position = float(np.float32(rng.random()))
+    return ClipAugmentation(frames, crop, flip and spec.flip, position)
+
+
 def epoch_order(num_clips: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
     """The manifest rows in the order of one epoch: int64 [num_clips]; same on every rank."""
     if not shuffle:
@@ -180,9 +249,11 @@ class ClipSource:
     """DALI external source (batch mode, called with ``BatchInfo``) yielding one batch of clips.
 
     Outputs, each a list with one entry per sample: video bytes (uint8 [n]), audio bytes (uint8 [n]),
-    frame indices (int32 [num_frames]), label (int64 [] class, float32 [L] regression, int64 [] -1
-    unlabelled), manifest row (int64 [], -1 for padding). Raises StopIteration at the end of an epoch.
-    DALI counts epochs from 0 for every new pipeline; ``start_epoch`` is added (resuming training).
+    frame indices (int32 [num_frames]); in training also the crop window's (top, left) and (h, w)
+    (int32 [2] each), the flip (int32 []) and the audio window position (float32 []); then label
+    (int64 [] class, float32 [L] regression, int64 [] -1 unlabelled) and manifest row (int64 [], -1 for
+    padding). Raises StopIteration at the end of an epoch. DALI counts epochs from 0 for every new
+    pipeline; ``start_epoch`` is added (resuming training).
     """
 
     def __init__(
@@ -191,8 +262,7 @@ class ClipSource:
         batch_size: int,
         train: bool,
         device: str,
-        num_frames: int,
-        frame_stride: int,
+        spec: ClipSpec,
         seed: int,
         shard_id: int,
         num_shards: int,
@@ -203,17 +273,20 @@ class ClipSource:
         self.batch_size = batch_size
         self.train = train
         self.device = device
-        self.num_frames = num_frames
-        self.frame_stride = frame_stride
+        self.spec = spec
         self.seed = seed
         self.shard_id = shard_id
         self.num_shards = num_shards
         self.policy = policy
         self.start_epoch = start_epoch
         self.labels = manifest.labels()
-        self._frame_counts: dict[int, int] = {}
+        self._infos: dict[int, VideoInfo] = {}
         self._epoch = -1
         self._batches: list[tuple[np.ndarray, np.ndarray]] = []
+
+    @property
+    def num_outputs(self) -> int:
+        return 9 if self.train else 5
 
     def __len__(self) -> int:
         n = len(self.manifest)
@@ -224,18 +297,22 @@ class ClipSource:
         order = epoch_order(len(self.manifest), epoch, self.seed, shuffle=self.train)
         return shard_batches(order, self.shard_id, self.num_shards, self.batch_size, self.policy)
 
-    def _clip_inputs(self, row: int, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _clip_inputs(self, row: int, epoch: int) -> list[np.ndarray]:
         clip = self.manifest.clips[row]
         video = np.fromfile(clip.video, dtype=np.uint8)
         audio = np.fromfile(clip.audio, dtype=np.uint8)
-        if row not in self._frame_counts:  # probe once per clip; later epochs reuse the checks and count
+        if row not in self._infos:  # probe once per clip; later epochs reuse the checks and the info
             info = probe_video(video, clip.video)
             check_codec(info, clip.video, self.device, self.manifest.path)
             check_audio(audio, clip.audio, self.manifest.path)
-            self._frame_counts[row] = info.num_frames
-        rng = np.random.default_rng([self.seed, epoch, row]) if self.train else None
-        frames = sample_frame_indices(self._frame_counts[row], self.num_frames, self.frame_stride, rng)
-        return video, audio, frames
+            self._infos[row] = info
+        rng = clip_rng(self.seed, epoch, row) if self.train else None
+        aug = sample_clip(self._infos[row], self.spec, rng)
+        if not self.train:
+            return [video, audio, aug.frames]
+        top, left, h, w = aug.crop
+        return [video, audio, aug.frames, np.array([top, left], np.int32), np.array([h, w], np.int32),
+                np.asarray(aug.flip, np.int32), np.asarray(aug.audio_position, np.float32)]
 
     def __call__(self, info) -> tuple[list[np.ndarray], ...]:
         if self.start_epoch + info.epoch_idx != self._epoch:
@@ -244,12 +321,10 @@ class ClipSource:
         if info.iteration >= len(self._batches):
             raise StopIteration
         rows, padding = self._batches[info.iteration]
-        videos, audios, frames, labels, indices = [], [], [], [], []
+        outputs: list[list[np.ndarray]] = [[] for _ in range(self.num_outputs)]
         for row, is_pad in zip(rows.tolist(), padding.tolist(), strict=True):
-            video, audio, idx = self._clip_inputs(row, self._epoch)
-            videos.append(video)
-            audios.append(audio)
-            frames.append(idx)
-            labels.append(np.asarray(self.labels[row]))
-            indices.append(np.asarray(PAD_INDEX if is_pad else row, dtype=np.int64))
-        return videos, audios, frames, labels, indices
+            sample = self._clip_inputs(row, self._epoch)
+            sample += [np.asarray(self.labels[row]), np.asarray(PAD_INDEX if is_pad else row, dtype=np.int64)]
+            for out, value in zip(outputs, sample, strict=True):
+                out.append(value)
+        return tuple(outputs)

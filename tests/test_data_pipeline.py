@@ -1,4 +1,5 @@
-"""The DALI loader on CPU: pairing, shapes, determinism, sharding, last batch, decoding accuracy, errors.
+"""The DALI loader on CPU: pairing, shapes, determinism, resumption, augmentation, sharding, last batch,
+decoding accuracy, errors.
 
 Clips come from dali_pipelines.synthetic with one class per row, so every clip's audio pitch and
 video background colour identify its manifest row. GPU-only paths (NVDEC) skip without CUDA.
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,10 +28,18 @@ from dali_pipelines import (
     build_loader,
     denormalize_video,
     kaldi_fbank,
+    probe_video,
     read_manifest,
     sample_frame_indices,
 )
-from dali_pipelines.source import batches_per_epoch, epoch_order, shard_batches
+from dali_pipelines.source import (
+    batches_per_epoch,
+    clip_rng,
+    epoch_order,
+    sample_clip,
+    sample_crop_window,
+    shard_batches,
+)
 from dali_pipelines.synthetic import class_background, encode_video, generate_dataset
 
 ROWS = 8
@@ -44,6 +54,16 @@ def load(manifest, batch_size=3, train=False, spec=SMALL, **kw):
 
 def epoch(loader) -> list[dict[str, torch.Tensor]]:
     return list(loader)
+
+
+def by_row(batches) -> dict[int, dict[str, torch.Tensor]]:
+    """Samples keyed by manifest row."""
+    return {int(row): {k: b[k][i] for k in ("video", "audio", "label")}
+            for b in batches for i, row in enumerate(b["index"].tolist())}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 10 * math.log10(255**2 / max(float(((a - b) ** 2).mean()), 1e-12))
 
 
 @pytest.fixture(scope="module")
@@ -120,35 +140,93 @@ def test_same_seed_same_batches_new_epoch_new_order(dataset: Path) -> None:
     assert order[0] != order[1]
     other = torch.cat([batch["index"] for batch in epoch(load(dataset, train=True, seed=4))]).tolist()
     assert other != order[0]
-    resumed = epoch(load(dataset, train=True, seed=3, start_epoch=1))
-    assert torch.cat([batch["index"] for batch in resumed]).tolist() == order[1]
 
 
-def test_training_crop_and_flip_are_shared_by_all_frames(tmp_path: Path) -> None:
-    still = np.repeat(np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8), 12, axis=0)
+def test_resumed_run_sees_exactly_the_uninterrupted_epochs(dataset: Path) -> None:
+    uninterrupted = load(dataset, train=True, seed=3)
+    epochs = [epoch(uninterrupted) for _ in range(3)]
+    resumed = build_loader(dataset, 3, True, device="cpu", num_threads=1, spec=SMALL, seed=3, start_epoch=1)
+    for expected in epochs[1:]:  # the epoch resumed at, and the one after it
+        got = epoch(resumed)
+        assert len(got) == len(expected)
+        for x, y in zip(got, expected, strict=True):
+            for key in ("video", "audio", "label", "index"):
+                torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_augmentation_of_a_row_ignores_sharding_batch_size_and_threads(dataset: Path) -> None:
+    whole = by_row(epoch(build_loader(dataset, 3, True, device="cpu", num_threads=1, spec=SMALL, seed=2)))
+    halves = {}
+    for shard in (0, 1):
+        halves |= by_row(epoch(load(dataset, batch_size=2, train=True, seed=2, shard_id=shard, num_shards=2)))
+    assert len(whole) == 6 and len(halves) == ROWS  # DROP: 2 batches of 3 vs 2 x 2 batches of 2
+    for row, sample in whole.items():
+        for key in ("video", "audio", "label"):
+            torch.testing.assert_close(sample[key], halves[row][key], rtol=0, atol=1e-6, msg=f"row {row} {key}")
+
+
+def smooth_still(height: int = 64, width: int = 96) -> np.ndarray:
+    """A smooth, asymmetric image (codecs keep it well): red grows left to right, green top to bottom."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    blue = 128 + 100 * np.sin(x / 6) * np.cos(y / 9)
+    return np.stack([x * 255 / (width - 1), y * 255 / (height - 1), blue], -1).round().astype(np.uint8)
+
+
+def test_training_crops_and_flips_follow_the_sampler_per_clip_and_epoch(tmp_path: Path) -> None:
+    still = smooth_still()  # 96 x 64: a swapped height/width would show
     manifest = generate_dataset(tmp_path, clips=4, classes=2, num_frames=12, size=64)
     for clip in read_manifest(manifest).clips:
-        clip.video.write_bytes(encode_video(still, quality=4))
-    eval_video = next(iter(load(manifest, batch_size=4, train=False)))["video"]
-    for batch in load(manifest, batch_size=4, train=True, seed=1):
-        video = batch["video"]
-        # a still clip stays still: the same crop and flip for every frame (up to codec noise)
-        assert (video - video[:, :, :1]).abs().max() < 0.35
-        assert not torch.allclose(video, eval_video, atol=0.1)  # and the augmentation did something
+        clip.video.write_bytes(encode_video(np.repeat(still[None], 12, axis=0), quality=4))
+    info = probe_video(read_manifest(manifest).clips[0].video.read_bytes())
+    image = torch.from_numpy(still).permute(2, 0, 1).float()[None]  # [1, 3, H, W]
+    loader = load(manifest, batch_size=4, train=True, seed=1)
+    choices, videos = set(), {}
+    for ep in range(2):
+        for batch in loader:
+            video = batch["video"]
+            # a still clip stays still: one crop and flip for every frame of a clip (up to codec noise)
+            assert (video - video[:, :, :1]).abs().max() < 0.1
+            for i, row in enumerate(batch["index"].tolist()):
+                aug = sample_clip(info, SMALL, clip_rng(1, ep, row))
+                top, left, h, w = aug.crop
+                expected = F.interpolate(image[..., top:top + h, left:left + w], size=(64, 64), mode="bilinear",
+                                         antialias=True, align_corners=False)[0, :, None]  # [3, 1, S, S]
+                expected = expected.flip(-1) if aug.flip else expected
+                pixels = denormalize_video(video[i], SMALL)
+                assert psnr(pixels, expected) > 40 and psnr(pixels, expected.flip(-1)) < 25
+                choices.add((aug.crop, aug.flip))
+                videos[ep, row] = video[i]
+    assert len(choices) == 8  # every clip, every epoch: its own window
+    assert {flip for _, flip in choices} == {False, True}
+    for row in range(4):
+        assert not torch.allclose(videos[0, row], videos[1, row], atol=0.1)
 
 
-def test_eval_audio_is_the_centred_window_and_train_crops_vary(tmp_path: Path) -> None:
+def test_audio_windows_eval_centred_train_at_the_sampled_position(tmp_path: Path) -> None:
     manifest = generate_dataset(tmp_path, clips=2, classes=2, num_frames=8, size=64, audio_seconds=4.0)
     spec = ClipSpec(num_frames=4, frame_stride=1, frame_size=64)
+    clips = read_manifest(manifest).clips
+    fbanks = []
+    for clip in clips:
+        wave, _ = sf.read(clip.audio, dtype="float64")
+        fbanks.append(kaldi_fbank(torch.from_numpy(wave - wave.mean())).float())  # 398 frames
+    room = fbanks[0].shape[0] - 256
+
+    def reference(row: int, start: int) -> torch.Tensor:
+        return (fbanks[row][start:start + 256] - spec.audio_mean) / spec.audio_std
+
     eval_audio = next(iter(load(manifest, batch_size=2, spec=spec)))["audio"]
-    wave, _ = sf.read(read_manifest(manifest).clips[0].audio, dtype="float64")
-    fbank = kaldi_fbank(torch.from_numpy(wave - wave.mean())).float()  # 398 frames
-    start = (fbank.shape[0] - 256) // 2
-    reference = (fbank[start:start + 256] - spec.audio_mean) / spec.audio_std
-    assert (eval_audio[0, 0] - reference)[:, 16:].abs().max() < 0.01  # bins above ~300 Hz
-    train_windows = [next(iter(load(manifest, batch_size=2, train=True, seed=s, spec=spec)))["audio"]
-                     for s in range(3)]
-    assert not all(torch.allclose(w, train_windows[0]) for w in train_windows[1:])
+    assert (eval_audio[0, 0] - reference(0, room // 2))[:, 16:].abs().max() < 0.01  # bins above ~300 Hz
+    info = probe_video(clips[0].video.read_bytes())
+    loader = load(manifest, batch_size=2, train=True, seed=5, spec=spec)
+    starts = set()
+    for ep in range(2):
+        batch = next(iter(loader))
+        for i, row in enumerate(batch["index"].tolist()):
+            start = math.floor(sample_clip(info, spec, clip_rng(5, ep, row)).audio_position * room)
+            assert (batch["audio"][i, 0] - reference(row, start))[:, 16:].abs().max() < 0.01
+            starts.add(start)
+    assert len(starts) == 4  # a new window per clip and per epoch
 
 
 # --- decoding accuracy -----------------------------------------------------------------------------
@@ -181,6 +259,67 @@ def test_decoded_frames_match_pyav_above_40db(dataset: Path) -> None:
         reference = torch.from_numpy(frames[indices]).permute(3, 0, 1, 2)
         mse = float(((denormalize_video(batch["video"][i], spec) - reference) ** 2).mean())
         assert 10 * math.log10(255**2 / mse) >= 40.0
+
+
+def test_crop_window_fallback_is_the_centred_crop_of_clamped_aspect() -> None:
+    rng = np.random.default_rng(0)
+    # a whole-frame area at aspect >= 2 never fits a square frame: centred 100 x 50 (w = 2 h)
+    assert sample_crop_window(100, 100, (1.0, 1.0), (2.0, 3.0), rng) == (25, 0, 50, 100)
+    # nor does it fit a 100-wide, 400-tall frame at aspect 3/4..4/3: full width, h = 100 / (3/4)
+    assert sample_crop_window(400, 100, (1.0, 1.0), (3 / 4, 4 / 3), rng) == (133, 0, 133, 100)
+    with pytest.raises(ValueError, match="height"):
+        sample_crop_window(0, 100, (0.5, 1.0), (1.0, 1.0), rng)
+
+
+@given(height=st.integers(1, 300), width=st.integers(1, 300), area=st.tuples(st.floats(0.05, 1), st.floats(0.05, 1)),
+       aspect=st.tuples(st.floats(0.3, 3), st.floats(0.3, 3)), seed=st.integers(0, 2**32))
+def test_crop_window_is_inside_the_frame_within_bounds_and_seeded(height, width, area, aspect, seed) -> None:
+    area, aspect = tuple(sorted(area)), tuple(sorted(aspect))
+    top, left, h, w = sample_crop_window(height, width, area, aspect, np.random.default_rng(seed))
+    assert sample_crop_window(height, width, area, aspect, np.random.default_rng(seed)) == (top, left, h, w)
+    assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h >= 1 and w >= 1
+    centred_fallback = (top, left) == ((height - h) // 2, (width - w) // 2) and (h == height or w == width)
+    # w, h are rounded from sqrt(A r), sqrt(A / r): some area A and aspect r within bounds produced them
+    area_ok = (w - 0.5) * (h - 0.5) <= area[1] * height * width and (w + 0.5) * (h + 0.5) >= area[0] * height * width
+    aspect_ok = (w - 0.5) / (h + 0.5) <= aspect[1] and (w + 0.5) / (h - 0.5) >= aspect[0]
+    assert centred_fallback or (area_ok and aspect_ok)
+
+
+def test_crop_window_distribution() -> None:
+    rng = np.random.default_rng(1)
+    windows = np.array([sample_crop_window(1000, 1000, (0.44, 1.0), (3 / 4, 4 / 3), rng) for _ in range(2000)])
+    area = windows[:, 2] * windows[:, 3] / 1e6
+    log_aspect = np.log(windows[:, 3] / windows[:, 2])
+    # Tries are uniform in area and log-uniform in aspect; those that do not fit (a r > 1 or a / r > 1)
+    # are redrawn, so the accepted area is uniform on [0.44, exp(-|log r|)] — its mean by quadrature:
+    log_r = np.linspace(math.log(3 / 4), math.log(4 / 3), 10001)
+    top = np.exp(-np.abs(log_r))
+    expected = ((top**2 - 0.44**2) / 2).sum() / (top - 0.44).sum()
+    assert area.min() < 0.46 and area.max() > 0.98 and abs(area.mean() - expected) < 0.01
+    assert log_aspect.min() < math.log(0.77) and log_aspect.max() > math.log(1.3)
+    assert abs(log_aspect.mean()) < 0.02  # log-uniform in aspect: symmetric about 1
+    centres = windows[:, :2] + windows[:, 2:] / 2
+    assert abs(centres.mean() - 500) < 10  # placed uniformly
+
+
+def test_clip_choices_are_a_function_of_seed_epoch_and_row() -> None:
+    from dali_pipelines import VideoInfo
+
+    info = VideoInfo("vp9", 100, 96, 64)
+    spec = ClipSpec(num_frames=8, frame_stride=2, frame_size=64)
+
+    def draw(seed, ep, row):
+        aug = sample_clip(info, spec, clip_rng(seed, ep, row))
+        return aug.frames.tolist(), aug.crop, aug.flip, aug.audio_position
+
+    assert draw(1, 2, 3) == draw(1, 2, 3)
+    assert len({repr(draw(*key)) for key in [(1, 2, 3), (0, 2, 3), (1, 0, 3), (1, 2, 0)]}) == 4
+    no_flip = ClipSpec(num_frames=8, frame_stride=2, frame_size=64, flip=False)
+    flips = [sample_clip(info, no_flip, clip_rng(0, 0, row)) for row in range(20)]
+    assert not any(a.flip for a in flips) and any(draw(0, 0, row)[2] for row in range(20))
+    evaluation = sample_clip(info, spec, None)
+    assert evaluation.crop is None and not evaluation.flip and evaluation.audio_position == 0.5
+    assert evaluation.frames.tolist() == sample_frame_indices(100, 8, 2, None).tolist()
 
 
 def test_frame_sampling() -> None:
