@@ -94,13 +94,13 @@ def test_pretraining_lowers_the_loss_and_exports_loadable_weights(pretrained):
 
 def test_resume_reproduces_the_uninterrupted_run(dataset, pretrained, tmp_path):
     out = tmp_path / "interrupted"
-    cfg = config(dataset, out, stop_at_step=3)  # mid-epoch
+    cfg = config(dataset, out, stop_at_step=5)  # mid-way through the second epoch
     launch(cfg)
-    assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000005"
     assert not (out / "model_fp32.pt").exists()
     cfg = config(dataset, out)
     launch(cfg, "--resume")
-    assert events(out, "resume")[0]["step"] == 3
+    assert events(out, "resume")[0]["step"] == 5
     resumed, reference = losses(out), losses(pretrained)
     assert sorted(resumed) == list(range(1, 9))
     for step in range(1, 9):
