@@ -420,8 +420,11 @@ def _check(q, k, v, scale):
         raise ValueError(f"empty groups: q {tuple(q.shape)}, k {tuple(k.shape)} (every dim must be >= 1)")
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim D must be one of {SUPPORTED_HEAD_DIMS}, got {D}")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be positive or None, got {scale}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite positive number or None, got {scale}")
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
