@@ -89,7 +89,9 @@ class DiERUnit(nn.Module):
 
 
 def _conv_bn_prelu(dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv1d(dim, dim, 1), nn.BatchNorm1d(dim), nn.PReLU())
+    # no conv bias: BatchNorm subtracts it again, so its gradient is zero and Adam would only move it by
+    # the sign of rounding noise
+    return nn.Sequential(nn.Conv1d(dim, dim, 1, bias=False), nn.BatchNorm1d(dim), nn.PReLU())
 
 
 class EvolutionaryRefinement(nn.Module):
