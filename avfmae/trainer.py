@@ -244,18 +244,26 @@ class Trainer:
         # one seed per (step, micro-step, rank): identical randomness whether or not the run resumed
         torch.manual_seed(((self.cfg.seed * 1_000_003 + step) * 64 + micro) * 4096 + self.rank)
         engine = self.engine
-        video, audio = batch["video"].to(self.device), batch["audio"].to(self.device)
+        video, audio = self.inputs(batch)
         if self.cfg.stage == "pretrain":
             out = engine(video, audio)
             loss = out["loss"]
             terms = {k: float(v.detach()) for k, v in out.items() if k.startswith("loss")}
         else:
-            logits = engine(video, None if self.cfg.video_only else audio)
+            logits = engine(video, audio)
             loss = engine.module.compute_loss(logits, batch["label"].to(self.device))
             terms = {"loss": float(loss.detach())}
         engine.backward(loss)
         engine.step()
         return terms
+
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Video and audio on this rank's device in the engine's compute dtype (DeepSpeed casts the
+        model to bf16/fp16 but not its inputs); audio is None for a video-only classifier."""
+        dtype = self.engine.get_data_types()[0]
+        video = batch["video"].to(self.device, dtype)
+        audio = None if self.cfg.video_only else batch["audio"].to(self.device, dtype)
+        return video, audio
 
     @staticmethod
     def set_lr(optimizer, lr: float) -> None:
@@ -317,8 +325,7 @@ class Trainer:
         self.engine.eval()
         indices, outputs, labels = [], [], []
         for batch in loader:
-            video = batch["video"].to(self.device)
-            audio = None if self.cfg.video_only else batch["audio"].to(self.device)
+            video, audio = self.inputs(batch)
             outputs.append(self.engine(video, audio).float().cpu())
             labels.append(batch["label"].float().cpu())
             indices.append(batch["index"].long().cpu())
@@ -365,7 +372,7 @@ class Trainer:
         self.engine.eval()
         batch = next(iter(loader))
         torch.manual_seed(self.cfg.seed)
-        out = self.engine(batch["video"].to(self.device), batch["audio"].to(self.device), return_predictions=True)
+        out = self.engine(*self.inputs(batch), return_predictions=True)
         if self.rank == 0:
             path = save_reconstructions(out, batch, self.model_config, self.out / "reconstructions.png")
             print(f"reconstructions: {path}", flush=True)

@@ -36,10 +36,11 @@ def dataset(tmp_path_factory) -> Path:
     return out
 
 
-def config(dataset: Path, out: Path, stage: str = "pretrain", **avfmae) -> Path:
+def config(dataset: Path, out: Path, stage: str = "pretrain", ds: dict | None = None, **avfmae) -> Path:
     base = json.loads((ROOT / "ds_configs" / ("tiny.json" if stage == "pretrain" else "tiny_finetune.json")).read_text())
     base["train_micro_batch_size_per_gpu"] = 2
     base["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    base.update(ds or {})
     settings = dict(train_manifest=str(dataset / "train.csv"), output_dir=str(out), epochs=2, warmup_epochs=0,
                     log_every_steps=1, checkpoint_every_steps=1000, lr=4e-3)
     base["avfmae"].update({**settings, **avfmae})
@@ -126,7 +127,8 @@ def test_finetuning_from_the_pretrained_export(dataset, pretrained, tmp_path):
 
 def test_sigterm_saves_a_resumable_checkpoint(dataset, tmp_path):
     out = tmp_path / "terminated"
-    proc = launch(config(dataset, out, epochs=50), wait=False)
+    # in bf16, as the GPU configs train: the inputs must follow the engine's dtype
+    proc = launch(config(dataset, out, ds={"bf16": {"enabled": True}}, epochs=50), wait=False)
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "log.jsonl").exists() or not events(out, "train"):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
