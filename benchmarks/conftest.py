@@ -2,8 +2,14 @@
 
 On a machine without CUDA the cases run the torch reference paths at reduced sizes (the interpreter
 is a correctness tool, never timed); ratios are only meaningful between cases of one run.
+
+Also the suite-wide plumbing read by ``python -m benchmarks.report``: the ``--hicmae-path`` option
+(or ``$HICMAE_PATH``), device and library versions added to the JSON's ``machine_info["avfmae"]``,
+and ``avfmae_outcomes`` in the JSON: cases that were skipped or failed, with the reason (they never
+reach pytest-benchmark's own list).
 """
 
+import importlib.metadata
 import os
 
 import pytest
@@ -54,3 +60,73 @@ def run_timed(benchmark, fn, *, rounds: int = 20, bytes_moved: int | None = None
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+# --- suite-wide options, versions and outcomes (read by benchmarks/report.py) ---------------------
+
+HICMAE_ENV = "HICMAE_PATH"
+OUTCOMES: dict[str, dict[str, str]] = {}  # nodeid -> {"outcome": "skipped"|"failed", "reason": ...}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--hicmae-path", default=None,
+                     help=f"checkout of github.com/sunlicai/HiCMAE: also time its own pre-training model "
+                          f"(default: ${HICMAE_ENV}; those cases are skipped when neither is set)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "step: end-to-end pre-training step benchmarks")
+
+
+@pytest.fixture(scope="session")
+def hicmae_path(request):
+    """The HiCMAE checkout named by --hicmae-path or $HICMAE_PATH (validated), or None."""
+    from benchmarks.hicmae_peer import resolve_checkout
+
+    return resolve_checkout(request.config.getoption("--hicmae-path") or os.environ.get(HICMAE_ENV))
+
+
+def pytest_runtest_logreport(report):
+    # Skipped and failed cases never reach pytest-benchmark's JSON; keep them for the report.
+    if report.passed or (report.when != "call" and not (report.failed or report.skipped)):
+        return
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = report.longrepr[2].removeprefix("Skipped: ")
+        if reason.startswith("Skipping non-benchmark"):  # --benchmark-only noise, not a missing case
+            return
+    else:
+        lines = (report.longreprtext or report.outcome).strip().splitlines()
+        reason = lines[-1].removeprefix("E").strip() if lines else report.outcome
+    OUTCOMES.setdefault(report.nodeid, {"outcome": "skipped" if report.skipped else "failed", "reason": reason})
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["avfmae"] = software_versions()
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["avfmae_outcomes"] = dict(OUTCOMES)
+
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def software_versions() -> dict:
+    """Device and library versions recorded with every result file (None: not installed / no CUDA)."""
+    return {
+        "device": torch.cuda.get_device_name() if CUDA else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if CUDA else None,
+        "cudnn": torch.backends.cudnn.version() if CUDA else None,
+        "triton": _dist_version("triton"),
+        "dali": _dist_version("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110"),
+        "timm": _dist_version("timm"),
+        "mae_kernels_backend": os.environ.get("MAE_KERNELS_BACKEND", "auto"),
+        "cpu_threads": torch.get_num_threads(),
+    }

@@ -54,6 +54,7 @@ def one_epoch(loader) -> int:
 def test_bench_data_loading(benchmark, datasets: dict[str, Path], kind: str, device: str, codec: str) -> None:
     if codec == "h264" and not torch.cuda.is_available():
         pytest.skip("H.264 cases compare with NVDEC, which needs CUDA")
+    benchmark.group = f"data loading {codec}, batch {BATCH}, {THREADS} threads"  # one codec per ratio
     manifest = datasets[codec]
     if kind == "dali":
         loader = build_loader(manifest, BATCH, train=True, device=device, num_threads=THREADS, seed=0)
@@ -65,4 +66,5 @@ def test_bench_data_loading(benchmark, datasets: dict[str, Path], kind: str, dev
     benchmark.extra_info.update(
         clips_per_s=clips / benchmark.stats.stats.mean, clips_per_epoch=clips, threads=THREADS, loader=kind,
         device=torch.cuda.get_device_name() if device == "gpu" else "cpu", codec=codec,
+        role="ours" if kind == "dali" else "baseline",  # benchmarks/report.py: ratio = PyAV time / DALI time
     )

@@ -20,6 +20,7 @@ BATCH = 32 if CUDA else 4
 VIDEO = dict(N=800, ME=80, MD=400)
 AUDIO = dict(N=128, ME=24, MD=64)
 DTYPE = torch.bfloat16 if CUDA else torch.float32
+ROLES = {"mae_kernels": "ours", "mae_way": "baseline"}  # benchmarks/report.py: ratio = mae_way / mae_kernels
 
 
 def masks(B, N, M, seed=0):
@@ -66,6 +67,7 @@ def nbytes(*tensors):
 def test_gather_tokens(benchmark, modality, C, impl):
     shape = VIDEO if modality == "video" else AUDIO
     benchmark.group = f"gather_tokens {modality} C={C}"
+    benchmark.extra_info["role"] = ROLES[impl]
     x, pos = tensors(BATCH, shape["N"], C)
     idx, keep = masks(BATCH, shape["N"], shape["ME"])
     fn = (lambda: mae_kernels.gather_tokens(x, idx, pos)) if impl == "mae_kernels" else \
@@ -79,6 +81,7 @@ def test_gather_tokens(benchmark, modality, C, impl):
 def test_assemble_decoder_tokens(benchmark, modality, C, impl):
     shape = VIDEO if modality == "video" else AUDIO
     benchmark.group = f"assemble_decoder_tokens {modality} C={C}"
+    benchmark.extra_info["role"] = ROLES[impl]
     enc = torch.randn(BATCH, shape["ME"], C, device=DEVICE, dtype=DTYPE)
     token = torch.randn(C, device=DEVICE, dtype=DTYPE)
     _, pos = tensors(1, shape["N"], C)
@@ -97,6 +100,7 @@ def test_assemble_decoder_tokens(benchmark, modality, C, impl):
 def test_masked_mse_loss_fwd_bwd(benchmark, modality, P, groups, impl):
     shape = VIDEO if modality == "video" else AUDIO
     benchmark.group = f"masked_mse_loss fwd+bwd {modality} P={P}"
+    benchmark.extra_info["role"] = ROLES[impl]
     pred = torch.randn(BATCH, shape["MD"], P, device=DEVICE, dtype=DTYPE, requires_grad=True)
     patches = torch.randn(BATCH, shape["N"], P, device=DEVICE, dtype=DTYPE)
     dec_idx, dec_keep = masks(BATCH, shape["N"], shape["MD"], seed=3)

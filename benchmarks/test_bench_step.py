@@ -1,0 +1,211 @@
+"""End-to-end pre-training step: AVF-MAE++ against the HiCMAE baseline at the same size and batch.
+
+One step = forward + loss + backward + AdamW step (synthetic tensors, no I/O, fixed masks from
+``avfmae.sample_pretrain_masks`` — what ``model.sample_masks`` draws — with a seeded generator). One
+benchmark group per size, ``pretrain step <size> B=<batch>``, so every ratio comes out of one run;
+the report's baseline is the HiCMAE case.
+
+==================  =========================================================================  =========
+case                model                                                                      role
+==================  =========================================================================  =========
+``avfmae``          AVFMAEPretrain (IAV-CL fusion), mae_kernels backend "auto"                 ours
+``avfmae-table4``   AVFMAEPretrain with HiCMAE's fusion: the paper's Table-4 model (1.46x)     ours
+``avfmae-torch``    AVFMAEPretrain with ``mae_kernels.backend("torch")``: the kernels' share   reference
+``hicmae``          HiCMAEBaseline (vanilla ViT, encoder-only masking), torch backend           baseline
+``hicmae-kernels``  HiCMAEBaseline on mae_kernels: the kernels as a drop-in (CUDA only)        ours
+``hicmae-official`` HiCMAE's own PretrainAudioVisionTransformer (``--hicmae-path``)            peer
+==================  =========================================================================  =========
+
+On CUDA: sizes base, large, huge under bf16 autocast. On CPU: tiny and base in fp32 at batch 2, and
+the "auto" backend *is* the torch reference (no CUDA; the Triton interpreter is never timed), so
+``avfmae`` and ``avfmae-torch`` run the same computation there. Environment overrides:
+``BENCH_STEP_SIZES=base,large``, ``BENCH_STEP_BATCH=16`` or ``base=32,large=16``,
+``BENCH_STEP_ROUNDS=10``.
+
+extra_info per case: role, model, backend, size, batch, params_M, flops_per_step (forward+backward,
+counted once outside the timing by FlopCounterMode on the torch reference path with SDPA's math
+backend, so attention is counted on every device), TFLOP/s, samples_per_s and, on CUDA,
+peak_mem_gb (max_memory_allocated during the timed steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mae_kernels
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import avfmae
+from benchmarks import hicmae_peer
+from benchmarks.conftest import CUDA, DEVICE
+
+pytestmark = pytest.mark.step
+
+DEFAULT_BATCH = {"base": 32, "large": 16, "huge": 8} if CUDA else {"tiny": 2, "base": 2}
+KERNELS = "auto" if CUDA else "torch"  # never the Triton interpreter, even when TRITON_INTERPRET=1
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str            # cases sharing a model differ only in the mae_kernels backend
+    task: str | None      # avfmae.build_model task; None: HiCMAE's own code
+    backend: str
+    role: str             # see benchmarks/report.py: ours / reference / baseline / peer
+    overrides: tuple = ()
+    cuda_only: bool = False
+
+
+CASES = {
+    "avfmae": Case("avfmae", "pretrain", KERNELS, "ours"),
+    "avfmae-table4": Case("avfmae-table4", "pretrain", KERNELS, "ours", (("fusion", "hicmae"),)),
+    "avfmae-torch": Case("avfmae", "pretrain", "torch", "reference"),
+    "hicmae": Case("hicmae", "hicmae_pretrain", "torch", "baseline"),
+    "hicmae-kernels": Case("hicmae", "hicmae_pretrain", KERNELS, "ours", cuda_only=True),
+    "hicmae-official": Case("hicmae-official", None, "torch", "peer"),
+}
+
+
+def _sizes() -> list[str]:
+    raw = os.environ.get("BENCH_STEP_SIZES")
+    sizes = [s.strip() for s in raw.split(",") if s.strip()] if raw else list(DEFAULT_BATCH)
+    unknown = [s for s in sizes if s not in avfmae.CONFIGS]
+    if unknown:
+        raise ValueError(f"BENCH_STEP_SIZES: unknown size(s) {unknown}; expected some of {sorted(avfmae.CONFIGS)}")
+    return sizes
+
+
+def _batch(size: str) -> int:
+    raw = os.environ.get("BENCH_STEP_BATCH", "").strip()
+    table = dict(DEFAULT_BATCH)
+    if raw.isdigit():
+        return int(raw)
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, _, value = item.partition("=")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"BENCH_STEP_BATCH: expected N or size=N[,size=N], got {raw!r}")
+        table[name.strip()] = int(value)
+    return table.get(size, 2)
+
+
+def _rounds() -> int:
+    raw = os.environ.get("BENCH_STEP_ROUNDS", "10" if CUDA else "3")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"BENCH_STEP_ROUNDS must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+def _autocast():
+    return torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else contextlib.nullcontext()
+
+
+def _synchronize() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW as HiCMAE/VideoMAE pre-train: no decay on 1-D parameters, betas (0.9, 0.95)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.05},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), fused=CUDA)
+
+
+def _inputs(cfg: avfmae.ModelConfig, batch: int):
+    gen = torch.Generator().manual_seed(0)
+    video = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size, generator=gen)
+    audio = torch.randn(batch, 1, cfg.audio_frames, cfg.audio_bins, generator=gen)
+    masks = avfmae.sample_pretrain_masks(cfg, batch, torch.Generator().manual_seed(1))
+    return video.to(DEVICE), audio.to(DEVICE), masks.to(DEVICE)
+
+
+def _build(case: str, size: str, batch: int, hicmae_path) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    """The model and a closure returning its training loss on fixed synthetic inputs."""
+    spec = CASES[case]
+    cfg = avfmae.get_config(size, **dict(spec.overrides))
+    video, audio, masks = _inputs(cfg, batch)
+    torch.manual_seed(0)
+    if spec.task is None:
+        if hicmae_path is None:
+            pytest.skip("HiCMAE's own model is timed only with --hicmae-path or $HICMAE_PATH "
+                        "(a checkout of github.com/sunlicai/HiCMAE)")
+        try:
+            model = hicmae_peer.build_model(hicmae_path, cfg).to(DEVICE).train()
+        except hicmae_peer.PeerUnavailable as err:
+            pytest.skip(str(err))
+        return model, hicmae_peer.make_loss_fn(model, cfg, video, audio, masks)
+    model = avfmae.build_model(size, spec.task, **dict(spec.overrides)).to(DEVICE).train()
+    return model, lambda: model(video, audio, masks)["loss"]
+
+
+_FLOPS: dict[tuple[str, str, int], float] = {}  # FLOPs depend on the model, not on the backend
+
+
+def count_flops(loss_fn: Callable[[], torch.Tensor], model: torch.nn.Module) -> float:
+    """Forward + backward FLOPs of one step: matmuls, convolutions and attention as aten ops (Triton
+    kernels are invisible to FlopCounterMode, so this runs the torch reference and SDPA's math path)."""
+    with FlopCounterMode(display=False) as counter:
+        with mae_kernels.backend("torch"), sdpa_kernel(SDPBackend.MATH):
+            with _autocast():
+                loss = loss_fn()
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def make_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], backend: str) -> Callable[[], None]:
+    optimizer = _optimizer(model)
+
+    def step() -> None:
+        # the backend is chosen at forward time; each op's backward follows that choice
+        with mae_kernels.backend(backend), _autocast():
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _synchronize()
+
+    return step
+
+
+BACKEND_LABEL = {"auto": "mae_kernels (Triton)", "torch": "torch reference"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("size", _sizes())
+def test_pretrain_step(benchmark, hicmae_path, size: str, case: str) -> None:
+    spec = CASES[case]
+    if spec.cuda_only and not CUDA:
+        pytest.skip("needs CUDA: on CPU the kernels backend is the torch reference, the 'hicmae' case")
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    batch = _batch(size)
+    benchmark.group = f"pretrain step {size} B={batch}"
+    model, loss_fn = _build(case, size, batch, hicmae_path)
+    if (spec.model, size, batch) not in _FLOPS:
+        _FLOPS[spec.model, size, batch] = count_flops(loss_fn, model)
+    flops = _FLOPS[spec.model, size, batch]
+    step = make_step(model, loss_fn, spec.backend)
+    step()  # warm-up outside the timing: autotuning, allocator, optimizer state
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(step, rounds=_rounds(), iterations=1, warmup_rounds=1 if CUDA else 0)
+    median = benchmark.stats.stats.median
+    info = benchmark.extra_info
+    info.update(role=spec.role, model=spec.model, size=size, batch=batch,
+                backend=BACKEND_LABEL[spec.backend] + ("" if CUDA else " (no CUDA)"),
+                dtype="bf16 autocast" if CUDA else "fp32",
+                params_M=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                flops_per_step=flops, samples_per_s=round(batch / median, 3),
+                device=torch.cuda.get_device_name() if CUDA else "cpu")
+    info["TFLOP/s"] = round(flops / median / 1e12, 4)
+    if CUDA:
+        info["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
