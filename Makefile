@@ -14,7 +14,4 @@ test:
 
 bench:
 	@scripts/setup_env.sh $(TEST_EXTRAS)
-	@mkdir -p .benchmarks
-	.venv/bin/python -m pytest benchmarks --benchmark-only -q -rs -p no:cacheprovider \
-		--benchmark-json .benchmarks/latest.json; status=$$?; \
-	.venv/bin/python -m benchmarks.report --json .benchmarks/latest.json --out-dir benchmarks/results && exit $$status
+	.venv/bin/python -m pytest benchmarks --benchmark-only -q -rs -p no:cacheprovider

@@ -11,6 +11,7 @@ reach pytest-benchmark's own list).
 
 import importlib.metadata
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,8 +75,19 @@ def pytest_addoption(parser):
                           f"(default: ${HICMAE_ENV}; those cases are skipped when neither is set)")
 
 
+AUTO_JSON = Path(".benchmarks") / "latest.json"
+_auto: dict = {}  # set when this run writes its own JSON and report (no --benchmark-json given)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "step: end-to-end pre-training step benchmarks")
+    # `pytest benchmarks --benchmark-only` alone leaves a report: save the JSON ourselves unless the user
+    # chose where it goes (runs after ours: pytest-benchmark's own configure hook is trylast)
+    if config.getoption("benchmark_json", None) is None and not config.getoption("benchmark_disable", False):
+        path = Path(config.rootpath) / AUTO_JSON
+        path.parent.mkdir(parents=True, exist_ok=True)
+        config.option.benchmark_json = path
+        _auto["json"] = path
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +118,20 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["avfmae_outcomes"] = dict(OUTCOMES)
+    if "json" in _auto:
+        _auto["data"] = output_json
+
+
+def pytest_unconfigure(config):
+    """Write benchmarks/results/<device>-<date>.md/.png ($BENCH_REPORT_DIR overrides the folder) from this
+    run's JSON (see benchmarks/report.py)."""
+    if "data" not in _auto:
+        return
+    from benchmarks.report import write_report
+
+    out_dir = Path(os.environ.get("BENCH_REPORT_DIR", Path(config.rootpath) / "benchmarks" / "results"))
+    md, png = write_report(_auto.pop("data"), out_dir, str(_auto["json"]))
+    print(f"\nbenchmark report: {md}" + (f" and {png}" if png else ""))
 
 
 def _dist_version(*names: str) -> str | None:

@@ -162,3 +162,16 @@ def test_real_step_benchmark_run_through_the_report(tmp_path):
     expected = timed["tiny-hicmae"]["stats"]["median"] / timed["tiny-avfmae"]["stats"]["median"]
     assert row(md_path.read_text(), "tiny-avfmae")[-1] == f"{expected:.2f}x"
     assert png is not None and "tiny-hicmae-official" in md_path.read_text()
+
+
+def test_plain_benchmark_run_writes_its_own_report(tmp_path):
+    """`pytest benchmarks --benchmark-only` with no --benchmark-json still leaves JSON and report behind."""
+    env = dict(os.environ, BENCH_REPORT_DIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+           "benchmarks/test_bench_tokens.py", "-k", "gather"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = list(tmp_path.glob("*.md"))
+    assert len(reports) == 1 and f"benchmark report: {reports[0]}" in proc.stdout
+    text = reports[0].read_text()
+    assert "gather_tokens video C=512" in text and "assemble_decoder_tokens" not in text
