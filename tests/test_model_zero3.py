@@ -28,6 +28,9 @@ def test_zero3_matches_plain_training_for_every_model():
     assert set(report) == {"pretrain", "pretrain_checkpointed", "hicmae_pretrain", "finetune",
                            "finetune_checkpointed"}
     for case, runs in report.items():
+        plain_groups, zero_groups = runs["groups"]
+        assert zero_groups == plain_groups, case  # weight decay / layer decay see the full shapes
+        assert {g[1] for g in plain_groups} == {0.0, 0.05}, case
         assert runs["zero3"] == pytest.approx(runs["plain"], rel=1e-3), case
         ratio, name = runs["worst_update_error"]
         assert ratio < 0.1, f"{case}: {name} moved differently under ZeRO-3 ({ratio:.3f} of its update)"

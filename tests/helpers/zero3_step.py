@@ -50,6 +50,12 @@ def model_of(model):
     return getattr(model, "module", model)
 
 
+def group_layout(model) -> list:
+    """(name, weight decay, lr scale, parameter count) of every optimizer group the model asks for."""
+    return [[g["name"], g["weight_decay"], g["lr_scale"], len(g["params"])]
+            for g in model.param_groups(0.05, layer_decay=0.75)]
+
+
 def worst_update_error(start, plain, zero) -> list:
     """Largest ||zero3 - plain|| / ||plain update|| (Frobenius) over all parameters, and its name: a
     parameter whose update went missing under ZeRO-3 scores ~1, rounding noise far below (Adam moves an
@@ -59,6 +65,8 @@ def worst_update_error(start, plain, zero) -> list:
     with deepspeed.zero.GatheredParameters(list(params.values())):
         for name, p in plain.named_parameters():
             update = (p.detach() - start[name]).norm().item()
+            if update == 0:  # unused by this task (e.g. the last layer's stage IV in pre-training): plain
+                continue     # AdamW skips it, ZeRO-3 still applies weight decay to its partition
             error = (params[name].detach() - p.detach()).norm().item()
             worst = max(worst, (error / max(update, 1e-12), name))
     return list(worst)
@@ -85,7 +93,8 @@ def main():
             engine.step()
 
         start = {k: v.detach().clone() for k, v in plain.named_parameters()}
-        report[name] = {"plain": losses(plain, plain_step, task), "zero3": losses(engine, zero_step, task),
+        report[name] = {"groups": [group_layout(plain), group_layout(zero)],
+                        "plain": losses(plain, plain_step, task), "zero3": losses(engine, zero_step, task),
                         "worst_update_error": worst_update_error(start, plain, zero)}
     print("RESULT " + json.dumps(report))
 
