@@ -44,6 +44,11 @@ _LAYER = re.compile(r"^(?:video|audio)_encoder\.layers\.(\d+)\.")
 # --- shared helpers ---------------------------------------------------------------------------------
 
 
+def _full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's logical shape, also under ZeRO-3 (whose partitioned parameters hold an empty [0])."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 class TrainingMixin:
     """Optimizer and memory helpers shared by every model (timm / BEiT conventions)."""
 
@@ -53,7 +58,7 @@ class TrainingMixin:
         """Names of parameters trained without weight decay: biases, norm weights, every other 1-D
         parameter (mask tokens, layer weights) and the region tokens."""
         return {name for name, p in self.named_parameters()  # type: ignore[attr-defined]
-                if p.ndim <= 1 or name.endswith("region_tokens.weight")}
+                if len(_full_shape(p)) <= 1 or name.endswith("region_tokens.weight")}
 
     @property
     def num_layer_ids(self) -> int:
