@@ -327,10 +327,18 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
         return self.head(self.fc_norm(feature))
 
     def compute_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy (class indices [B] or soft/mixup targets [B, classes], with the model's label
-        smoothing) or, for regression, MSE against float targets [B, num_outputs]."""
+        """Cross-entropy against class indices [B] (with the model's label smoothing) or soft targets
+        [B, classes] used as given, or, for regression, MSE against float targets [B, num_outputs].
+
+        Soft targets (mixup/CutMix, ``avfmae.mixup``) already carry their label smoothing, so smoothing
+        them again here would apply it twice."""
         if self.regression:
             return F.mse_loss(output.float(), target.float().reshape(output.shape))
+        if target.is_floating_point():
+            if target.shape != output.shape:
+                raise ValueError(f"target: soft targets need the logits' shape {tuple(output.shape)}, "
+                                 f"got {tuple(target.shape)}")
+            return F.cross_entropy(output.float(), target.float())
         return F.cross_entropy(output.float(), target, label_smoothing=self.label_smoothing)
 
     def load_pretrained_encoders(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:

@@ -1,7 +1,7 @@
 """The DeepSpeed training loop behind ``train.py`` (all three PSI stages).
 
 Reproducible by construction: every step seeds its own RNG from (seed, step, rank), so masks,
-drop-path and augmentation-free model randomness do not depend on whether the run was resumed; the
+drop-path and mixup/CutMix (supervised stages) do not depend on whether the run was resumed; the
 data order is a function of (seed, epoch), and a resumed run skips the batches of the interrupted
 epoch it already consumed.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .training import CheckpointManager, JsonlLog, StopFlag, TrainConfig, atomic_write_text, lr_at
+from .mixup import AudioVisualMixup
+from .training import CheckpointManager, JsonlLog, StopFlag, TrainConfig, atomic_write_text, lr_at, mixing
 
 SUPERVISED = ("postpretrain", "finetune")
 
@@ -59,6 +60,7 @@ class Trainer:
         self.log = JsonlLog(self.out / "log.jsonl" if self.rank == 0 else None)
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
         self.stop = StopFlag()
+        self.mixup = self.build_mixup()
 
     # --- setup ----------------------------------------------------------------------------------------
 
@@ -83,6 +85,15 @@ class Trainer:
             model = build_model(cfg.size, task, **kwargs, **overrides)
         self.model_config = model.cfg
         return model
+
+    def build_mixup(self) -> AudioVisualMixup | None:
+        """Mixup/CutMix of supervised classification steps; None when the stage does not mix."""
+        cfg = self.cfg
+        if cfg.stage not in SUPERVISED or cfg.regression or not mixing(cfg):
+            return None
+        return AudioVisualMixup(cfg.num_outputs, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                                switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
+                                mix_audio=cfg.mixup_audio)
 
     def load_init_checkpoint(self, model: torch.nn.Module) -> None:
         path = self.cfg.init_checkpoint
@@ -244,14 +255,14 @@ class Trainer:
         # one seed per (step, micro-step, rank): identical randomness whether or not the run resumed
         torch.manual_seed(((self.cfg.seed * 1_000_003 + step) * 64 + micro) * 4096 + self.rank)
         engine = self.engine
-        video, audio = self.inputs(batch)
         if self.cfg.stage == "pretrain":
-            out = engine(video, audio)
+            out = engine(*self.inputs(batch))
             loss = out["loss"]
             terms = {k: float(v.detach()) for k, v in out.items() if k.startswith("loss")}
         else:
+            video, audio, target = self.training_inputs(batch)
             logits = engine(video, audio)
-            loss = engine.module.compute_loss(logits, batch["label"].to(self.device))
+            loss = engine.module.compute_loss(logits, target)
             terms = {"loss": float(loss.detach())}
         engine.backward(loss)
         engine.step()
@@ -264,6 +275,20 @@ class Trainer:
         video = batch["video"].to(self.device, dtype)
         audio = None if self.cfg.video_only else batch["audio"].to(self.device, dtype)
         return video, audio
+
+    def training_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Video, audio and target of a supervised training step: the labels as they come, or, with
+        mixup/CutMix, the mixed clips and their soft targets (label smoothing included). Mixing runs
+        in fp32 before the cast to the engine's dtype; the step's seed drives it."""
+        label = batch["label"].to(self.device)
+        if self.mixup is None:
+            return *self.inputs(batch), label
+        video = batch["video"].to(self.device, torch.float32)
+        audio = None if self.cfg.video_only else batch["audio"].to(self.device, torch.float32)
+        mixed = self.mixup(video, audio, label)
+        dtype = self.engine.get_data_types()[0]
+        audio = None if mixed.audio is None else mixed.audio.to(dtype)
+        return mixed.video.to(dtype), audio, mixed.target
 
     @staticmethod
     def set_lr(optimizer, lr: float) -> None:

@@ -60,6 +60,10 @@ class TrainConfig:
     layer_decay: float | None = None     # fine-tuning: lr * layer_decay ** (depth - layer_id)
     drop_path: float = 0.0
     label_smoothing: float = 0.0
+    mixup: float = 0.0                   # mixup Beta(α, α) of the supervised stages; 0 = off
+    cutmix: float = 0.0                  # CutMix Beta(α, α); 0 = off
+    mixup_switch_prob: float = 0.5       # chance of CutMix instead of mixup when both are on
+    mixup_audio: bool = True             # mix the audio with the same pairs and λ (reference code: video only)
     activation_checkpointing: bool = False
     mask: MaskConfig = field(default_factory=MaskConfig)
     init_checkpoint: str | None = None
@@ -155,12 +159,41 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
         _fail("layer_decay", f"must lie in (0, 1], got {cfg.layer_decay}")
     if not 0 <= cfg.drop_path < 1:
         _fail("drop_path", f"must lie in [0, 1), got {cfg.drop_path}")
+    _validate_mixing(cfg)
     if cfg.data_device not in ("auto", "gpu", "cpu"):
         _fail("data_device", f"expected 'auto', 'gpu' or 'cpu', got {cfg.data_device!r}")
     for key in dataclasses.fields(MaskConfig):
         value = getattr(cfg.mask, key.name)
         if not 0 < value < 1:
             _fail(f"mask.{key.name}", f"must lie in (0, 1), got {value}")
+
+
+def mixing(cfg: TrainConfig) -> bool:
+    """Whether supervised training steps mix batches (mixup and/or CutMix)."""
+    return cfg.mixup > 0 or cfg.cutmix > 0
+
+
+def _validate_mixing(cfg: TrainConfig) -> None:
+    numbers = {"mixup": cfg.mixup, "cutmix": cfg.cutmix, "mixup_switch_prob": cfg.mixup_switch_prob,
+               "label_smoothing": cfg.label_smoothing}
+    for key, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            _fail(key, f"must be a number, got {value!r}")
+    for key in ("mixup", "cutmix"):
+        if getattr(cfg, key) < 0:
+            _fail(key, f"must be >= 0 (a Beta(α, α) parameter; 0 = off), got {getattr(cfg, key)}")
+    if not isinstance(cfg.mixup_audio, bool):
+        _fail("mixup_audio", f"must be true or false, got {cfg.mixup_audio!r}")
+    if not 0 <= cfg.mixup_switch_prob <= 1:
+        _fail("mixup_switch_prob", f"must lie in [0, 1], got {cfg.mixup_switch_prob}")
+    if not 0 <= cfg.label_smoothing < 1:
+        _fail("label_smoothing", f"must lie in [0, 1), got {cfg.label_smoothing}")
+    if mixing(cfg):
+        key = "mixup" if cfg.mixup > 0 else "cutmix"
+        if cfg.stage == "pretrain":
+            _fail(key, "mixup/cutmix apply to the supervised stages (postpretrain, finetune), not pre-training")
+        if cfg.regression:
+            _fail(key, "mixup/cutmix need class labels; regression stages never mix (set mixup and cutmix to 0)")
 
 
 def apply_overrides(section: dict, overrides: list[str]) -> dict:
@@ -210,6 +243,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     for key in DS_REQUIRED:
         if key not in raw:
             raise ConfigError(f"config key {key}: DeepSpeed needs it (micro-batch per GPU/process)")
+    micro = raw["train_micro_batch_size_per_gpu"]
+    if mixing(cfg) and isinstance(micro, int) and micro % 2:
+        raise ConfigError(f"config key train_micro_batch_size_per_gpu: mixup/cutmix pair each clip with the "
+                          f"flipped batch and need an even micro-batch, got {micro}")
     base = path.parent.resolve()
     cfg = dataclasses.replace(
         cfg,

@@ -35,8 +35,17 @@ def test_soft_targets_and_batch_size_one(classifier):
     video, audio = inputs(B=1)
     classifier.train()
     logits = classifier(video, audio)
-    soft = torch.full((1, 7), 1 / 7)
-    assert torch.isfinite(classifier.compute_loss(logits, soft))
+    assert logits.shape == (1, 7)
+    # soft targets (mixup) carry their own smoothing: used as given, not smoothed by the model's 0.1
+    # (random logits: the fresh head's are nearly uniform, where extra smoothing changes nothing)
+    logits = logits + torch.randn(1, 7, generator=torch.Generator().manual_seed(0))
+    soft = torch.tensor([[0.6, 0.3, 0.1, 0.0, 0.0, 0.0, 0.0]])
+    expected = -(soft * logits.detach().log_softmax(-1)).sum()
+    loss = classifier.compute_loss(logits, soft)
+    torch.testing.assert_close(loss.detach(), expected)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="target: soft targets need the logits' shape"):
+        classifier.compute_loss(logits, torch.full((1, 6), 1 / 6))
 
 
 def test_classifier_depends_on_both_modalities(classifier):

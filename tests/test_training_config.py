@@ -46,6 +46,87 @@ def test_bad_configs_name_the_key(tmp_path, section, message):
         load_config(write_config(tmp_path, **section))
 
 
+FINETUNE = {"stage": "finetune", "num_outputs": 4}
+
+
+@pytest.mark.parametrize("section, message", [
+    ({**FINETUNE, "mixup": -0.5}, "avfmae.mixup: must be >= 0"),
+    ({**FINETUNE, "cutmix": "strong"}, "avfmae.cutmix: must be a number"),
+    ({**FINETUNE, "mixup": True}, "avfmae.mixup: must be a number"),
+    ({**FINETUNE, "mixup_switch_prob": 1.5}, "avfmae.mixup_switch_prob: must lie in \\[0, 1\\]"),
+    ({**FINETUNE, "mixup_audio": "yes"}, "avfmae.mixup_audio: must be true or false"),
+    ({**FINETUNE, "label_smoothing": 1.0}, "avfmae.label_smoothing: must lie in \\[0, 1\\)"),
+    ({"mixup": 0.8}, "avfmae.mixup: mixup/cutmix apply to the supervised stages"),
+    ({"cutmix": 1.0}, "avfmae.cutmix: mixup/cutmix apply to the supervised stages"),
+    ({**FINETUNE, "regression": True, "cutmix": 1.0}, "avfmae.cutmix: .*regression stages never mix"),
+])
+def test_bad_mixup_keys_name_the_key(tmp_path, section, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, **section))
+
+
+def test_mixup_keys_default_off_and_need_an_even_micro_batch(tmp_path):
+    _, cfg = load_config(write_config(tmp_path, **FINETUNE))
+    assert (cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob) == (0.0, 0.0, 0.5)
+    _, cfg = load_config(write_config(tmp_path, **FINETUNE, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.25))
+    assert (cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob) == (0.8, 1.0, 0.25)
+    path = write_config(tmp_path, **FINETUNE, cutmix=1.0)
+    raw = json.loads(path.read_text())
+    raw["train_micro_batch_size_per_gpu"] = 3
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu: .*even micro-batch, got 3"):
+        load_config(path)
+    load_config(path, ["cutmix=0"])  # odd batches are fine without mixing
+
+
+def _load_shipped(name: str, root: Path) -> tuple[dict, object]:
+    """Load ds_configs/<name> from a copy under ``root`` with empty files where its paths point."""
+    raw = json.loads((ROOT / "ds_configs" / name).read_text())
+    path = root / "ds_configs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(raw))
+    for key in ("train_manifest", "val_manifest", "init_checkpoint"):
+        if raw["avfmae"].get(key):
+            target = path.parent / raw["avfmae"][key]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+    return load_config(path)
+
+
+SHIPPED = sorted(p.name for p in (ROOT / "ds_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_loads(tmp_path, name):
+    ds, cfg = _load_shipped(name, tmp_path)
+    assert "avfmae" not in ds and ds["train_micro_batch_size_per_gpu"] >= 1
+    assert name.startswith(cfg.size)
+    assert Path(cfg.output_dir).resolve().parent == (tmp_path / "runs").resolve()  # the repo's runs/
+
+
+@pytest.mark.parametrize("size", ["base", "large", "huge"])
+def test_psi_stage_configs_chain_and_follow_the_fine_tuning_recipe(tmp_path, size):
+    configs = {stage: _load_shipped(name, tmp_path) for stage, name in
+               [("pretrain", f"{size}.json"), ("postpretrain", f"{size}_postpretrain.json"),
+                ("finetune", f"{size}_finetune.json")]}
+    for earlier, later in [("pretrain", "postpretrain"), ("postpretrain", "finetune")]:
+        assert configs[later][1].stage == later and configs[later][1].size == size
+        previous_export = Path(configs[earlier][1].output_dir).resolve() / "model_fp32.pt"
+        assert Path(configs[later][1].init_checkpoint).resolve() == previous_export
+    pre_ds = configs["pretrain"][0]
+    for stage in ("postpretrain", "finetune"):
+        ds, cfg = configs[stage]
+        assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
+        assert ds["train_micro_batch_size_per_gpu"] % 2 == 0
+        assert ds["gradient_clipping"] == pre_ds["gradient_clipping"]
+        assert cfg.betas == (0.9, 0.999) and cfg.layer_decay == 0.75 and cfg.drop_path == 0.1
+        assert (cfg.label_smoothing, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob) == (0.1, 0.8, 1.0, 0.5)
+        assert (cfg.lr, cfg.lr_batch, cfg.warmup_epochs) == (1e-3, 256, 5)
+        assert cfg.activation_checkpointing == configs["pretrain"][1].activation_checkpointing
+    assert configs["finetune"][1].num_outputs == 7 and configs["finetune"][1].epochs == 100
+    assert configs["postpretrain"][1].epochs < configs["finetune"][1].epochs
+
+
 def test_missing_section_and_deepspeed_key(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2}))
