@@ -258,7 +258,9 @@ class Trainer:
         if self.cfg.stage == "pretrain":
             out = engine(*self.inputs(batch))
             loss = out["loss"]
-            terms = {k: float(v.detach()) for k, v in out.items() if k.startswith("loss")}
+            names = [k for k in out if k.startswith("loss")]
+            values = torch.stack([out[k].detach().float() for k in names]).tolist()  # one device sync
+            terms = dict(zip(names, values, strict=True))
         else:
             video, audio, target = self.training_inputs(batch)
             logits = engine(video, audio)
@@ -384,8 +386,8 @@ class Trainer:
             tag = self.save(state, reason="best")
             self.export(tag, self.out / "best_fp32.pt")
             if _is_rank0():
-                atomic_write_text(self.out / "metrics.json",
-                                  json.dumps({"best": scores, "step": state["step"], "epoch": state["epoch"]}, indent=2))
+                best = {"best": scores, "step": state["step"], "epoch": state["epoch"]}
+                atomic_write_text(self.out / "metrics.json", json.dumps(best, indent=2))
 
     # --- pictures -------------------------------------------------------------------------------------
 
