@@ -84,8 +84,8 @@ def test_load_pretrained_encoders_from_pretraining_checkpoint():
     wrapped = {"module": {"module." + k: v for k, v in pre.state_dict().items()}}
     missing, unexpected = ft.load_pretrained_encoders(wrapped)
     assert unexpected == []
-    assert set(missing) == {"video_layer_weights.weight", "audio_layer_weights.weight", "fc_norm.weight", "fc_norm.bias",
-                            "head.weight", "head.bias"}
+    assert set(missing) == {"video_layer_weights.weight", "audio_layer_weights.weight", "fc_norm.weight",
+                            "fc_norm.bias", "head.weight", "head.bias"}
     own = ft.state_dict()
     for k, v in pre.state_dict().items():
         if k.startswith(("video_encoder.", "audio_encoder.", "fusion.")):

@@ -37,7 +37,8 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def config(dataset: Path, out: Path, stage: str = "pretrain", ds: dict | None = None, **avfmae) -> Path:
-    base = json.loads((ROOT / "ds_configs" / ("tiny.json" if stage == "pretrain" else "tiny_finetune.json")).read_text())
+    name = "tiny.json" if stage == "pretrain" else "tiny_finetune.json"
+    base = json.loads((ROOT / "ds_configs" / name).read_text())
     base["train_micro_batch_size_per_gpu"] = 2
     base["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     base.update(ds or {})
