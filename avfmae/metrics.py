@@ -89,3 +89,22 @@ def pcc(y_true: Any, y_pred: Any) -> float | np.ndarray:
     denom = np.sqrt(np.sum(tc ** 2, axis=0) * np.sum(pc ** 2, axis=0))
     r = np.divide(np.sum(tc * pc, axis=0), denom, out=np.full(np.shape(denom), np.nan), where=denom > 0)
     return float(r) if t.ndim == 1 else r
+
+
+def evaluation_scores(y_true: Any, outputs: Any, regression: bool = False) -> tuple[dict[str, float], str]:
+    """The scores a training run logs each epoch, and the name of the one that picks the best checkpoint.
+
+    Classification: outputs are scores [N, classes], y_true class indices [N] -> UAR, WAR, weighted F1
+    (best by WAR). Regression: outputs and y_true [N] or [N, D] -> PCC (mean over the D targets, and
+    each target's PCC as ``pcc_<d>`` when D > 1; best by PCC).
+    """
+    if regression:
+        t = _as_array(y_true, "y_true").astype(np.float64)
+        p = _as_array(outputs, "outputs").astype(np.float64).reshape(t.shape)
+        per_target = np.atleast_1d(pcc(t, p))
+        scores = {"pcc": float(np.mean(per_target))}
+        if per_target.size > 1:
+            scores.update({f"pcc_{d}": float(r) for d, r in enumerate(per_target)})
+        return scores, "pcc"
+    return {"uar": uar(y_true, outputs), "war": war(y_true, outputs),
+            "wa_f1": weighted_f1(y_true, outputs)}, "war"

@@ -369,15 +369,8 @@ class Trainer:
         from . import metrics
 
         outputs, labels = self.predict(loader)
-        if self.cfg.regression:
-            scores = {"pcc": metrics.pcc(outputs.squeeze(-1), labels.squeeze(-1))}
-            key = "pcc"
-        else:
-            pred, target = outputs.argmax(-1), labels.long().view(-1)
-            scores = {"uar": metrics.uar(pred, target), "war": metrics.war(pred, target),
-                      "wa_f1": metrics.weighted_f1(pred, target)}
-            key = "war"
-        scores = {k: float(v) for k, v in scores.items()}
+        scores, key = metrics.evaluation_scores(labels if self.cfg.regression else labels.long(), outputs,
+                                                self.cfg.regression)
         self.log.write(event="eval", step=state["step"], epoch=state["epoch"], samples=len(labels), **scores)
         if _is_rank0():
             print(f"eval epoch {state['epoch']}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))

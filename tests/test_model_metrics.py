@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from avfmae.metrics import pcc, uar, unweighted_f1, war, weighted_f1
+from avfmae.metrics import evaluation_scores, pcc, uar, unweighted_f1, war, weighted_f1
 
 Y_TRUE = [0, 0, 0, 1, 1, 2]
 Y_PRED = [0, 0, 1, 1, 2, 2]
@@ -53,3 +53,23 @@ def test_bad_inputs():
         uar([], [])
     with pytest.raises(ValueError, match="share a shape"):
         pcc([1, 2], [[1], [2]])
+
+
+def test_evaluation_scores_take_targets_first():
+    # 3 of class 0 (all right), 1 of class 1 (predicted 0): UAR 0.5, WAR 0.75; with targets and
+    # predictions swapped UAR would be (3/4 + 0) / 2 = 0.375
+    y_true = [0, 0, 0, 1]
+    outputs = torch.tensor([[2.0, 0.0], [1.0, 0.0], [3.0, 1.0], [0.5, 0.1]])
+    scores, key = evaluation_scores(torch.tensor(y_true), outputs)
+    assert key == "war"
+    assert scores["uar"] == pytest.approx(0.5) and scores["war"] == pytest.approx(0.75)
+    assert scores["wa_f1"] == pytest.approx(0.75 * (2 * 3 / (3 + 4)))  # F1 of class 0 = 6/7, class 1 = 0
+
+
+def test_evaluation_scores_regression_averages_targets():
+    t = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]])
+    scores, key = evaluation_scores(t, torch.stack([t[:, 0], -t[:, 1]], dim=1), regression=True)
+    assert key == "pcc" and scores["pcc_0"] == pytest.approx(1.0) and scores["pcc_1"] == pytest.approx(-1.0)
+    assert scores["pcc"] == pytest.approx(0.0)
+    single, _ = evaluation_scores(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([[1.0], [2.0], [4.0]]), True)
+    assert single == {"pcc": pytest.approx(1.0)}
