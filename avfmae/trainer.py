@@ -101,17 +101,25 @@ class Trainer:
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
         params = list(model.parameters())
-        # under ZeRO-3 parameters are partitioned: gather them, let rank 0 write, re-partition
-        with self.deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            if self.rank == 0:
+        # under ZeRO-3 parameters are partitioned: gather them, let rank 0 write, re-partition; otherwise
+        # every rank holds a full copy and loads it itself
+        zero3 = _zero_stage(self.ds_config) == 3
+        with self.deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3):
+            if self.rank == 0 or not zero3:
                 missing, unexpected = model.load_pretrained_encoders(state)
-                report = {"init_checkpoint": path, "missing": missing, "unexpected": unexpected}
-                print(f"init checkpoint {path}: {len(missing)} missing keys, {len(unexpected)} unexpected keys")
-                if missing:
-                    print("  missing (initialised fresh):", ", ".join(missing[:12]), "..." if len(missing) > 12 else "")
-                if unexpected:
-                    print("  unexpected (ignored):", ", ".join(unexpected[:12]), "..." if len(unexpected) > 12 else "")
-                self.log.write(event="init_checkpoint", **report)
+            if self.rank == 0:
+                self.report_init_checkpoint(path, missing, unexpected)
+
+    def report_init_checkpoint(self, path: str, missing: list[str], unexpected: list[str]) -> None:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:12]) + (", ..." if len(keys) > 12 else "")
+
+        print(f"init checkpoint {path}: {len(missing)} missing keys, {len(unexpected)} unexpected keys")
+        if missing:
+            print(f"  missing (initialised fresh): {some(missing)}")
+        if unexpected:
+            print(f"  unexpected (ignored): {some(unexpected)}")
+        self.log.write(event="init_checkpoint", init_checkpoint=path, missing=missing, unexpected=unexpected)
 
     def build_optimizer(self, model: torch.nn.Module, global_batch: int) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -210,8 +218,8 @@ class Trainer:
                 continue
             if state["step"] >= total:
                 break  # max_steps reached mid-epoch
-            self.set_lr(self.optimizer, lr_at(state["step"], total, self.schedule["warmup"], self.peak_lr,
-                                              self.cfg.min_lr))
+            self.lr = lr_at(state["step"], total, self.schedule["warmup"], self.peak_lr, self.cfg.min_lr)
+            self.set_lr(self.optimizer, self.lr)
             terms = self.train_micro_step(batch, state["step"], i % self.accum)
             samples += batch["video"].shape[0] * self.world
             if (i + 1) % self.accum:
@@ -232,7 +240,7 @@ class Trainer:
         return False
 
     def report_step(self, state: dict, terms: dict[str, float], rate: float, total: int) -> None:
-        lr = self.optimizer.param_groups[-1]["lr"]
+        lr = self.lr  # the schedule's value; parameter groups scale it by their layer-decay lr_scale
         if state["step"] % self.cfg.log_every_steps == 0 or state["step"] == total:
             self.log.write(event="train", step=state["step"], lr=lr, samples_per_s=round(rate, 2), **terms)
         if self.progress is not None:
