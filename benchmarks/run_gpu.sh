@@ -8,7 +8,7 @@
 # .venv, or install from a wheel folder with PIP_NO_INDEX=1 PIP_FIND_LINKS=/path/to/wheels):
 #   scripts/setup_env.sh dev,bench,data   # CUDA torch, triton, pytest(-benchmark), matplotlib, DALI, PyAV
 #   .venv/bin/pip install -e '.[peers]'   # optional: xformers and flash-attn, the attention peers
-#   .venv/bin/pip install timm            # optional, with HiCMAE: its code imports timm (needs torchvision)
+#   .venv/bin/pip install -e '.[hicmae]'  # optional, with HiCMAE: its code imports timm (needs torchvision)
 #   git clone https://github.com/sunlicai/HiCMAE /somewhere/HiCMAE   # optional: then HICMAE_PATH=...
 #
 # Environment (all optional):
