@@ -17,7 +17,17 @@ import torch
 import torch.distributed as dist
 
 from .mixup import AudioVisualMixup
-from .training import CheckpointManager, JsonlLog, StopFlag, TrainConfig, atomic_write_text, lr_at, mixing
+from .training import (
+    CheckpointManager,
+    JsonlLog,
+    StopFlag,
+    TrainConfig,
+    atomic_write_text,
+    average_views,
+    eval_views,
+    lr_at,
+    mixing,
+)
 
 SUPERVISED = ("postpretrain", "finetune")
 
@@ -61,6 +71,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
         self.stop = StopFlag()
         self.mixup = self.build_mixup()
+        self._val_loaders = None  # one per test view, built at the first evaluation
 
     # --- setup ----------------------------------------------------------------------------------------
 
@@ -132,7 +143,8 @@ class Trainer:
         return torch.optim.AdamW(groups, **kwargs)
 
     def build_loaders(self, start_epoch: int):
-        """Train and validation loaders for this rank; the train loader's first pass is ``start_epoch``."""
+        """The train loader for this rank (its first pass is ``start_epoch``); keeps the arguments the
+        validation loaders share with it (:meth:`val_loaders`)."""
         from dali_pipelines import ClipSpec, build_loader
 
         cfg, mc = self.cfg, self.model_config
@@ -142,9 +154,18 @@ class Trainer:
         common = dict(batch_size=self.ds_config["train_micro_batch_size_per_gpu"], device=device,
                       num_threads=cfg.data_threads, seed=cfg.seed, shard_id=self.rank, num_shards=self.world,
                       spec=spec, device_id=self.device.index if self.cuda else None)
-        train = build_loader(cfg.train_manifest, train=True, start_epoch=start_epoch, **common)
-        val = build_loader(cfg.val_manifest, train=False, **common) if cfg.val_manifest else None
-        return train, val
+        self._loader_args = common
+        return build_loader(cfg.train_manifest, train=True, start_epoch=start_epoch, **common)
+
+    def val_loaders(self) -> list:
+        """One validation loader per test view (``test_clips`` x ``test_crops``), built once, on first use:
+        a DALI pipeline cannot restart an epoch, so each view keeps its own and runs whole epochs."""
+        if self._val_loaders is None:
+            from dali_pipelines import build_loader
+
+            self._val_loaders = [build_loader(self.cfg.val_manifest, train=False, view=view, **self._loader_args)
+                                 for view in eval_views(self.cfg)]
+        return self._val_loaders
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -155,7 +176,7 @@ class Trainer:
         if self.resume:
             state = self.load_latest(state)
         micro = self.ds_config["train_micro_batch_size_per_gpu"]
-        train_loader, val_loader = self.build_loaders(start_epoch=state["step"] // self.steps_per_epoch_of(micro))
+        train_loader = self.build_loaders(start_epoch=state["step"] // self.steps_per_epoch_of(micro))
         steps_per_epoch, total = self.plan(len(train_loader))
         self.progress = self.progress_bar(total, state["step"])
         stopped = False
@@ -163,8 +184,8 @@ class Trainer:
             stopped = self.train_epoch(train_loader, state, steps_per_epoch, total)
             state["epoch"] = state["step"] // steps_per_epoch
             due = state["epoch"] % self.cfg.eval_every_epochs == 0 or state["step"] >= total
-            if val_loader is not None and not stopped and due:
-                self.evaluate_and_keep_best(val_loader, state)
+            if self.cfg.val_manifest and not stopped and due:
+                self.evaluate_and_keep_best(self.val_loaders(), state)
         if self.progress is not None:
             self.progress.close()
         if not stopped:
@@ -354,9 +375,9 @@ class Trainer:
     # --- evaluation -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
-        """Outputs and labels of one pass of ``loader``, gathered from every rank, padding removed,
-        in manifest order."""
+    def predict(self, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(manifest rows, outputs, labels) of one pass of ``loader``, gathered from every rank, padding
+        removed, in manifest order."""
         self.engine.eval()
         indices, outputs, labels = [], [], []
         for batch in loader:
@@ -371,15 +392,22 @@ class Trainer:
         index, out, lab = index[keep], out[keep], lab[keep]
         order = torch.argsort(index, stable=True)
         self.engine.train()
-        return out[order], lab[order]
+        return index[order], out[order], lab[order]
 
-    def evaluate_and_keep_best(self, loader, state: dict) -> None:
+    def evaluate_and_keep_best(self, loaders: list, state: dict) -> None:
+        """Scores of the validation set, one pass per test view; a clip's prediction averages its views
+        (softmax probabilities, or regression outputs: :func:`average_views`)."""
         from . import metrics
 
-        outputs, labels = self.predict(loader)
+        views = [self.predict(loader) for loader in loaders]  # manifest order, no padding
+        index, _, labels = views[0]
+        if any(not torch.equal(idx, index) for idx, _, _ in views[1:]):
+            raise RuntimeError("validation views hold different manifest rows; cannot average them per clip")
+        outputs = average_views([out for _, out, _ in views], self.cfg.regression)
         scores, key = metrics.evaluation_scores(labels if self.cfg.regression else labels.long(), outputs,
                                                 self.cfg.regression)
-        self.log.write(event="eval", step=state["step"], epoch=state["epoch"], samples=len(labels), **scores)
+        self.log.write(event="eval", step=state["step"], epoch=state["epoch"], samples=len(labels),
+                       views=len(views), **scores)
         if _is_rank0():
             print(f"eval epoch {state['epoch']}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
         if state["best_metric"] is None or scores[key] > state["best_metric"]:

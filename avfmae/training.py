@@ -8,6 +8,7 @@
   ``latest`` (write a temporary file, fsync, ``os.replace``); older tags are pruned afterwards.
 - ``StopFlag``: SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly.
 - ``JsonlLog``: one JSON object per line, appended and flushed (rank 0).
+- ``eval_views`` / ``average_views``: multi-view evaluation (``test_clips`` x ``test_crops``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every_steps: int = 10
     eval_every_epochs: int = 1
+    test_clips: int = 1                  # evaluation: temporal windows per clip (reference recipe: 2)
+    test_crops: int = 1                  # evaluation: spatial crops per window (reference recipe: 2)
     data_threads: int = 2
     data_device: str = "auto"            # "gpu" | "cpu" | "auto" (gpu when CUDA is available)
     num_frames: int | None = None        # input geometry overrides (None: the model config's)
@@ -147,6 +150,10 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
     for key, value in positive.items():
         if not (isinstance(value, (int, float)) and value > 0):
             _fail(key, f"must be a positive number, got {value!r}")
+    for key in ("test_clips", "test_crops"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(key, f"must be a positive integer, got {value!r}")
     for key in ("max_steps", "stop_at_step"):
         value = getattr(cfg, key)
         if value is not None and not (isinstance(value, int) and value >= 1):
@@ -194,6 +201,33 @@ def _validate_mixing(cfg: TrainConfig) -> None:
             _fail(key, "mixup/cutmix apply to the supervised stages (postpretrain, finetune), not pre-training")
         if cfg.regression:
             _fail(key, "mixup/cutmix need class labels; regression stages never mix (set mixup and cutmix to 0)")
+
+
+def eval_views(cfg: TrainConfig) -> list[tuple[int, int, int, int] | None]:
+    """The evaluation views, (clip_index, num_clips, crop_index, num_crops) for every (clip, crop) pair;
+    ``[None]`` (the loader's default centred window and centre crop) for 1 x 1."""
+    if (cfg.test_clips, cfg.test_crops) == (1, 1):
+        return [None]
+    return [(c, cfg.test_clips, k, cfg.test_crops) for c in range(cfg.test_clips) for k in range(cfg.test_crops)]
+
+
+def average_views(outputs: list[Any], regression: bool) -> Any:
+    """One prediction per clip from its views' outputs (each [N, ...] in the same clip order).
+
+    Classification: the mean of the per-view softmax probabilities (VideoMAE/HiCMAE's test merge);
+    regression: the mean of the outputs. A single view comes back unchanged (logits), which leaves
+    arg-max metrics as they were without views.
+    """
+    import torch
+
+    if not outputs:
+        raise ValueError("outputs must hold at least one view")
+    if len({tuple(o.shape) for o in outputs}) != 1:
+        raise ValueError(f"outputs: every view must give the same shape, got {[tuple(o.shape) for o in outputs]}")
+    if len(outputs) == 1:
+        return outputs[0]
+    stacked = torch.stack([o.float() for o in outputs])
+    return stacked.mean(0) if regression else stacked.softmax(-1).mean(0)
 
 
 def apply_overrides(section: dict, overrides: list[str]) -> dict:

@@ -31,6 +31,7 @@ from .source import (
     CPU_VIDEO_CODECS,
     GPU_VIDEO_CODECS,
     PAD_INDEX,
+    EvalView,
     UnsupportedCodecError,
     VideoInfo,
     probe_video,
@@ -43,5 +44,5 @@ __all__ = [
     "AUDIO_MEAN", "AUDIO_STD", "HICMAE_FBANK_MEAN", "HICMAE_FBANK_STD", "IMAGENET_MEAN", "IMAGENET_STD",
     "denormalize_video", "normalize_fbank", "kaldi_fbank", "kaldi_mel_banks", "kaldi_window",
     "UnsupportedCodecError", "VideoInfo", "probe_video", "sample_frame_indices", "PAD_INDEX",
-    "CPU_VIDEO_CODECS", "GPU_VIDEO_CODECS",
+    "CPU_VIDEO_CODECS", "GPU_VIDEO_CODECS", "EvalView",
 ]

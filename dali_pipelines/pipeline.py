@@ -3,8 +3,8 @@
 Graph, per batch (``device="gpu"``: decoding on NVDEC, everything after it on the GPU; ``"cpu"``: all
 on CPU threads)::
 
-    ClipSource ─ video bytes ─ decoders.video(frames=indices) ─ slice(crop window) + resize | resize+centre
-               │                                    crop ─ crop_mirror_normalize(mirror=flip) → [3, T, S, S]
+    ClipSource ─ video bytes ─ decoders.video(frames=indices) ─ slice(crop window) + resize | resize+
+               │             square crop(crop position) ─ crop_mirror_normalize(mirror=flip) → [3, T, S, S]
                ├ audio bytes ─ decoders.audio(16 kHz mono) ─ − mean ─ preemphasis ─ spectrogram
                │             ─ mel_filter_bank ─ to_decibels(ln) ─ crop(position)/pad time ─ normalise
                │                                                                      → [1, 256, 128]
@@ -12,7 +12,8 @@ on CPU threads)::
 
 Every random choice (frames, crop window, flip, audio position) comes from the source, drawn per
 ``(seed, epoch, manifest row)`` (:func:`dali_pipelines.source.sample_clip`), and reaches the operators
-as CPU argument inputs; the graph itself has no random operator.
+as CPU argument inputs; the graph itself has no random operator. So do evaluation's choices: the
+frames and the crop position of the test view (:class:`dali_pipelines.source.EvalView`).
 
 Audio features follow HiCMAE's Kaldi fbank (see :mod:`dali_pipelines.fbank`) as far as DALI's operators
 allow: a symmetric Hann window (Kaldi "hanning"), 512-point FFT, frames only where they fit (Kaldi
@@ -41,7 +42,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from .fbank import LOG_FLOOR, kaldi_window
 from .manifest import Manifest, read_manifest
-from .source import ClipSource
+from .source import CENTRE_VIEW, ClipSource, EvalView
 
 # AudioMAE's AudioSet fbank statistics, which HiCMAE reuses; both normalise as (x - mean) / (2 * std).
 HICMAE_FBANK_MEAN = -4.2677393
@@ -105,9 +106,10 @@ class ClipSpec:
         return self.sample_rate * 10 // 1000
 
 
-def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, flip=None):
+def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, flip=None, crop_position=0.5):
     """Decode, then crop window ``crop`` = ((top, left), (h, w)) resized to S x S and mirrored by ``flip``
-    (training), or resize + centre crop (evaluation, ``crop`` None)."""
+    (training), or (evaluation, ``crop`` None) resize of the shorter side to S and the S x S crop at
+    ``crop_position`` along the longer side (a fraction of the pixels left over; 0.5 = centre)."""
     frames = fn.decoders.video(
         encoded, device="mixed" if device == "gpu" else "cpu", frames=frame_idx, pad_mode="edge"
     )  # [T, H, W, 3] uint8
@@ -123,8 +125,10 @@ def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, fli
             frames, mirror=flip, mean=mean, std=std, dtype=types.FLOAT, output_layout="CFHW"
         )
     frames = fn.resize(frames, resize_shorter=size, antialias=True)
+    # the same fraction on both axes: the shorter side has no pixels left over, so only the longer moves
     return fn.crop_mirror_normalize(
-        frames, crop=(size, size), mean=mean, std=std, dtype=types.FLOAT, output_layout="CFHW"
+        frames, crop=(size, size), crop_pos_x=crop_position, crop_pos_y=crop_position, mean=mean, std=std,
+        dtype=types.FLOAT, output_layout="CFHW",
     )  # [3, T, S, S]
 
 
@@ -160,6 +164,16 @@ def _audio_graph(encoded, spec: ClipSpec, device: str, position=0.5):
 
 def _label_type(manifest: Manifest) -> types.DALIDataType:
     return types.FLOAT if manifest.task == "regression" else types.INT64
+
+
+def _check_view(view, train: bool) -> EvalView:
+    """The test view as an :class:`EvalView` (default: centred window, centre crop); evaluation only."""
+    if view is None:
+        return CENTRE_VIEW
+    if train:
+        raise ValueError(f"view={view!r} applies to evaluation (train=False); training samples its own "
+                         "windows and crops")
+    return EvalView.of(view)
 
 
 def _check_args(batch_size, device, num_threads, shard_id, num_shards, seed, start_epoch) -> None:
@@ -198,6 +212,7 @@ def build_pipeline(
     device_id: int | None = None,
     start_epoch: int = 0,
     prefetch_queue_depth: int = 2,
+    view: EvalView | tuple[int, int, int, int] | None = None,
 ) -> tuple[Pipeline, ClipSource]:
     """Build (not yet started) the DALI pipeline for one rank and the external source that feeds it.
 
@@ -217,6 +232,9 @@ def build_pipeline(
             audio windows are exactly those an uninterrupted run sees in that epoch (each a function of
             seed, epoch and manifest row only, whatever the sharding, batch size or threads).
         prefetch_queue_depth: batches DALI prepares ahead.
+        view: evaluation only: the test view (:class:`EvalView` or (clip_index, num_clips, crop_index,
+            num_crops)) — which of ``num_clips`` evenly spaced temporal windows and ``num_crops`` crops
+            along the longer side; audio stays the centred window. None: centred window, centre crop.
 
     Returns:
         (pipeline, source): the pipeline's outputs are video float32 [3, T, S, S], audio float32
@@ -224,6 +242,7 @@ def build_pipeline(
         is the number of batches per epoch. Running past the epoch raises StopIteration.
     """
     _check_args(batch_size, device, num_threads, shard_id, num_shards, seed, start_epoch)
+    view = _check_view(view, train)
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
     spec = spec or ClipSpec()
@@ -233,7 +252,7 @@ def build_pipeline(
     if not isinstance(policy, LastBatchPolicy):
         raise TypeError(f"last_batch_policy must be a nvidia.dali LastBatchPolicy, got {policy!r}")
     source = ClipSource(manifest, batch_size, train, device, spec, seed, shard_id, num_shards, policy,
-                        start_epoch)
+                        start_epoch, view)
     if len(source) == 0:
         raise ValueError(
             f"shard {shard_id}/{num_shards} of {manifest.path} ({len(manifest)} clips) yields no batch of "
@@ -248,7 +267,7 @@ def build_pipeline(
         seed=seed % 2**31, prefetch_queue_depth=prefetch_queue_depth,
     )
     def av_pipeline():
-        augment = [types.INT32, types.INT32, types.INT32, types.FLOAT] if train else []
+        augment = [types.INT32, types.INT32, types.INT32, types.FLOAT] if train else [types.FLOAT]
         video_bytes, audio_bytes, frame_idx, *choices, label, index = fn.external_source(
             source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
             dtype=[types.UINT8, types.UINT8, types.INT32, *augment, _label_type(manifest), types.INT64],
@@ -258,7 +277,8 @@ def build_pipeline(
             video = _video_graph(video_bytes, frame_idx, spec, device, (crop_start, crop_shape), flip)
             audio = _audio_graph(audio_bytes, spec, device, position)
         else:
-            video = _video_graph(video_bytes, frame_idx, spec, device)
+            (crop_position,) = choices
+            video = _video_graph(video_bytes, frame_idx, spec, device, crop_position=crop_position)
             audio = _audio_graph(audio_bytes, spec, device)
         return video, audio, label, index
 
@@ -304,6 +324,7 @@ def build_loader(
     last_batch_policy: LastBatchPolicy | None = None,
     device_id: int | None = None,
     start_epoch: int = 0,
+    view: EvalView | tuple[int, int, int, int] | None = None,
 ) -> AVLoader:
     """Build the pipeline (:func:`build_pipeline`, same arguments) and wrap it in an :class:`AVLoader`.
 
@@ -314,7 +335,7 @@ def build_loader(
     """
     threads = min(4, os.cpu_count() or 1) if num_threads is None else num_threads
     pipe, source = build_pipeline(manifest, batch_size, train, device, threads, seed, shard_id, num_shards,
-                                  spec, last_batch_policy, device_id, start_epoch)
+                                  spec, last_batch_policy, device_id, start_epoch, view=view)
     return AVLoader(pipe, source)
 
 

@@ -25,7 +25,8 @@ its manifest row — not on the rank, the number of ranks, the batch size, DALI'
 run was resumed at: the temporal window (``num_frames`` frames ``stride`` apart from a random start;
 clips shorter than the span are looped), the random-resized-crop window (it needs the frame size, which
 the container knows), the flip and the audio window position. DALI only applies them. Evaluation uses
-the centred window, a centre crop, no flip and the centred audio window.
+the centred window, a centre crop, no flip and the centred audio window — or, given an
+:class:`EvalView`, one of several temporal windows and spatial crops (multi-view testing, see there).
 """
 
 from __future__ import annotations
@@ -125,19 +126,28 @@ def check_codec(info: VideoInfo, path: str | Path, device: str, manifest: str | 
 
 
 def sample_frame_indices(
-    clip_frames: int, num_frames: int, stride: int, rng: np.random.Generator | None
+    clip_frames: int, num_frames: int, stride: int, rng: np.random.Generator | None,
+    clip_index: int = 0, num_clips: int = 1,
 ) -> np.ndarray:
     """Indices of ``num_frames`` frames ``stride`` apart, looped over short clips: int32 [num_frames].
 
     ``rng`` given: random start (uniform over the starts that fit, or over the whole clip when the
-    span does not fit); ``rng`` None: the window centred in the clip (start 0 when it does not fit).
+    span does not fit); ``rng`` None: window ``clip_index`` of ``num_clips`` evenly spaced ones — one
+    window is the centred one; several start at ``int(clip_index * room / (num_clips - 1))``, ``room``
+    the frames left beyond the span, so the first starts at frame 0 and the last ends at the clip's
+    last frame (VideoMAE/HiCMAE's test ``temporal_start``, counted here in frames rather than in
+    ``stride``-subsampled frames). Start 0 for every window when the span does not fit.
     """
     span = (num_frames - 1) * stride + 1
     room = clip_frames - span
     if rng is not None:
         start = int(rng.integers(0, room + 1)) if room >= 0 else int(rng.integers(0, clip_frames))
+    elif room < 0:
+        start = 0
+    elif num_clips == 1:
+        start = room // 2
     else:
-        start = room // 2 if room >= 0 else 0
+        start = int(clip_index * room / (num_clips - 1))
     return ((start + stride * np.arange(num_frames)) % clip_frames).astype(np.int32)
 
 
@@ -171,15 +181,70 @@ def sample_crop_window(
 
 
 @dataclass(frozen=True)
+class EvalView:
+    """One test view of every clip: temporal window ``clip_index`` of ``num_clips`` and spatial crop
+    ``crop_index`` of ``num_crops`` (VideoMAE/HiCMAE's test protocol, e.g. 2 clips x 2 crops).
+
+    * Temporal: ``num_clips`` windows evenly spaced over the clip's frames (:func:`sample_frame_indices`);
+      one clip is the centred window.
+    * Spatial: after the shorter side is resized to ``frame_size``, ``num_crops`` square crops evenly
+      spaced along the longer side — the crop's offset is the fraction ``crop_index / (num_crops - 1)``
+      of the pixels left over (HiCMAE's ``split_nb * (L - S) / (num_crop - 1)``; DALI turns the
+      fraction into pixels); one crop is the centre crop.
+    * Audio: every view takes the centred audio window. HiCMAE instead cuts the audio to the span of
+      each temporal window; here the audio input is the same for all views of a clip.
+
+    Views are averaged by the caller (softmax scores per view, then the mean; see avfmae.trainer).
+    """
+
+    clip_index: int = 0
+    num_clips: int = 1
+    crop_index: int = 0
+    num_crops: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("clip_index", "num_clips", "crop_index", "num_crops"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"view.{name} must be an int, got {value!r}")
+        for index, count in (("clip_index", "num_clips"), ("crop_index", "num_crops")):
+            n, i = getattr(self, count), getattr(self, index)
+            if n < 1 or not 0 <= i < n:
+                raise ValueError(f"view: need {count} >= 1 and 0 <= {index} < {count}, got {index}={i}, "
+                                 f"{count}={n}")
+
+    @classmethod
+    def of(cls, view: EvalView | tuple[int, int, int, int]) -> EvalView:
+        """An :class:`EvalView` from itself or a tuple (clip_index, num_clips, crop_index, num_crops)."""
+        if isinstance(view, cls):
+            return view
+        if not isinstance(view, (tuple, list)) or len(view) != 4:
+            raise ValueError(f"view must be an EvalView or (clip_index, num_clips, crop_index, num_crops), "
+                             f"got {view!r}")
+        return cls(*view)
+
+    @property
+    def crop_position(self) -> float:
+        """Where the crop sits along the longer side, as a fraction of the pixels left over."""
+        return 0.5 if self.num_crops == 1 else self.crop_index / (self.num_crops - 1)
+
+
+CENTRE_VIEW = EvalView()
+
+
+@dataclass(frozen=True)
 class ClipAugmentation:
     """The choices for one clip in one epoch: frame indices int32 [num_frames]; ``crop`` (top, left, h, w)
-    in pixels, or None for evaluation's resize + centre crop; horizontal ``flip``; ``audio_position``
-    in [0, 1]: where the audio window starts, as a fraction of the frames left over beyond the window."""
+    in pixels, or None for evaluation's resize + square crop; horizontal ``flip``; ``audio_position``
+    in [0, 1]: where the audio window starts, as a fraction of the frames left over beyond the window;
+    ``crop_position`` (evaluation) in [0, 1]: where the square crop sits along the resized frame's
+    longer side, as a fraction of the pixels left over (0.5: centre)."""
 
     frames: np.ndarray
     crop: tuple[int, int, int, int] | None
     flip: bool
     audio_position: float
+    crop_position: float = 0.5
 
 
 def clip_rng(seed: int, epoch: int, row: int) -> np.random.Generator:
@@ -187,11 +252,15 @@ def clip_rng(seed: int, epoch: int, row: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, row])
 
 
-def sample_clip(info: VideoInfo, spec: ClipSpec, rng: np.random.Generator | None) -> ClipAugmentation:
-    """Training choices drawn from ``rng`` (see :func:`clip_rng`), or evaluation's fixed ones when None."""
+def sample_clip(
+    info: VideoInfo, spec: ClipSpec, rng: np.random.Generator | None, view: EvalView = CENTRE_VIEW
+) -> ClipAugmentation:
+    """Training choices drawn from ``rng`` (see :func:`clip_rng`), or evaluation's fixed ones of ``view``
+    when None (default: centred window, centre crop; the audio window is centred in every view)."""
     if rng is None:
-        return ClipAugmentation(sample_frame_indices(info.num_frames, spec.num_frames, spec.frame_stride, None),
-                                None, False, 0.5)
+        frames = sample_frame_indices(info.num_frames, spec.num_frames, spec.frame_stride, None,
+                                      view.clip_index, view.num_clips)
+        return ClipAugmentation(frames, None, False, 0.5, view.crop_position)
     # The frames first, so the temporal windows stay those of the frames-only sampling before.
     frames = sample_frame_indices(info.num_frames, spec.num_frames, spec.frame_stride, rng)
     crop = sample_crop_window(info.height, info.width, spec.crop_area, spec.crop_aspect, rng)
@@ -250,7 +319,8 @@ class ClipSource:
 
     Outputs, each a list with one entry per sample: video bytes (uint8 [n]), audio bytes (uint8 [n]),
     frame indices (int32 [num_frames]); in training also the crop window's (top, left) and (h, w)
-    (int32 [2] each), the flip (int32 []) and the audio window position (float32 []); then label
+    (int32 [2] each), the flip (int32 []) and the audio window position (float32 []), in evaluation
+    the crop position along the longer side (float32 [], see :class:`EvalView`); then label
     (int64 [] class, float32 [L] regression, int64 [] -1 unlabelled) and manifest row (int64 [], -1 for
     padding). Raises StopIteration at the end of an epoch. DALI counts epochs from 0 for every new
     pipeline; ``start_epoch`` is added (resuming training).
@@ -268,6 +338,7 @@ class ClipSource:
         num_shards: int,
         policy: LastBatchPolicy,
         start_epoch: int = 0,
+        view: EvalView = CENTRE_VIEW,
     ) -> None:
         self.manifest = manifest
         self.batch_size = batch_size
@@ -279,6 +350,7 @@ class ClipSource:
         self.num_shards = num_shards
         self.policy = policy
         self.start_epoch = start_epoch
+        self.view = view
         self.labels = manifest.labels()
         self._infos: dict[int, VideoInfo] = {}
         self._epoch = -1
@@ -286,7 +358,7 @@ class ClipSource:
 
     @property
     def num_outputs(self) -> int:
-        return 9 if self.train else 5
+        return 9 if self.train else 6
 
     def __len__(self) -> int:
         n = len(self.manifest)
@@ -307,9 +379,9 @@ class ClipSource:
             check_audio(audio, clip.audio, self.manifest.path)
             self._infos[row] = info
         rng = clip_rng(self.seed, epoch, row) if self.train else None
-        aug = sample_clip(self._infos[row], self.spec, rng)
+        aug = sample_clip(self._infos[row], self.spec, rng, self.view)
         if not self.train:
-            return [video, audio, aug.frames]
+            return [video, audio, aug.frames, np.asarray(aug.crop_position, np.float32)]
         top, left, h, w = aug.crop
         return [video, audio, aug.frames, np.array([top, left], np.int32), np.array([h, w], np.int32),
                 np.asarray(aug.flip, np.int32), np.asarray(aug.audio_position, np.float32)]

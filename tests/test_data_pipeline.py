@@ -1,5 +1,5 @@
-"""The DALI loader on CPU: pairing, shapes, determinism, resumption, augmentation, sharding, last batch,
-decoding accuracy, errors.
+"""The DALI loader on CPU: pairing, shapes, determinism, resumption, augmentation, test views, sharding,
+last batch, decoding accuracy, errors.
 
 Clips come from dali_pipelines.synthetic with one class per row, so every clip's audio pitch and
 video background colour identify its manifest row. GPU-only paths (NVDEC) skip without CUDA.
@@ -33,6 +33,7 @@ from dali_pipelines import (
     sample_frame_indices,
 )
 from dali_pipelines.source import (
+    EvalView,
     batches_per_epoch,
     clip_rng,
     epoch_order,
@@ -229,6 +230,63 @@ def test_audio_windows_eval_centred_train_at_the_sampled_position(tmp_path: Path
     assert len(starts) == 4  # a new window per clip and per epoch
 
 
+# --- test views (several clips x crops) -----------------------------------------------------------
+
+
+def test_view_0_of_1_x_0_of_1_is_the_default_evaluation(dataset: Path) -> None:
+    default = epoch(load(dataset, batch_size=3))
+    for view in [(0, 1, 0, 1), EvalView()]:
+        for x, y in zip(epoch(load(dataset, batch_size=3, view=view)), default, strict=True):
+            for key in ("video", "audio", "label", "index"):
+                assert torch.equal(x[key], y[key]), (view, key)
+
+
+def test_view_windows_are_evenly_spaced() -> None:
+    assert sample_frame_indices(100, 16, 4, None, 0, 2).tolist() == list(range(0, 61, 4))  # room 39
+    assert sample_frame_indices(100, 16, 4, None, 1, 2).tolist() == list(range(39, 100, 4))  # ends at 99
+    assert [int(sample_frame_indices(100, 16, 4, None, k, 3)[0]) for k in range(3)] == [0, 19, 39]
+    assert sample_frame_indices(100, 16, 4, None, 0, 1).tolist() == sample_frame_indices(100, 16, 4, None).tolist()
+    assert sample_frame_indices(10, 4, 4, None, 1, 2).tolist() == [0, 4, 8, 2]  # span > clip: start 0, looped
+
+
+def test_view_clips_decode_their_windows_and_share_the_centred_audio(dataset: Path) -> None:
+    views = [next(iter(load(dataset, batch_size=4, view=(k, 2, 0, 1)))) for k in range(2)]
+    for i, row in enumerate(views[0]["index"].tolist()):
+        with av.open(str(read_manifest(dataset).clips[row].video)) as container:
+            frames = np.stack([yuv420p_to_rgb(f) for f in container.decode(video=0)])
+        pixels = [denormalize_video(v["video"][i], SMALL) for v in views]
+        for k in range(2):
+            indices = sample_frame_indices(len(frames), SMALL.num_frames, SMALL.frame_stride, None, k, 2)
+            assert indices[0] == (0, 9)[k]  # 24 frames, span 15: the first and the last window
+            reference = torch.from_numpy(frames[indices]).permute(3, 0, 1, 2)
+            assert psnr(pixels[k], reference) >= 40.0
+            assert psnr(pixels[1 - k], reference) < 30.0  # the other window shows other frames
+    assert torch.equal(views[0]["audio"], views[1]["audio"])
+    assert torch.equal(views[0]["index"], views[1]["index"]) and torch.equal(views[0]["label"], views[1]["label"])
+
+
+@pytest.mark.parametrize("height, width", [(64, 96), (96, 64)], ids=["wide", "tall"])
+def test_view_crops_match_a_torch_crop_of_the_resized_frames(tmp_path: Path, height: int, width: int) -> None:
+    still = smooth_still(height, width)
+    manifest = generate_dataset(tmp_path, clips=2, classes=2, num_frames=6, size=64)
+    for clip in read_manifest(manifest).clips:
+        clip.video.write_bytes(encode_video(np.repeat(still[None], 6, axis=0), quality=4))
+    spec = ClipSpec(num_frames=2, frame_stride=1, frame_size=32)
+    image = torch.from_numpy(still).permute(2, 0, 1).float()[None]  # [1, 3, H, W]
+    resized = F.interpolate(image, size=(height // 2, width // 2), mode="bilinear", antialias=True,
+                            align_corners=False)[0, :, None]  # shorter side 32, longer 48: [3, 1, h, w]
+    # three crops along the longer side: 16 pixels left over, offsets 0, 8 (the centre crop), 16
+    crops = [resized[..., o:o + 32, :32] if height > width else resized[..., :32, o:o + 32] for o in (0, 8, 16)]
+    for view, expected in [((0, 1, 0, 3), 0), ((0, 1, 1, 3), 1), ((0, 1, 2, 3), 2), ((0, 1, 1, 2), 2),
+                           ((0, 1, 0, 1), 1)]:
+        pixels = denormalize_video(next(iter(load(manifest, batch_size=2, spec=spec, view=view)))["video"], spec)
+        for k, crop in enumerate(crops):
+            if k == expected:
+                assert psnr(pixels, crop.expand_as(pixels)) > 40, view
+            else:
+                assert psnr(pixels, crop.expand_as(pixels)) < 30, (view, k)
+
+
 # --- decoding accuracy -----------------------------------------------------------------------------
 
 
@@ -320,6 +378,10 @@ def test_clip_choices_are_a_function_of_seed_epoch_and_row() -> None:
     evaluation = sample_clip(info, spec, None)
     assert evaluation.crop is None and not evaluation.flip and evaluation.audio_position == 0.5
     assert evaluation.frames.tolist() == sample_frame_indices(100, 8, 2, None).tolist()
+    assert evaluation.crop_position == 0.5
+    last = sample_clip(info, spec, None, EvalView(1, 2, 1, 2))  # last window, last crop, same audio
+    assert last.frames[-1] == 99 and last.crop_position == 1.0 and last.audio_position == 0.5
+    assert sample_clip(info, spec, None, EvalView(0, 2, 0, 2)).crop_position == 0.0
 
 
 def test_frame_sampling() -> None:
@@ -421,7 +483,13 @@ def test_regression_and_unlabelled_labels(dataset: Path, tmp_path: Path) -> None
      ({"device": "tpu"}, ValueError, "device"),
      ({"spec": {"num_frames": 8}}, TypeError, "spec"),
      ({"last_batch_policy": "drop"}, TypeError, "last_batch_policy"),
-     ({"batch_size": 9, "train": True}, ValueError, "yields no batch")],
+     ({"batch_size": 9, "train": True}, ValueError, "yields no batch"),
+     ({"view": (0, 1, 0, 1), "train": True}, ValueError, "view=.*evaluation"),
+     ({"view": (2, 2, 0, 1)}, ValueError, "view: .*clip_index"),
+     ({"view": (0, 0, 0, 1)}, ValueError, "view: .*num_clips"),
+     ({"view": (0, 1, -1, 2)}, ValueError, "view: .*crop_index"),
+     ({"view": (0, 1, 0.5, 2)}, ValueError, "view.crop_index must be an int"),
+     ({"view": (0, 1)}, ValueError, "view must be")],
 )
 def test_bad_arguments(dataset: Path, kwargs, error, match) -> None:
     args = {"batch_size": 2, "train": False, "device": "cpu", "num_threads": 2, "spec": SMALL} | kwargs

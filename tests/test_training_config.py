@@ -5,9 +5,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from avfmae.training import CheckpointManager, ConfigError, apply_overrides, atomic_write_text, load_config, lr_at
+from avfmae.metrics import evaluation_scores
+from avfmae.training import (
+    CheckpointManager,
+    ConfigError,
+    apply_overrides,
+    atomic_write_text,
+    average_views,
+    eval_views,
+    load_config,
+    lr_at,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +52,10 @@ def test_config_splits_deepspeed_keys_and_resolves_paths(tmp_path):
     ({"warmup_epochs": 5, "epochs": 2}, "avfmae.warmup_epochs"),
     ({"stop_at_step": 0}, "avfmae.stop_at_step"),
     ({"learning_rate": 1e-3}, "unknown keys in the avfmae section: \\['learning_rate'\\]"),
+    ({"test_clips": 0}, "avfmae.test_clips: must be a positive integer, got 0"),
+    ({"test_crops": 1.5}, "avfmae.test_crops: must be a positive integer"),
+    ({"test_crops": True}, "avfmae.test_crops: must be a positive integer"),
+    ({"test_clips": "2"}, "avfmae.test_clips: must be a positive integer"),
 ])
 def test_bad_configs_name_the_key(tmp_path, section, message):
     with pytest.raises(ConfigError, match=message):
@@ -123,8 +139,49 @@ def test_psi_stage_configs_chain_and_follow_the_fine_tuning_recipe(tmp_path, siz
         assert (cfg.label_smoothing, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob) == (0.1, 0.8, 1.0, 0.5)
         assert (cfg.lr, cfg.lr_batch, cfg.warmup_epochs) == (1e-3, 256, 5)
         assert cfg.activation_checkpointing == configs["pretrain"][1].activation_checkpointing
+        assert (cfg.test_clips, cfg.test_crops) == (2, 2)  # the reference recipe's "2 clips x 2 crops"
     assert configs["finetune"][1].num_outputs == 7 and configs["finetune"][1].epochs == 100
     assert configs["postpretrain"][1].epochs < configs["finetune"][1].epochs
+
+
+def test_test_views_default_to_one_and_cover_every_clip_crop_pair(tmp_path):
+    _, cfg = load_config(write_config(tmp_path, **FINETUNE))
+    assert (cfg.test_clips, cfg.test_crops) == (1, 1) and eval_views(cfg) == [None]
+    _, demo = _load_shipped("tiny_finetune.json", tmp_path)
+    assert eval_views(demo) == [None]  # the demo stays a single pass
+    _, cfg = load_config(write_config(tmp_path, **FINETUNE, test_clips=2, test_crops=3))
+    views = eval_views(cfg)
+    assert sorted(views) == [(c, 2, k, 3) for c in range(2) for k in range(3)]
+
+
+def test_average_views_means_softmax_probabilities_or_regression_outputs():
+    rng = np.random.default_rng(0)
+    logits = [rng.normal(size=(5, 4)) * 3 for _ in range(4)]
+    probs = [np.exp(x) / np.exp(x).sum(1, keepdims=True) for x in logits]
+    got = average_views([torch.tensor(x) for x in logits], regression=False)
+    np.testing.assert_allclose(got.numpy(), np.mean(probs, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.sum(1).numpy(), np.ones(5), rtol=1e-5)
+    got = average_views([torch.tensor(x) for x in logits], regression=True)
+    np.testing.assert_allclose(got.numpy(), np.mean(logits, axis=0), rtol=1e-5, atol=1e-6)
+    single = torch.tensor(logits[0])
+    assert average_views([single], regression=False) is single  # 1 x 1: scores exactly as before
+
+
+def test_averaged_probabilities_differ_from_averaged_logits():
+    # view 1 is confidently wrong in its logits but only mildly in probability; averaging
+    # probabilities (the reference merge) keeps class 0, averaging logits would pick class 1
+    views = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 5.0]]), torch.tensor([[2.0, 0.0]])]
+    assert average_views(views, regression=False).argmax(1).item() == 0
+    assert torch.stack(views).mean(0).argmax(1).item() == 1
+    scores, key = evaluation_scores(torch.tensor([0]), average_views(views, regression=False))
+    assert key == "war" and scores["war"] == 1.0
+
+
+def test_average_views_rejects_mismatched_or_missing_views():
+    with pytest.raises(ValueError, match="outputs"):
+        average_views([torch.zeros(3, 4), torch.zeros(2, 4)], regression=False)
+    with pytest.raises(ValueError, match="outputs"):
+        average_views([], regression=True)
 
 
 def test_missing_section_and_deepspeed_key(tmp_path):
