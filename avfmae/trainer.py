@@ -179,13 +179,17 @@ class Trainer:
         train_loader = self.build_loaders(start_epoch=state["step"] // self.steps_per_epoch_of(micro))
         steps_per_epoch, total = self.plan(len(train_loader))
         self.progress = self.progress_bar(total, state["step"])
-        stopped = False
-        while state["step"] < total and not stopped:
+        stopped = None
+        while state["step"] < total and stopped is None:
             stopped = self.train_epoch(train_loader, state, steps_per_epoch, total)
             state["epoch"] = state["step"] // steps_per_epoch
-            due = state["epoch"] % self.cfg.eval_every_epochs == 0 or state["step"] >= total
-            if self.cfg.val_manifest and not stopped and due:
+            epoch_done = state["step"] % steps_per_epoch == 0 or state["step"] >= total
+            due = epoch_done and (state["epoch"] % self.cfg.eval_every_epochs == 0 or state["step"] >= total)
+            # a signal leaves at once; stop_at_step at the end of an epoch still evaluates it first
+            if self.cfg.val_manifest and due and stopped != "signal":
                 self.evaluate_and_keep_best(self.val_loaders(), state)
+            if stopped is not None:
+                self.save(state, reason=f"signal {self.stop.signal_name}" if stopped == "signal" else stopped)
         if self.progress is not None:
             self.progress.close()
         if not stopped:
@@ -226,10 +230,10 @@ class Trainer:
         clips = len(read_manifest(self.cfg.train_manifest))
         return max(1, batches_per_epoch(clips, self.rank, self.world, micro, LastBatchPolicy.DROP) // self.accum)
 
-    def train_epoch(self, loader, state: dict, steps_per_epoch: int, total: int) -> bool:
+    def train_epoch(self, loader, state: dict, steps_per_epoch: int, total: int) -> str | None:
         """One pass of ``loader`` (the rest of it when resuming mid-epoch).
 
-        Returns True when the run stops here with a checkpoint (a signal, or ``stop_at_step``).
+        Returns None, or why the run stops here ("signal" or "stop_at_step"; the caller checkpoints).
         """
         skip = (state["step"] % steps_per_epoch) * self.accum  # micro-batches a resumed epoch already saw
         self.engine.train()
@@ -251,14 +255,12 @@ class Trainer:
             if state["step"] % self.cfg.log_every_steps == 0:
                 clock, samples = time.time(), 0
             if self.stop_requested():
-                self.save(state, reason=f"signal {self.stop.signal_name}")
-                return True
+                return "signal"
             if state["step"] == self.cfg.stop_at_step:
-                self.save(state, reason="stop_at_step")
-                return True
+                return "stop_at_step"
             if state["step"] % self.cfg.checkpoint_every_steps == 0:
                 self.save(state, reason="periodic")
-        return False
+        return None
 
     def report_step(self, state: dict, terms: dict[str, float], rate: float, total: int) -> None:
         lr = self.lr  # the schedule's value; parameter groups scale it by their layer-decay lr_scale

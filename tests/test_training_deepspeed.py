@@ -112,8 +112,11 @@ def test_resume_reproduces_the_uninterrupted_run(dataset, pretrained, tmp_path):
 def test_finetuning_from_the_pretrained_export(dataset, pretrained, tmp_path):
     out = tmp_path / "finetune"
     # mixup off: with it the loss of 8 steps is too noisy to show a decrease (mixup is unit-tested)
-    launch(config(dataset, out, stage="finetune", init_checkpoint=str(pretrained / "model_fp32.pt"), lr=2e-3,
-                  mixup=0, cutmix=0))
+    settings = dict(stage="finetune", init_checkpoint=str(pretrained / "model_fp32.pt"), lr=2e-3, mixup=0, cutmix=0)
+    launch(config(dataset, out, stop_at_step=4, **settings))  # a job slice ending with epoch 1: evaluated first
+    assert [e["epoch"] for e in events(out, "eval")] == [1]
+    assert events(out, "checkpoint")[-1]["reason"] == "stop_at_step"
+    launch(config(dataset, out, **settings), "--resume")
     init = events(out, "init_checkpoint")[0]
     assert init["unexpected"] == [] and "head.weight" in init["missing"]
     assert not any(k.startswith(("video_encoder.", "audio_encoder.")) for k in init["missing"])
