@@ -95,7 +95,7 @@ def evaluation_scores(y_true: Any, outputs: Any, regression: bool = False) -> tu
     """The scores a training run logs each epoch, and the name of the one that picks the best checkpoint.
 
     Classification: outputs are scores [N, classes], y_true class indices [N] -> UAR, WAR, weighted F1
-    (best by WAR). Regression: outputs and y_true [N] or [N, D] -> PCC (mean over the D targets, and
+    and UF1 (the micro-expression metric; best by WAR). Regression: outputs and y_true [N] or [N, D] -> PCC (mean over the D targets, and
     each target's PCC as ``pcc_<d>`` when D > 1; best by PCC).
     """
     if regression:
@@ -106,5 +106,5 @@ def evaluation_scores(y_true: Any, outputs: Any, regression: bool = False) -> tu
         if per_target.size > 1:
             scores.update({f"pcc_{d}": float(r) for d, r in enumerate(per_target)})
         return scores, "pcc"
-    return {"uar": uar(y_true, outputs), "war": war(y_true, outputs),
-            "wa_f1": weighted_f1(y_true, outputs)}, "war"
+    return {"uar": uar(y_true, outputs), "war": war(y_true, outputs), "wa_f1": weighted_f1(y_true, outputs),
+            "uf1": unweighted_f1(y_true, outputs)}, "war"

@@ -64,6 +64,7 @@ def test_evaluation_scores_take_targets_first():
     assert key == "war"
     assert scores["uar"] == pytest.approx(0.5) and scores["war"] == pytest.approx(0.75)
     assert scores["wa_f1"] == pytest.approx(0.75 * (2 * 3 / (3 + 4)))  # F1 of class 0 = 6/7, class 1 = 0
+    assert scores["uf1"] == pytest.approx(0.5 * (2 * 3 / (3 + 4)))
 
 
 def test_evaluation_scores_regression_averages_targets():
