@@ -95,8 +95,8 @@ def evaluation_scores(y_true: Any, outputs: Any, regression: bool = False) -> tu
     """The scores a training run logs each epoch, and the name of the one that picks the best checkpoint.
 
     Classification: outputs are scores [N, classes], y_true class indices [N] -> UAR, WAR, weighted F1
-    and UF1 (the micro-expression metric; best by WAR). Regression: outputs and y_true [N] or [N, D] -> PCC (mean over the D targets, and
-    each target's PCC as ``pcc_<d>`` when D > 1; best by PCC).
+    and UF1 (the micro-expression metric; best by WAR). Regression: outputs and y_true [N] or [N, D] ->
+    PCC (mean over the D targets, and each target's PCC as ``pcc_<d>`` when D > 1; best by PCC).
     """
     if regression:
         t = _as_array(y_true, "y_true").astype(np.float64)

@@ -175,9 +175,8 @@ class Trainer:
         state = {"step": 0, "epoch": 0, "best_metric": None}
         if self.resume:
             state = self.load_latest(state)
-        micro = self.ds_config["train_micro_batch_size_per_gpu"]
-        train_loader = self.build_loaders(start_epoch=state["step"] // self.steps_per_epoch_of(micro))
-        steps_per_epoch, total = self.plan(len(train_loader))
+        steps_per_epoch, total = self.plan(self.micro_batches_per_epoch())
+        train_loader = self.build_loaders(start_epoch=state["step"] // steps_per_epoch)
         self.progress = self.progress_bar(total, state["step"])
         stopped = None
         while state["step"] < total and stopped is None:
@@ -222,13 +221,14 @@ class Trainer:
         self.schedule = dict(total=total, warmup=round(self.cfg.warmup_epochs * steps_per_epoch))
         return steps_per_epoch, total
 
-    def steps_per_epoch_of(self, micro: int) -> int:
-        """Optimizer steps per epoch on every rank, from the manifest alone (before any loader exists)."""
+    def micro_batches_per_epoch(self) -> int:
+        """Micro-batches of every rank per epoch, from the manifest alone (before any loader exists)."""
         from dali_pipelines import LastBatchPolicy, read_manifest
         from dali_pipelines.source import batches_per_epoch
 
         clips = len(read_manifest(self.cfg.train_manifest))
-        return max(1, batches_per_epoch(clips, self.rank, self.world, micro, LastBatchPolicy.DROP) // self.accum)
+        micro = self.ds_config["train_micro_batch_size_per_gpu"]
+        return batches_per_epoch(clips, self.rank, self.world, micro, LastBatchPolicy.DROP)
 
     def train_epoch(self, loader, state: dict, steps_per_epoch: int, total: int) -> str | None:
         """One pass of ``loader`` (the rest of it when resuming mid-epoch).
@@ -301,10 +301,11 @@ class Trainer:
         engine.step()
         return terms
 
-    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Video and audio on this rank's device in the engine's compute dtype (DeepSpeed casts the
-        model to bf16/fp16 but not its inputs); audio is None for a video-only classifier."""
-        dtype = self.engine.get_data_types()[0]
+    def inputs(self, batch: dict, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Video and audio on this rank's device in ``dtype``, by default the engine's compute dtype
+        (DeepSpeed casts the model to bf16/fp16 but not its inputs); audio is None for a video-only
+        classifier."""
+        dtype = dtype or self.engine.get_data_types()[0]
         video = batch["video"].to(self.device, dtype)
         audio = None if self.cfg.video_only else batch["audio"].to(self.device, dtype)
         return video, audio
@@ -316,8 +317,7 @@ class Trainer:
         label = batch["label"].to(self.device)
         if self.mixup is None:
             return *self.inputs(batch), label
-        video = batch["video"].to(self.device, torch.float32)
-        audio = None if self.cfg.video_only else batch["audio"].to(self.device, torch.float32)
+        video, audio = self.inputs(batch, torch.float32)
         mixed = self.mixup(video, audio, label)
         dtype = self.engine.get_data_types()[0]
         audio = None if mixed.audio is None else mixed.audio.to(dtype)
