@@ -129,11 +129,11 @@ class ModelConfig:
 
     @property
     def num_video_regions(self) -> int:
-        return math.prod(g // r for g, r in zip(self.video_grid, self.video_region))
+        return math.prod([g // r for g, r in zip(self.video_grid, self.video_region)])
 
     @property
     def num_audio_regions(self) -> int:
-        return math.prod(g // r for g, r in zip(self.audio_grid, self.audio_region))
+        return math.prod([g // r for g, r in zip(self.audio_grid, self.audio_region)])
 
 
 def _kept(ratio: float, count: int, what: str) -> int:

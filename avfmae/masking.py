@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 from einops import rearrange, repeat
-from mae_kernels.dispatch import validate_indices_enabled
 
 from .config import ModelConfig
 
@@ -158,21 +157,30 @@ def region_index(grid: tuple[int, ...], region: tuple[int, ...]) -> torch.Tensor
     return rid.flatten()
 
 
-def region_major(idx: torch.Tensor, region_of: torch.Tensor, num_regions: int) -> torch.Tensor:
-    """Reorder positions [B, M] region by region (raster order inside a region): the order in which
-    the LGI-Former consumes and emits tokens. Every region must hold M / num_regions positions
-    (checked with one host sync unless MAE_KERNELS_VALIDATE=0)."""
+def check_region_balance(name: str, idx: torch.Tensor, region_of: torch.Tensor, num_regions: int) -> None:
+    """Raise ValueError unless every region holds the same number of the positions idx [B, M] lists.
+
+    Reads the counts back to the host (one sync): call it where masks are made or loaded, not per step.
+    """
     batch, m = idx.shape
+    regions = region_of[idx]
+    counts = torch.zeros(batch, num_regions, dtype=torch.int64, device=idx.device)
+    counts.scatter_add_(1, regions, torch.ones_like(regions))
+    if not bool((counts == m // num_regions).all()):
+        raise ValueError(f"{name}: every region must keep the same number of tokens ({m // num_regions}); "
+                         f"got per-region counts {counts.tolist()} — use a region-aware mask")
+
+
+def region_major(idx: torch.Tensor, region_of: torch.Tensor, num_regions: int, validate: bool = False) -> torch.Tensor:
+    """Reorder positions [B, M] region by region (raster order inside a region): the order in which
+    the LGI-Former consumes and emits tokens. Every region must hold M / num_regions positions, which
+    the region-aware generators guarantee by construction; ``validate`` checks it (one host sync)."""
+    m = idx.shape[1]
     if m % num_regions:
         raise ValueError(f"idx holds {m} positions per sample, not divisible by {num_regions} regions")
-    regions = region_of[idx]
-    order = torch.argsort(regions * region_of.numel() + idx, dim=1)
-    if validate_indices_enabled():
-        counts = torch.zeros(batch, num_regions, dtype=torch.int64, device=idx.device)
-        counts.scatter_add_(1, regions, torch.ones_like(regions))
-        if not bool((counts == m // num_regions).all()):
-            raise ValueError(f"every region must keep the same number of tokens ({m // num_regions}); "
-                             f"got per-region counts {counts.tolist()} — use a region-aware mask")
+    if validate:
+        check_region_balance("idx", idx, region_of, num_regions)
+    order = torch.argsort(region_of[idx] * region_of.numel() + idx, dim=1)
     return torch.gather(idx, 1, order)
 
 
@@ -192,6 +200,33 @@ class PretrainMasks:
         """The same masks on ``device``."""
         return PretrainMasks(*(t.to(device, non_blocking=True) for t in (
             self.video_visible, self.video_decode, self.audio_visible, self.audio_decode)))
+
+    def validate(self, cfg: ModelConfig) -> PretrainMasks:
+        """Check masks made elsewhere (loaded, hand-written) against ``cfg``; returns self.
+
+        Counts as the configured ratios give them, positions in range, sorted and distinct per row,
+        encoder masks region-balanced. Reads the masks back to the host: do it once where masks are
+        made, never inside a training step (the samplers here meet all of it by construction).
+        """
+        counts = sample_pretrain_masks(cfg, 1)  # the samplers own the counts
+        for name in ("video_visible", "video_decode", "audio_visible", "audio_decode"):
+            upper = cfg.num_video_tokens if name.startswith("video") else cfg.num_audio_tokens
+            count = getattr(counts, name).shape[1]
+            idx = getattr(self, name)
+            if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64:
+                raise ValueError(f"masks.{name} must be an int64 tensor [B, {count}], got "
+                                 f"{getattr(idx, 'dtype', type(idx))} {tuple(getattr(idx, 'shape', ()))}")
+            if idx.shape[1] != count:
+                raise ValueError(f"masks.{name} must list {count} positions per sample, got {idx.shape[1]}")
+            if not bool(((idx >= 0) & (idx < upper)).all()):
+                raise ValueError(f"masks.{name} positions must lie in [0, {upper})")
+            if not bool((idx[:, 1:] > idx[:, :-1]).all()):
+                raise ValueError(f"masks.{name} must be sorted and distinct per row")
+        check_region_balance("masks.video_visible", self.video_visible, region_index(cfg.video_grid, cfg.video_region),
+                             cfg.num_video_regions)
+        check_region_balance("masks.audio_visible", self.audio_visible, region_index(cfg.audio_grid, cfg.audio_region),
+                             cfg.num_audio_regions)
+        return self
 
 
 def sample_pretrain_masks(cfg: ModelConfig, batch: int, generator: torch.Generator | None = None,

@@ -207,6 +207,16 @@ class Trainer:
         optimizer = self.build_optimizer(model, global_batch)
         self.engine, self.optimizer, _, _ = self.deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
+        self.compile_engine()
+
+    def compile_engine(self) -> None:
+        """torch.compile the model through DeepSpeed's ``engine.compile`` (which keeps ZeRO-3's parameter
+        hooks working); the mode is passed to inductor only."""
+        cfg = self.cfg
+        if cfg.compile == "off":
+            return
+        kwargs = {"mode": cfg.compile} if cfg.compile != "default" and cfg.compile_backend == "inductor" else {}
+        self.engine.compile(backend=cfg.compile_backend, compile_kwargs=kwargs)
 
     def plan(self, micro_batches_per_epoch: int) -> tuple[int, int]:
         """(optimizer steps per epoch, total steps); sets the lr schedule."""
@@ -284,10 +294,15 @@ class Trainer:
 
     def train_micro_step(self, batch: dict, step: int, micro: int) -> dict[str, float]:
         # one seed per (step, micro-step, rank): identical randomness whether or not the run resumed
-        torch.manual_seed(((self.cfg.seed * 1_000_003 + step) * 64 + micro) * 4096 + self.rank)
+        seed = ((self.cfg.seed * 1_000_003 + step) * 64 + micro) * 4096 + self.rank
+        torch.manual_seed(seed)
         engine = self.engine
         if self.cfg.stage == "pretrain":
-            out = engine(*self.inputs(batch))
+            video, audio = self.inputs(batch)
+            # masks drawn on the device, outside the (compiled) model: index inputs of a static graph
+            masks = engine.module.sample_masks(video.shape[0], video.device,
+                                               torch.Generator(video.device).manual_seed(seed))
+            out = engine(video, audio, masks)
             loss = out["loss"]
             names = [k for k in out if k.startswith("loss")]
             values = torch.stack([out[k].detach().float() for k in names]).tolist()  # one device sync

@@ -81,6 +81,8 @@ class TrainConfig:
     image_size: int | None = None
     audio_frames: int | None = None
     reconstruction_png: bool = True
+    compile: str = "off"                 # torch.compile the model: one of COMPILE_MODES
+    compile_backend: str = "inductor"    # "aot_eager" traces fwd+bwd without generating code (CPU tests)
 
     def resolve(self, path: str | None, base: Path) -> str | None:
         if path is None:
@@ -90,6 +92,9 @@ class TrainConfig:
 
 
 DS_REQUIRED = ("train_micro_batch_size_per_gpu",)
+# "off", or a torch.compile mode ("default", "reduce-overhead" = CUDA graphs, ...): README "Compiling the step"
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 class ConfigError(ValueError):
@@ -167,6 +172,10 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
     if not 0 <= cfg.drop_path < 1:
         _fail("drop_path", f"must lie in [0, 1), got {cfg.drop_path}")
     _validate_mixing(cfg)
+    if cfg.compile not in COMPILE_MODES:
+        _fail("compile", f"expected one of {COMPILE_MODES}, got {cfg.compile!r}")
+    if cfg.compile_backend not in COMPILE_BACKENDS:
+        _fail("compile_backend", f"expected one of {COMPILE_BACKENDS}, got {cfg.compile_backend!r}")
     if cfg.data_device not in ("auto", "gpu", "cpu"):
         _fail("data_device", f"expected 'auto', 'gpu' or 'cpu', got {cfg.data_device!r}")
     for key in dataclasses.fields(MaskConfig):

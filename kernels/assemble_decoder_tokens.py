@@ -8,6 +8,9 @@ then adds a gathered positional table: three full-size temporaries. Here each ou
 once. Positions may repeat between enc_idx and dec_idx (the decoder mask is drawn independently of
 the encoder mask); the positional gradient sums them without atomics through the CSR segment sum
 shared with ``gather_tokens``.
+
+Registered as the custom op ``mae_kernels::assemble_decoder_tokens`` (its backward is a slice, a sum
+and ``mae_kernels::scatter_rows``), so ``torch.compile`` traces through it.
 """
 
 from __future__ import annotations
@@ -16,8 +19,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import check_index, check_pos, check_same_device, check_same_dtype, check_tensor, use_triton
-from .gather_tokens import gather_rows_reference, pos_strides, row_tile, segment_sum
+from .dispatch import (
+    check_index,
+    check_pos,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    device_guard,
+    requested_backend,
+    runs_triton,
+    use_triton,
+)
+from .gather_tokens import gather_rows_reference, pos_strides, row_gradients, row_tile
 
 # --- Triton kernel ----------------------------------------------------------------------------------
 
@@ -65,52 +78,72 @@ def assemble_decoder_tokens_reference(enc: torch.Tensor, mask_token: torch.Tenso
     return torch.cat([visible, masked], dim=1)
 
 
-# --- autograd ---------------------------------------------------------------------------------------
+# --- Triton launch ----------------------------------------------------------------------------------
 
 
-class _AssembleDecoderTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, enc, mask_token, pos, enc_idx, dec_idx):
-        B, ME, C = enc.shape
-        MD = dec_idx.shape[1]
-        N = pos.shape[-2]
-        token = mask_token.reshape(C)
-        out = torch.empty((B, ME + MD, C), device=enc.device, dtype=enc.dtype)
-        block_m, block_c = row_tile(ME + MD, C, enc.element_size())
-        grid = (triton.cdiv(ME + MD, block_m), triton.cdiv(C, block_c), B)
-        _assemble_fwd_kernel[grid](
-            enc, token, pos, enc_idx, dec_idx, out,
-            ME, MD, C,
-            *enc.stride(), token.stride(0), *pos_strides(pos),
-            *enc_idx.stride(), *dec_idx.stride(), *out.stride(),
-            BLOCK_M=block_m, BLOCK_C=block_c,
-        )
-        ctx.save_for_backward(enc_idx, dec_idx)
-        ctx.meta = (ME, N, tuple(mask_token.shape), tuple(pos.shape), pos.dtype)
-        return out
+def _assemble_triton(enc, mask_token, pos, enc_idx, dec_idx):
+    B, ME, C = enc.shape
+    MD = dec_idx.shape[1]
+    token = mask_token.reshape(C)
+    out = torch.empty((B, ME + MD, C), device=enc.device, dtype=enc.dtype)
+    block_m, block_c = row_tile(ME + MD, C, enc.element_size())
+    grid = (triton.cdiv(ME + MD, block_m), triton.cdiv(C, block_c), B)
+    _assemble_fwd_kernel[grid](
+        enc, token, pos, enc_idx, dec_idx, out,
+        ME, MD, C,
+        *enc.stride(), token.stride(0), *pos_strides(pos),
+        *enc_idx.stride(), *dec_idx.stride(), *out.stride(),
+        BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        enc_idx, dec_idx = ctx.saved_tensors
-        ME, N, token_shape, pos_shape, pos_dtype = ctx.meta
-        grad_enc = grad_out[:, :ME] if ctx.needs_input_grad[0] else None
-        grad_token = None
-        if ctx.needs_input_grad[1]:
-            grad_token = grad_out[:, ME:].sum(dim=(0, 1), dtype=torch.float32)
-            grad_token = grad_token.to(grad_out.dtype).reshape(token_shape)
-        grad_pos = None
-        if ctx.needs_input_grad[2]:
-            all_idx = torch.cat([enc_idx.long(), dec_idx.long()], dim=1)
-            _, grad_pos = segment_sum(grad_out, all_idx, N, want_x=False, x_dtype=grad_out.dtype,
-                                      pos_shape=pos_shape, pos_dtype=pos_dtype)
-        return grad_enc, grad_token, grad_pos, None, None
+
+# --- custom op --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mae_kernels::assemble_decoder_tokens", mutates_args=())
+def assemble_decoder_tokens_op(enc: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
+                               enc_idx: torch.Tensor, dec_idx: torch.Tensor, backend: str) -> torch.Tensor:
+    """The checked op: see :func:`assemble_decoder_tokens`."""
+    if runs_triton(backend, enc):
+        with device_guard(enc):
+            return _assemble_triton(enc, mask_token, pos, enc_idx, dec_idx)
+    return assemble_decoder_tokens_reference(enc, mask_token, pos, enc_idx, dec_idx)
+
+
+@assemble_decoder_tokens_op.register_fake
+def _(enc, mask_token, pos, enc_idx, dec_idx, backend):
+    return enc.new_empty((enc.shape[0], enc.shape[1] + dec_idx.shape[1], enc.shape[2]))
+
+
+def _assemble_setup(ctx, inputs, output):
+    enc, mask_token, pos, enc_idx, dec_idx, backend = inputs
+    ctx.save_for_backward(enc_idx, dec_idx)
+    ctx.meta = (enc.shape[1], pos.shape[-2], tuple(mask_token.shape), tuple(pos.shape), backend)
+
+
+def _assemble_backward(ctx, grad_out):
+    enc_idx, dec_idx = ctx.saved_tensors
+    ME, N, token_shape, pos_shape, backend = ctx.meta
+    grad_enc = grad_out[:, :ME] if ctx.needs_input_grad[0] else None
+    grad_token = None
+    if ctx.needs_input_grad[1]:
+        grad_token = grad_out[:, ME:].sum(dim=(0, 1), dtype=torch.float32).to(grad_out.dtype).reshape(token_shape)
+    grad_pos = None
+    if ctx.needs_input_grad[2]:
+        all_idx = torch.cat([enc_idx.long(), dec_idx.long()], dim=1)
+        _, grad_pos = row_gradients(grad_out, all_idx, N, False, pos_shape, backend)
+    return grad_enc, grad_token, grad_pos, None, None, None
+
+
+assemble_decoder_tokens_op.register_autograd(_assemble_backward, setup_context=_assemble_setup)
 
 
 # --- public op --------------------------------------------------------------------------------------
 
 
 def assemble_decoder_tokens(enc: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
-                            enc_idx: torch.Tensor, dec_idx: torch.Tensor) -> torch.Tensor:
+                            enc_idx: torch.Tensor, dec_idx: torch.Tensor, validate: bool = False) -> torch.Tensor:
     """Build the decoder input ``cat(enc + pos[enc_idx], mask_token + pos[dec_idx])`` in one pass.
 
     Args:
@@ -120,12 +153,14 @@ def assemble_decoder_tokens(enc: torch.Tensor, mask_token: torch.Tensor, pos: to
         enc_idx: [B, Me] int32/int64, the position of each encoder token, in the order the encoder
             emitted them (region-major for the LGI-Former, not raster order).
         dec_idx: [B, Md] int32/int64, the decoder-visible positions that get a mask token.
+        validate: check that both index tensors lie in [0, N) (one host sync); off by default.
 
     Returns:
         [B, Me + Md, C] contiguous, dtype of enc; bit-equal to the reference.
 
     Differentiable in enc, mask_token (gradient summed over its uses) and pos. Positions may appear
     in both index tensors. float32/float16/bfloat16; one dtype and one device for all float inputs.
+    No host sync unless ``validate``.
     """
     check_tensor("enc", enc, 3)
     B, ME, C = enc.shape
@@ -136,15 +171,13 @@ def assemble_decoder_tokens(enc: torch.Tensor, mask_token: torch.Tensor, pos: to
     check_tensor("pos", pos, (2, 3))
     N = pos.shape[-2]
     check_pos("pos", pos, B, N, C)
-    check_same_device(enc=enc, mask_token=mask_token, pos=pos,
-                      enc_idx=enc_idx if isinstance(enc_idx, torch.Tensor) else None,
-                      dec_idx=dec_idx if isinstance(dec_idx, torch.Tensor) else None)
+    check_same_device(enc=enc, mask_token=mask_token, pos=pos, enc_idx=enc_idx, dec_idx=dec_idx)
     check_same_dtype(enc=enc, mask_token=mask_token, pos=pos)
-    check_index("enc_idx", enc_idx, B, N)
+    check_index("enc_idx", enc_idx, B, N, validate)
     if enc_idx.shape[1] != ME:
         raise ValueError(f"enc_idx must list one position per encoder token ({ME}), got shape "
                          f"{tuple(enc_idx.shape)}")
-    check_index("dec_idx", dec_idx, B, N)
-    if use_triton(enc, mask_token, pos, enc_idx, dec_idx):
-        return _AssembleDecoderTokens.apply(enc, mask_token, pos, enc_idx, dec_idx)
-    return assemble_decoder_tokens_reference(enc, mask_token, pos, enc_idx, dec_idx)
+    check_index("dec_idx", dec_idx, B, N, validate)
+    name = requested_backend()
+    use_triton(enc, mask_token, pos, enc_idx, dec_idx)  # raises here when the backend cannot run
+    return assemble_decoder_tokens_op(enc, mask_token, pos, enc_idx, dec_idx, name)

@@ -1,14 +1,22 @@
 """Backend choice and shared argument checks for the mae_kernels ops.
 
-Every public op runs either its Triton kernels or its plain-torch reference. The choice, in order:
+Every public op is a torch custom op (``torch.ops.mae_kernels.*``, registered in the op's file with
+``torch.library.custom_op``) whose implementation runs either the Triton kernels or the plain-torch
+reference. The choice, in order:
 
 1. ``mae_kernels.backend("torch" | "triton")`` used as a context manager (thread-local), then
 2. the environment variable ``MAE_KERNELS_BACKEND=torch|triton|auto`` (read at call time), then
 3. auto: Triton when the tensors live on CUDA, or when ``TRITON_INTERPRET=1`` (Triton's CPU
    interpreter, which is how the kernels are tested without a GPU); the reference otherwise.
 
+The public function resolves 1-2 when it is called and hands the name to the op, so a forward and
+its backward always run on the same backend, and ``torch.compile`` records the choice in the graph.
+
 ``TRITON_INTERPRET=1`` has to be set before ``mae_kernels`` is imported: Triton decides at
 decoration time whether a ``@triton.jit`` function is compiled or interpreted.
+
+No check here reads a tensor's values: the ops make no host sync unless a caller asks for index
+validation (``validate=True``), which reads the index range back to the host once.
 """
 
 from __future__ import annotations
@@ -53,9 +61,18 @@ def backend(name: str) -> Iterator[None]:
         _local.backend = previous
 
 
+def requested_backend() -> str:
+    """The backend asked for by the context manager or the environment: "auto", "torch" or "triton"."""
+    return _requested_backend()
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """Decide whether an op called on ``tensors`` runs its Triton kernels."""
-    name = _requested_backend()
+    return runs_triton(_requested_backend(), *tensors)
+
+
+def runs_triton(name: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether backend ``name`` ("auto", "torch" or "triton") runs the Triton kernels on ``tensors``."""
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if name == "torch":
         return False
@@ -69,9 +86,9 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     return on_cuda or interpreter_enabled()
 
 
-def validate_indices_enabled() -> bool:
-    """Index range checks read the indices back to the host (one sync); MAE_KERNELS_VALIDATE=0 skips them."""
-    return os.environ.get("MAE_KERNELS_VALIDATE", "1") != "0"
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on ``t``'s GPU, not the current one (multi-GPU processes); a no-op off CUDA."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # --- argument checks shared by the ops -------------------------------------------------------------
@@ -89,8 +106,9 @@ def check_tensor(name: str, t: object, ndim: int | tuple[int, ...], dtypes=FLOAT
     return t
 
 
-def check_same_device(**tensors: torch.Tensor | None) -> None:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
+def check_same_device(**tensors: object) -> None:
+    """One device for every tensor given (non-tensors are left to the type checks)."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
@@ -103,15 +121,19 @@ def check_same_dtype(**tensors: torch.Tensor | None) -> None:
         raise TypeError(f"all floating-point inputs must share one dtype, got {listing}")
 
 
-def check_index(name: str, idx: object, batch: int, upper: int) -> torch.Tensor:
-    """idx: [B, M] int32/int64 with 0 <= idx < upper and M > 0."""
+def check_index(name: str, idx: object, batch: int, upper: int, validate: bool = False) -> torch.Tensor:
+    """idx: [B, M] int32/int64 with M > 0; with ``validate``, also 0 <= idx < upper (one host sync).
+
+    Without ``validate`` the values are trusted: mask samplers produce in-range indices by
+    construction, and a check on every call would stall the GPU queue once per op.
+    """
     check_tensor(name, idx, 2, INDEX_DTYPES)
     assert isinstance(idx, torch.Tensor)
     if idx.shape[0] != batch:
         raise ValueError(f"{name} must have batch size {batch} (first dim), got shape {tuple(idx.shape)}")
     if idx.shape[1] == 0:
         raise ValueError(f"{name} must select at least one token, got shape {tuple(idx.shape)}")
-    if validate_indices_enabled():
+    if validate:
         lo, hi = torch.aminmax(idx)
         if int(lo) < 0 or int(hi) >= upper:
             raise ValueError(f"{name} values must lie in [0, {upper}), got range [{int(lo)}, {int(hi)}]")

@@ -7,6 +7,9 @@ done as one read of the kept rows instead of boolean indexing plus a separate ad
 is written in gather form: for every source row it sums the output rows that read it (a CSR built
 by sorting the index), so it needs no atomics, is deterministic, and accepts repeated indices.
 The CSR segment-sum kernel here is shared with ``assemble_decoder_tokens``.
+
+Registered as the custom ops ``mae_kernels::gather_tokens`` and ``mae_kernels::scatter_rows`` (its
+backward), so ``torch.compile`` traces through them without a graph break.
 """
 
 from __future__ import annotations
@@ -15,7 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import check_index, check_pos, check_same_device, check_same_dtype, check_tensor, use_triton
+from .dispatch import (
+    check_index,
+    check_pos,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    device_guard,
+    requested_backend,
+    runs_triton,
+    use_triton,
+)
 
 # --- Triton kernels ---------------------------------------------------------------------------------
 
@@ -182,64 +195,135 @@ def gather_tokens_reference(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tenso
     return out
 
 
-# --- autograd ---------------------------------------------------------------------------------------
+def scatter_rows_reference(grad: torch.Tensor, idx: torch.Tensor, num_rows: int, sum_batch: bool) -> torch.Tensor:
+    """out[b, n] = sum of grad[b, m] over m with idx[b, m] == n ([N, C] summed over b when sum_batch);
+    accumulated in fp32 (fp64 kept), returned in grad's dtype."""
+    B, _, C = grad.shape
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    out = grad.new_zeros((B, num_rows, C), dtype=acc)
+    out.scatter_add_(1, idx.long().unsqueeze(-1).expand(-1, -1, C), grad.to(acc))
+    return (out.sum(dim=0) if sum_batch else out).to(grad.dtype)
 
 
-class _GatherTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        B, N, C = x.shape
-        M = idx.shape[1]
-        out = torch.empty((B, M, C), device=x.device, dtype=x.dtype)
-        block_m, block_c = row_tile(M, C, x.element_size())
-        grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c), B)
-        _gather_fwd_kernel[grid](
-            x, idx, pos if pos is not None else x, out, M, C,
-            *x.stride(), *idx.stride(), *pos_strides(pos), *out.stride(),
-            HAS_POS=pos is not None, BLOCK_M=block_m, BLOCK_C=block_c,
-        )
-        ctx.save_for_backward(idx)
-        ctx.num_rows = N
-        ctx.x_dtype = x.dtype
-        ctx.pos_meta = (tuple(pos.shape), pos.dtype) if pos is not None else None
-        return out
+# --- Triton launches --------------------------------------------------------------------------------
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (idx,) = ctx.saved_tensors
-        want_pos = ctx.pos_meta is not None and ctx.needs_input_grad[2]
-        gx, gpos = segment_sum(
-            grad_out, idx, ctx.num_rows, want_x=ctx.needs_input_grad[0], x_dtype=ctx.x_dtype,
-            pos_shape=ctx.pos_meta[0] if want_pos else None, pos_dtype=ctx.pos_meta[1] if want_pos else None,
-        )
-        return gx, None, gpos
+
+def _gather_triton(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    B, _, C = x.shape
+    M = idx.shape[1]
+    out = torch.empty((B, M, C), device=x.device, dtype=x.dtype)
+    block_m, block_c = row_tile(M, C, x.element_size())
+    grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c), B)
+    _gather_fwd_kernel[grid](
+        x, idx, pos if pos is not None else x, out, M, C,
+        *x.stride(), *idx.stride(), *pos_strides(pos), *out.stride(),
+        HAS_POS=pos is not None, BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    return out
+
+
+def _scatter_rows_triton(grad: torch.Tensor, idx: torch.Tensor, num_rows: int, sum_batch: bool) -> torch.Tensor:
+    C = grad.shape[2]
+    gx, gpos = segment_sum(grad, idx, num_rows, want_x=not sum_batch, x_dtype=grad.dtype,
+                           pos_shape=(num_rows, C) if sum_batch else None, pos_dtype=grad.dtype)
+    return gpos if sum_batch else gx
+
+
+# --- custom ops -------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mae_kernels::gather_tokens", mutates_args=())
+def gather_tokens_op(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """x [B, N, C], idx [B, M], pos [N, C] / [B, N, C] / None -> [B, M, C]; arguments already checked."""
+    if runs_triton(backend, x):
+        with device_guard(x):
+            return _gather_triton(x, idx, pos)
+    return gather_tokens_reference(x, idx, pos)
+
+
+@gather_tokens_op.register_fake
+def _(x, idx, pos, backend):
+    return x.new_empty((x.shape[0], idx.shape[1], x.shape[2]))
+
+
+@torch.library.custom_op("mae_kernels::scatter_rows", mutates_args=())
+def scatter_rows_op(grad: torch.Tensor, idx: torch.Tensor, num_rows: int, sum_batch: bool,
+                    backend: str) -> torch.Tensor:
+    """The backward of a row gather: grad [B, M, C] summed into [B, num_rows, C] (or [num_rows, C]
+    when ``sum_batch``) at the rows idx [B, M] names; deterministic (no atomics)."""
+    if runs_triton(backend, grad):
+        with device_guard(grad):
+            return _scatter_rows_triton(grad, idx, num_rows, sum_batch)
+    return scatter_rows_reference(grad, idx, num_rows, sum_batch)
+
+
+@scatter_rows_op.register_fake
+def _(grad, idx, num_rows, sum_batch, backend):
+    shape = (num_rows, grad.shape[2]) if sum_batch else (grad.shape[0], num_rows, grad.shape[2])
+    return grad.new_empty(shape)
+
+
+def row_gradients(grad: torch.Tensor, idx: torch.Tensor, num_rows: int, want_rows: bool, pos_shape,
+                  backend: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of a gather by ``idx``: per-sample rows [B, N, C] (if ``want_rows``) and the positional
+    table's (shape ``pos_shape``: [N, C] summed over the batch, or [B, N, C]; None when not wanted)."""
+    pos_shared = pos_shape is not None and len(pos_shape) == 2
+    rows = None
+    if want_rows or (pos_shape is not None and not pos_shared):
+        rows = scatter_rows_op(grad, idx, num_rows, False, backend)
+    if pos_shape is None:
+        return rows, None
+    pos = scatter_rows_op(grad, idx, num_rows, True, backend) if pos_shared else rows
+    return (rows if want_rows else None), pos
+
+
+def _gather_setup(ctx, inputs, output):
+    x, idx, pos, backend = inputs
+    ctx.save_for_backward(idx)
+    ctx.num_rows = x.shape[1]
+    ctx.pos_shape = tuple(pos.shape) if pos is not None else None
+    ctx.backend = backend
+
+
+def _gather_backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    pos_shape = ctx.pos_shape if ctx.needs_input_grad[2] else None
+    gx, gpos = row_gradients(grad, idx, ctx.num_rows, ctx.needs_input_grad[0], pos_shape, ctx.backend)
+    return gx, None, gpos, None
+
+
+gather_tokens_op.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
 # --- public op --------------------------------------------------------------------------------------
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None,
+                  validate: bool = False) -> torch.Tensor:
     """Gather the rows ``idx`` lists from ``x``, adding their positional embedding.
 
     Args:
         x: [B, N, C] float32/float16/bfloat16, any strides.
         idx: [B, M] int32 or int64, 0 <= idx < N, M >= 1. Repeats are allowed (their gradients add up).
         pos: optional [N, C] (shared by the batch) or [B, N, C], same dtype and device as x.
+        validate: check 0 <= idx < N (reads the index range back to the host: one sync). Off by
+            default: out-of-range indices are undefined behaviour, as in any gather kernel.
 
     Returns:
         [B, M, C] contiguous, dtype of x: ``x[b, idx[b]] + pos[idx[b]]``. Matches the reference bit
         for bit (the add is done in fp32 and rounded once).
 
     Differentiable in x and pos; the backward pass is a deterministic gather (no atomics).
-    Raises ValueError/TypeError naming the argument on bad shapes, dtypes, devices or indices.
+    Raises ValueError/TypeError naming the argument on bad shapes, dtypes or devices, and on
+    out-of-range indices when ``validate``. No host sync unless ``validate``.
     """
     check_tensor("x", x, 3)
     B, N, C = x.shape
-    check_same_device(x=x, idx=idx if isinstance(idx, torch.Tensor) else None, pos=pos)
-    check_index("idx", idx, B, N)
+    check_same_device(x=x, idx=idx, pos=pos)
+    check_index("idx", idx, B, N, validate)
     if pos is not None:
         check_pos("pos", pos, B, N, C)
         check_same_dtype(x=x, pos=pos)
-    if use_triton(x, idx, pos):
-        return _GatherTokens.apply(x, idx, pos)
-    return gather_tokens_reference(x, idx, pos)
+    name = requested_backend()
+    use_triton(x, idx, pos)  # raises here, not inside the op, when the backend cannot run
+    return gather_tokens_op(x, idx, pos, name)

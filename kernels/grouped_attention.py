@@ -22,6 +22,11 @@ Scores live in log2 units (scale * log2(e) folded into one multiplier, tl.exp2);
 saves the per-row log-sum-exp so the backward pass recomputes P instead of storing it. Statistics and
 accumulators are fp32; fp32 inputs use IEEE dots (no TF32), 16-bit inputs tensor-core dots.
 Tile sizes are autotuned on CUDA per (Lq, Lk, head dim, dtype); the interpreter runs one fixed tiling.
+
+Registered as the custom ops ``mae_kernels::grouped_attention`` (output and log-sum-exp) and
+``mae_kernels::grouped_attention_backward``, so ``torch.compile`` traces through them. Their CPU
+implementation is PyTorch's fused CPU attention (``_scaled_dot_product_flash_attention_for_cpu`` and
+its backward), which saves the log-sum-exp the same way, so the reference backward recomputes nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +39,16 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
-from .dispatch import check_same_device, check_same_dtype, check_tensor, interpreter_enabled, use_triton
+from .dispatch import (
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    device_guard,
+    interpreter_enabled,
+    requested_backend,
+    runs_triton,
+    use_triton,
+)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128)
 LOG2E = 1.4426950408889634
@@ -384,23 +398,98 @@ def grouped_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return rearrange(out, "(b g) h l d -> b g l h d", b=B, g=G)
 
 
-# --- autograd ---------------------------------------------------------------------------------------
+_FOLD = "b g l h d -> (b g) h l d"  # the [batch, heads, length, dim] layout of torch's attention ops
 
 
-class _GroupedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        out, lse = _attention_forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        return out
+def _attention_forward_reference(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's CPU flash attention: (out [B, G, Lq, H, D] contiguous, natural-log lse [B*G*H, Lq])."""
+    B, G = q.shape[:2]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        rearrange(q, _FOLD), rearrange(k, _FOLD), rearrange(v, _FOLD), scale=scale)
+    out = rearrange(out, "(b g) h l d -> b g l h d", b=B, g=G).contiguous()
+    return out, lse.reshape(-1, q.shape[2])
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _attention_backward(q, k, v, out, lse, grad_out, ctx.scale)
-        return dq, dk, dv, None
+
+def _attention_backward_reference(q, k, v, out, lse, grad_out, scale: float):
+    B, G, Lq, H, _ = q.shape
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        rearrange(grad_out, _FOLD), rearrange(q, _FOLD), rearrange(k, _FOLD), rearrange(v, _FOLD),
+        rearrange(out, _FOLD), lse.reshape(B * G, H, Lq), 0.0, False, scale=scale)
+    return tuple(rearrange(t, "(b g) h l d -> b g l h d", b=B, g=G).contiguous() for t in grads)
+
+
+def _reference_runs(t: torch.Tensor) -> bool:
+    # the fused CPU kernels serve CPU tensors; other devices (CUDA under backend("torch")) take SDPA
+    # through autograd, recomputing the forward in the backward op
+    return t.device.type == "cpu"
+
+
+def _recomputed_backward(q, k, v, grad_out, scale: float):
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = grouped_attention_reference(*leaves, scale=scale)
+        return torch.autograd.grad(out, leaves, grad_out)
+
+
+# --- custom ops -------------------------------------------------------------------------------------
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("mae_kernels::grouped_attention", mutates_args=())
+def grouped_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, G, Lq, H, D], log-sum-exp [B*G*H, Lq] in the backend's own units) for checked inputs."""
+    if runs_triton(backend, q):
+        with device_guard(q):
+            return _attention_forward(q, k, v, scale)
+    if _reference_runs(q):
+        return _attention_forward_reference(q, k, v, scale)
+    out = grouped_attention_reference(q, k, v, scale).contiguous()
+    return out, q.new_zeros((q.shape[0] * q.shape[1] * q.shape[3], q.shape[2]), dtype=_lse_dtype(q))
+
+
+@grouped_attention_op.register_fake
+def _(q, k, v, scale, backend):
+    B, G, Lq, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B * G * H, Lq),
+                                                                                    dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("mae_kernels::grouped_attention_backward", mutates_args=())
+def grouped_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, lse: torch.Tensor, scale: float,
+                                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, from the forward's output and log-sum-exp."""
+    if runs_triton(backend, q):
+        with device_guard(q):
+            return _attention_backward(q, k, v, out, lse, grad_out, scale)
+    if _reference_runs(q):
+        return _attention_backward_reference(q, k, v, out, lse, grad_out, scale)
+    return tuple(g.contiguous() for g in _recomputed_backward(q, k, v, grad_out, scale))
+
+
+@grouped_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, scale, backend):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _attention_backward_autograd(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = grouped_attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None
+
+
+grouped_attention_op.register_autograd(_attention_backward_autograd, setup_context=_attention_setup)
 
 
 # --- public op --------------------------------------------------------------------------------------
@@ -439,9 +528,10 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Returns:
         [B, G, Lq, H, D], contiguous, in the input dtype (softmax statistics and accumulation in fp32).
-        Differentiable in q, k and v (not twice).
+        Differentiable in q, k and v (not twice). No host sync.
     """
     _check(q, k, v, scale)
-    if use_triton(q, k, v):
-        return _GroupedAttention.apply(q, k, v, float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
-    return grouped_attention_reference(q, k, v, scale)
+    name = requested_backend()
+    use_triton(q, k, v)  # raises here when the backend cannot run
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return grouped_attention_op(q, k, v, scale, name)[0]

@@ -9,6 +9,9 @@ The MAE way materialises the gathered targets, their normalised copy and the squ
 reduces. Here one kernel reads pred and the gathered patch rows once and writes one float per row
 (summed by torch, deterministic); the backward kernel recomputes the normalised target from the
 patches, so no target tensor is ever stored.
+
+Registered as the custom ops ``mae_kernels::masked_mse_loss`` and ``mae_kernels::masked_mse_loss_backward``,
+so ``torch.compile`` traces through them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import check_index, check_same_device, check_tensor, use_triton
+from .dispatch import (
+    check_index,
+    check_same_device,
+    check_tensor,
+    device_guard,
+    requested_backend,
+    runs_triton,
+    use_triton,
+)
 from .gather_tokens import gather_rows_reference
 
 # --- Triton kernels ---------------------------------------------------------------------------------
@@ -121,52 +132,115 @@ def masked_mse_loss_reference(pred, patches, idx, valid=None, norm_pix=True, eps
     return (row_err * valid).sum() / (count * pred.shape[-1])
 
 
-# --- autograd ---------------------------------------------------------------------------------------
 
 
-class _MaskedMSELoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pred, patches, idx, valid, norm_pix, eps, norm_groups):
-        B, M, P = pred.shape
-        group_size = P // norm_groups
-        valid_u8 = valid.to(torch.uint8) if valid is not None else None
-        row_loss = torch.empty((B, M), device=pred.device, dtype=torch.float32)
-        block_m, block_p = _tile(M, group_size)
-        grid = (triton.cdiv(M, block_m), B)
-        _masked_mse_fwd_kernel[grid](
-            pred, patches, idx, valid_u8 if valid_u8 is not None else idx, row_loss,
-            M, group_size, eps,
-            *pred.stride(), *patches.stride(), *idx.stride(),
-            *(valid_u8.stride() if valid_u8 is not None else (0, 0)),
-            HAS_VALID=valid_u8 is not None, NORM_PIX=norm_pix, GROUPS=norm_groups,
-            BLOCK_M=block_m, BLOCK_P=block_p,
-        )
-        count = valid_u8.sum(dtype=torch.float32).clamp(min=1) if valid_u8 is not None else \
-            torch.tensor(float(B * M), device=pred.device)
-        denom = count * P
-        ctx.save_for_backward(pred, patches, idx, valid_u8, denom)
-        ctx.meta = (norm_pix, eps, norm_groups)
-        return row_loss.sum() / denom
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        pred, patches, idx, valid_u8, denom = ctx.saved_tensors
-        norm_pix, eps, norm_groups = ctx.meta
-        B, M, P = pred.shape
-        group_size = P // norm_groups
-        coef = (grad_loss.float() / denom).reshape(1).contiguous()
-        grad = torch.empty_like(pred, memory_format=torch.contiguous_format)
-        block_m, block_p = _tile(M, group_size)
-        grid = (triton.cdiv(M, block_m), B)
-        _masked_mse_bwd_kernel[grid](
-            pred, patches, idx, valid_u8 if valid_u8 is not None else idx, coef, grad,
-            M, group_size, eps,
-            *pred.stride(), *patches.stride(), *idx.stride(),
-            *(valid_u8.stride() if valid_u8 is not None else (0, 0)), *grad.stride(),
-            HAS_VALID=valid_u8 is not None, NORM_PIX=norm_pix, GROUPS=norm_groups,
-            BLOCK_M=block_m, BLOCK_P=block_p,
-        )
-        return grad, None, None, None, None, None, None
+def _valid_count(valid: torch.Tensor | None, B: int, M: int, like: torch.Tensor) -> torch.Tensor:
+    """Rows that count (at least 1, so an all-invalid batch gives loss 0, not NaN), a device scalar."""
+    if valid is None:
+        return torch.full((), float(B * M), device=like.device, dtype=torch.float32)
+    return valid.sum(dtype=torch.float32).clamp(min=1)
+
+
+def masked_mse_loss_backward_reference(grad_loss, pred, patches, idx, valid, norm_pix, eps, norm_groups):
+    target = gather_rows_reference(patches, idx)
+    compute = torch.promote_types(pred.dtype, torch.float32)
+    target = normalise_patches(target, norm_groups, eps) if norm_pix else target
+    B, M, P = pred.shape
+    coef = 2.0 * grad_loss.to(compute) / (_valid_count(valid, B, M, pred).to(compute) * P)
+    grad = (pred.to(compute) - target.to(compute)) * coef
+    if valid is not None:
+        grad = grad * valid.unsqueeze(-1)
+    return grad.to(pred.dtype)
+
+
+# --- Triton launches --------------------------------------------------------------------------------
+
+
+def _loss_triton(pred, patches, idx, valid, norm_pix, eps, norm_groups):
+    B, M, P = pred.shape
+    group_size = P // norm_groups
+    valid_u8 = valid.to(torch.uint8) if valid is not None else None
+    row_loss = torch.empty((B, M), device=pred.device, dtype=torch.float32)
+    block_m, block_p = _tile(M, group_size)
+    grid = (triton.cdiv(M, block_m), B)
+    _masked_mse_fwd_kernel[grid](
+        pred, patches, idx, valid_u8 if valid_u8 is not None else idx, row_loss,
+        M, group_size, eps,
+        *pred.stride(), *patches.stride(), *idx.stride(),
+        *(valid_u8.stride() if valid_u8 is not None else (0, 0)),
+        HAS_VALID=valid_u8 is not None, NORM_PIX=norm_pix, GROUPS=norm_groups,
+        BLOCK_M=block_m, BLOCK_P=block_p,
+    )
+    return row_loss.sum() / (_valid_count(valid, B, M, pred) * P)
+
+
+def _loss_backward_triton(grad_loss, pred, patches, idx, valid, norm_pix, eps, norm_groups):
+    B, M, P = pred.shape
+    group_size = P // norm_groups
+    valid_u8 = valid.to(torch.uint8) if valid is not None else None
+    coef = (grad_loss.float() / (_valid_count(valid, B, M, pred) * P)).reshape(1).contiguous()
+    grad = torch.empty_like(pred, memory_format=torch.contiguous_format)
+    block_m, block_p = _tile(M, group_size)
+    grid = (triton.cdiv(M, block_m), B)
+    _masked_mse_bwd_kernel[grid](
+        pred, patches, idx, valid_u8 if valid_u8 is not None else idx, coef, grad,
+        M, group_size, eps,
+        *pred.stride(), *patches.stride(), *idx.stride(),
+        *(valid_u8.stride() if valid_u8 is not None else (0, 0)), *grad.stride(),
+        HAS_VALID=valid_u8 is not None, NORM_PIX=norm_pix, GROUPS=norm_groups,
+        BLOCK_M=block_m, BLOCK_P=block_p,
+    )
+    return grad
+
+
+# --- custom ops -------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mae_kernels::masked_mse_loss", mutates_args=())
+def masked_mse_loss_op(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor | None,
+                       norm_pix: bool, eps: float, norm_groups: int, backend: str) -> torch.Tensor:
+    """The checked op: see :func:`masked_mse_loss`."""
+    if runs_triton(backend, pred):
+        with device_guard(pred):
+            return _loss_triton(pred, patches, idx, valid, norm_pix, eps, norm_groups)
+    return masked_mse_loss_reference(pred, patches, idx, valid, norm_pix, eps, norm_groups)
+
+
+@masked_mse_loss_op.register_fake
+def _(pred, patches, idx, valid, norm_pix, eps, norm_groups, backend):
+    return pred.new_empty((), dtype=torch.promote_types(pred.dtype, torch.float32))
+
+
+@torch.library.custom_op("mae_kernels::masked_mse_loss_backward", mutates_args=())
+def masked_mse_loss_backward_op(grad_loss: torch.Tensor, pred: torch.Tensor, patches: torch.Tensor,
+                                idx: torch.Tensor, valid: torch.Tensor | None, norm_pix: bool, eps: float,
+                                norm_groups: int, backend: str) -> torch.Tensor:
+    """d loss / d pred, recomputing the normalised targets from the patches."""
+    if runs_triton(backend, pred):
+        with device_guard(pred):
+            return _loss_backward_triton(grad_loss, pred, patches, idx, valid, norm_pix, eps, norm_groups)
+    return masked_mse_loss_backward_reference(grad_loss, pred, patches, idx, valid, norm_pix, eps, norm_groups)
+
+
+@masked_mse_loss_backward_op.register_fake
+def _(grad_loss, pred, patches, idx, valid, norm_pix, eps, norm_groups, backend):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _loss_setup(ctx, inputs, output):
+    pred, patches, idx, valid, *options = inputs
+    ctx.save_for_backward(pred, patches, idx, valid)
+    ctx.options = options
+
+
+def _loss_backward(ctx, grad_loss):
+    pred, patches, idx, valid = ctx.saved_tensors
+    grad = masked_mse_loss_backward_op(grad_loss, pred, patches.detach(), idx, valid, *ctx.options)
+    return grad, None, None, None, None, None, None, None
+
+
+masked_mse_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 # --- public op --------------------------------------------------------------------------------------
@@ -174,7 +248,7 @@ class _MaskedMSELoss(torch.autograd.Function):
 
 def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
                     valid: torch.Tensor | None = None, norm_pix: bool = True, eps: float = 1e-6,
-                    norm_groups: int = 1) -> torch.Tensor:
+                    norm_groups: int = 1, validate: bool = False) -> torch.Tensor:
     """Mean squared error between predictions and the (normalised) patches they reconstruct.
 
     Args:
@@ -188,18 +262,18 @@ def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor
         eps: added to the variance before the square root.
         norm_groups: normalise P/G contiguous values at a time (3 for channel-major video patches,
             the VideoMAE V2 convention of per-colour-channel statistics); P must divide by it.
+        validate: check 0 <= idx < N (one host sync); off by default.
 
     Returns:
-        A float32 scalar. Differentiable in pred only.
+        A float32 scalar. Differentiable in pred only. No host sync unless ``validate``.
     """
     check_tensor("pred", pred, 3)
     check_tensor("patches", patches, 3)
     B, M, P = pred.shape
     if patches.shape[0] != B or patches.shape[2] != P:
         raise ValueError(f"patches must be [B={B}, N, P={P}] to match pred, got {tuple(patches.shape)}")
-    check_same_device(pred=pred, patches=patches, idx=idx if isinstance(idx, torch.Tensor) else None,
-                      valid=valid)
-    check_index("idx", idx, B, patches.shape[1])
+    check_same_device(pred=pred, patches=patches, idx=idx, valid=valid)
+    check_index("idx", idx, B, patches.shape[1], validate)
     if idx.shape[1] != M:
         raise ValueError(f"idx must have one entry per prediction row ({M}), got shape {tuple(idx.shape)}")
     if valid is not None:
@@ -211,6 +285,6 @@ def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor
         raise ValueError(f"norm_groups must be a positive integer dividing P={P}, got {norm_groups!r}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    if use_triton(pred, patches, idx, valid):
-        return _MaskedMSELoss.apply(pred, patches, idx, valid, bool(norm_pix), float(eps), norm_groups)
-    return masked_mse_loss_reference(pred, patches, idx, valid, norm_pix, eps, norm_groups)
+    name = requested_backend()
+    use_triton(pred, patches, idx, valid)  # raises here when the backend cannot run
+    return masked_mse_loss_op(pred, patches, idx, valid, bool(norm_pix), float(eps), norm_groups, name)

@@ -232,7 +232,7 @@ def test_only_some_inputs_require_grad():
 def test_not_twice_differentiable():
     q, k, v = make_qkv(1, 1, 4, 4, 1, 16)
     (gq,) = torch.autograd.grad(triton_attention(q, k, v).square().sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="grouped_attention_backward.* no autograd formula"):
         gq.sum().backward()
 
 
@@ -314,7 +314,7 @@ def test_dispatch_triton_backend_runs_the_kernels(monkeypatch, kernel_calls):
     monkeypatch.setenv("MAE_KERNELS_BACKEND", "torch")  # the context manager wins over the environment
     q, k, v = make_qkv(1, 2, 6, 6, 2, 16)
     out = triton_attention(q, k, v)
-    assert len(kernel_calls) == 1 and type(out.grad_fn).__name__ == "_GroupedAttentionBackward"
+    assert len(kernel_calls) == 1 and "mae_kernels_grouped_attention" in type(out.grad_fn).__name__
     monkeypatch.setenv("MAE_KERNELS_BACKEND", "auto")  # auto: Triton on CUDA tensors or under the interpreter
     mae_kernels.grouped_attention(q, k, v)
     assert len(kernel_calls) == 2

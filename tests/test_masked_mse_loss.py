@@ -129,13 +129,15 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="idx must have one entry per prediction row"):
         mae_kernels.masked_mse_loss(pred, patches, idx[:, :2])
     with pytest.raises(ValueError, match="idx values must lie"):
-        mae_kernels.masked_mse_loss(pred, patches, idx + 10)
+        mae_kernels.masked_mse_loss(pred, patches, idx + 10, validate=True)
     with pytest.raises(TypeError, match="idx must have dtype"):
         mae_kernels.masked_mse_loss(pred, patches, idx.to(torch.int16))
     with pytest.raises(ValueError, match="at least one token"):
         mae_kernels.masked_mse_loss(pred[:, :0], patches, idx[:, :0])
     with pytest.raises(TypeError, match="valid must be a bool tensor"):
         mae_kernels.masked_mse_loss(pred, patches, idx, valid=torch.ones(2, 3))
+    with pytest.raises(TypeError, match="valid must be a bool tensor"):
+        mae_kernels.masked_mse_loss(pred, patches, idx, valid=[[True] * 3] * 2)
     with pytest.raises(ValueError, match=r"valid must have shape \[2, 3\]"):
         mae_kernels.masked_mse_loss(pred, patches, idx, valid=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="norm_groups must be a positive integer dividing P=8"):

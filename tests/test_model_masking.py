@@ -1,5 +1,7 @@
 """Mask generators: region-aware encoder masks, running-cell and random decoder masks (property tests)."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
@@ -192,4 +194,25 @@ def test_region_major_rejects_unbalanced_regions():
     rid = region_index((16, 8), (4, 4))
     unbalanced = torch.arange(24).unsqueeze(0)          # the first 24 raster positions: regions 0 and 1 only
     with pytest.raises(ValueError, match="same number of tokens"):
-        region_major(unbalanced, rid, 8)
+        region_major(unbalanced, rid, 8, validate=True)
+    region_major(unbalanced, rid, 8)  # trusted by default: no host sync in the training step
+
+
+def test_pretrain_masks_validate_checks_masks_made_elsewhere():
+    from avfmae import sample_pretrain_masks
+
+    cfg = get_config("tiny")
+    masks = sample_pretrain_masks(cfg, 3, gen(7))
+    assert masks.validate(cfg) is masks
+    bad_count = dataclasses.replace(masks, audio_decode=masks.audio_decode[:, :-1])
+    with pytest.raises(ValueError, match="masks.audio_decode must list"):
+        bad_count.validate(cfg)
+    out_of_range = dataclasses.replace(masks, video_decode=masks.video_decode + cfg.num_video_tokens)
+    with pytest.raises(ValueError, match=r"masks.video_decode positions must lie in \[0, "):
+        out_of_range.validate(cfg)
+    unsorted = dataclasses.replace(masks, audio_visible=masks.audio_visible.flip(1))
+    with pytest.raises(ValueError, match="sorted and distinct"):
+        unsorted.validate(cfg)
+    first = torch.arange(masks.video_visible.shape[1]).expand(3, -1)  # raster prefix: unbalanced regions
+    with pytest.raises(ValueError, match="masks.video_visible: every region must keep"):
+        dataclasses.replace(masks, video_visible=first).validate(cfg)

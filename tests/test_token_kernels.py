@@ -193,9 +193,9 @@ def test_gather_errors_name_the_argument():
     with pytest.raises(ValueError, match="idx must have batch size 2"):
         mae_kernels.gather_tokens(x, idx[:1])
     with pytest.raises(ValueError, match=r"idx values must lie in \[0, 10\)"):
-        mae_kernels.gather_tokens(x, idx + 10)
+        mae_kernels.gather_tokens(x, idx + 10, validate=True)
     with pytest.raises(ValueError, match=r"idx values must lie"):
-        mae_kernels.gather_tokens(x, idx - 1)
+        mae_kernels.gather_tokens(x, idx - 1, validate=True)
     with pytest.raises(ValueError, match="at least one token"):
         mae_kernels.gather_tokens(x, idx[:, :0])
     with pytest.raises(ValueError, match=r"pos must have shape \[10, 8\]"):
@@ -206,6 +206,8 @@ def test_gather_errors_name_the_argument():
         mae_kernels.gather_tokens(x.double(), idx)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         mae_kernels.gather_tokens(x.numpy(), idx)
+    with pytest.raises(TypeError, match="pos must be a torch.Tensor"):
+        mae_kernels.gather_tokens(x, idx, pos=[0.0] * 8)
 
 
 def test_assemble_errors_name_the_argument():
@@ -216,7 +218,7 @@ def test_assemble_errors_name_the_argument():
     with pytest.raises(ValueError, match="enc_idx must list one position per encoder token"):
         mae_kernels.assemble_decoder_tokens(enc, token, pos, eidx[:, :2], didx)
     with pytest.raises(ValueError, match="dec_idx values must lie"):
-        mae_kernels.assemble_decoder_tokens(enc, token, pos, eidx, didx + 10)
+        mae_kernels.assemble_decoder_tokens(enc, token, pos, eidx, didx + 10, validate=True)
     with pytest.raises(ValueError, match="dec_idx must have batch size"):
         mae_kernels.assemble_decoder_tokens(enc, token, pos, eidx, didx[:1])
     with pytest.raises(TypeError, match="share one dtype"):

@@ -1,0 +1,73 @@
+"""Count what a training step asks of the device: aten ops (≈ eager kernel launches) and host syncs.
+
+A host sync (``.item()``, ``bool(tensor)``, ``nonzero``, ...) makes the CPU wait until the GPU has
+drained its queue, so a step with syncs cannot run ahead of the GPU nor be captured as one CUDA
+graph. Syncs show up at the dispatcher as the ops below, whatever Python line caused them; a
+``TorchDispatchMode`` sees every op, on CPU as on CUDA, so the counts are testable without a GPU.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# aten ops that read device data back to the host (``item``/``tolist``/``bool``/``int`` on a tensor
+# all end in _local_scalar_dense), or whose output shape depends on the data
+SYNC_OPS = frozenset({
+    "_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "nonzero_static_fallback", "masked_select",
+    "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive", "repeat_interleave_sync",
+    "allclose", "device_to_host",
+})
+DEVICE_TO_HOST = "device_to_host"
+
+
+def _device_to_host(name: str, args: tuple, out: object) -> bool:
+    src = args[1] if name == "copy_" else args[0]
+    dst = args[0] if name == "copy_" else out
+    return (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.device.type != "cpu"
+            and dst.device.type == "cpu")
+
+
+@dataclass(frozen=True)
+class OpCounts:
+    """Aten ops of one call, and the host syncs among them (op name -> count)."""
+
+    ops: int
+    syncs: dict[str, int]
+    by_op: dict[str, int]
+
+    @property
+    def num_syncs(self) -> int:
+        return sum(self.syncs.values())
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched inside the ``with`` block (forward and backward alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counter: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        self.counter[name] += 1
+        out = func(*args, **kwargs)
+        if name in ("_to_copy", "copy_") and _device_to_host(name, args, out):
+            self.counter[DEVICE_TO_HOST] += 1  # e.g. .cpu() or .tolist() of a CUDA tensor
+        return out
+
+    def counts(self) -> OpCounts:
+        syncs = {name: n for name, n in self.counter.items() if name in SYNC_OPS}
+        return OpCounts(sum(self.counter.values()), syncs, dict(self.counter))
+
+
+def count_ops(step: Callable[[], object]) -> OpCounts:
+    """Run ``step()`` (e.g. a forward and its backward) once and count its aten ops and host syncs."""
+    with OpCounter() as counter:
+        step()
+    return counter.counts()

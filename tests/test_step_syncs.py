@@ -1,0 +1,96 @@
+"""No host syncs in a training step: every model task's forward and backward, and every kernel op on
+both backends, dispatch none of the ops that read device data back to the host
+(``avfmae.op_count.SYNC_OPS``). A sync drains the GPU queue and blocks CUDA-graph capture."""
+
+import mae_kernels
+import pytest
+import torch
+
+import avfmae
+from avfmae.op_count import SYNC_OPS, count_ops
+
+TASKS = {
+    "pretrain": dict(task="pretrain"),
+    "pretrain-hicmae-fusion": dict(task="pretrain", fusion="hicmae"),
+    "hicmae-baseline": dict(task="hicmae_pretrain"),
+    "finetune": dict(task="finetune", num_outputs=4, drop_path=0.1),
+    "finetune-regression": dict(task="finetune", num_outputs=2, regression=True),
+    "finetune-video-only": dict(task="finetune", num_outputs=3, video_only=True),
+}
+
+
+def _inputs(cfg, batch=2):
+    torch.manual_seed(0)
+    video = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size)
+    audio = torch.randn(batch, 1, cfg.audio_frames, cfg.audio_bins)
+    return video, audio
+
+
+def _training_step(name: str):
+    kwargs = dict(TASKS[name])
+    task = kwargs.pop("task")
+    model = avfmae.build_model("tiny", task, **kwargs).train()
+    video, audio = _inputs(model.cfg)
+    if task == "finetune":
+        target = torch.randn(2, 2) if kwargs.get("regression") else torch.tensor([1, 0])
+        audio_in = None if kwargs.get("video_only") else audio
+
+        def step():
+            model.compute_loss(model(video, audio_in), target).backward()
+    else:
+        masks = model.sample_masks(2, "cpu", torch.Generator().manual_seed(0))
+
+        def step():
+            model(video, audio, masks)["loss"].backward()
+    return step
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_training_step_makes_no_host_sync(name):
+    counts = count_ops(_training_step(name))
+    assert counts.ops > 100, "the counter saw the step"
+    assert counts.num_syncs == 0, f"{name}: host syncs {counts.syncs}"
+
+
+def test_counter_sees_syncs():
+    """The sync list is live: the calls a training step must avoid are all caught."""
+    x = torch.arange(6.0)
+    counts = count_ops(lambda: (x.sum().item(), bool(x.any()), x.nonzero(), torch.equal(x, x),
+                                torch.masked_select(x, x > 2), x.unique()))
+    assert counts.syncs == {"_local_scalar_dense": 2, "nonzero": 1, "equal": 1, "masked_select": 1, "_unique2": 1}
+    assert set(counts.syncs) <= SYNC_OPS
+    if torch.cuda.is_available():  # .tolist()/.cpu() of a CUDA tensor copies to the host
+        y = x.cuda()
+        assert count_ops(lambda: (y.tolist(), y.cpu())).syncs.get("device_to_host", 0) >= 1
+
+
+def _op_steps():
+    B, N, M, C = 2, 12, 5, 16
+    x = torch.randn(B, N, C, requires_grad=True)
+    pos = torch.randn(N, C, requires_grad=True)
+    idx = torch.stack([torch.randperm(N)[:M] for _ in range(B)])
+    dec = torch.stack([torch.randperm(N)[:M] for _ in range(B)])
+    token = torch.randn(C, requires_grad=True)
+    q = torch.randn(B, 2, 5, 2, 16, requires_grad=True)
+    valid = torch.rand(B, M) > 0.3
+    return {
+        "gather_tokens": lambda: mae_kernels.gather_tokens(x, idx, pos).sum().backward(),
+        "assemble_decoder_tokens": lambda: mae_kernels.assemble_decoder_tokens(x[:, :M], token, pos, idx,
+                                                                               dec).sum().backward(),
+        "masked_mse_loss": lambda: mae_kernels.masked_mse_loss(x[:, :M], x.detach(), idx, valid).backward(),
+        "grouped_attention": lambda: mae_kernels.grouped_attention(q, q, q).sum().backward(),
+    }
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", sorted(_op_steps()))
+def test_kernel_ops_make_no_host_sync(op, backend):
+    with mae_kernels.backend(backend):
+        counts = count_ops(_op_steps()[op])
+    assert counts.num_syncs == 0, f"{op} on {backend}: host syncs {counts.syncs}"
+
+
+def test_validate_is_the_one_sync():
+    x, idx = torch.randn(2, 10, 8), torch.zeros(2, 3, dtype=torch.long)
+    assert count_ops(lambda: mae_kernels.gather_tokens(x, idx)).num_syncs == 0
+    assert count_ops(lambda: mae_kernels.gather_tokens(x, idx, validate=True)).num_syncs > 0
