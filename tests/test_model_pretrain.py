@@ -1,6 +1,5 @@
 """Pre-training models end to end: losses, gradients, decoder token order, backends, base size on CPU."""
 
-import time
 
 import mae_kernels
 import pytest
@@ -216,10 +215,7 @@ def test_base_pretrain_forward_backward_on_cpu():
     model = avfmae.build_model("base", "pretrain")
     cfg = model.cfg
     video, audio, masks = batch(B=2, seed=10, cfg=cfg)
-    start = time.perf_counter()
     out = model(video, audio, masks)
     out["loss"].backward()
-    elapsed = time.perf_counter() - start
     assert torch.isfinite(out["loss"])
     assert_gradients(model, stage_iv_of_last_layer(model))
-    assert elapsed < 60, f"base fwd+bwd took {elapsed:.1f}s"
