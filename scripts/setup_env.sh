@@ -4,7 +4,7 @@
 # Without an NVIDIA GPU the CPU build of torch is installed first (set TORCH_INDEX_URL to a CPU wheel
 # index if your pip would otherwise pick a CUDA build); with a GPU, the normal build (or the one of
 # TORCH_INDEX_URL). torch is installed once; every extra is then installed through
-# scripts/pip_keep_torch.sh, which keeps that torch: an extra that needs another one fails, saying which.
+# scripts/pip_keep_torch.py, which keeps that torch: an extra that needs another one fails, saying which.
 set -euo pipefail
 extras="${1:-dev}"
 cd "$(dirname "$0")/.."
@@ -31,10 +31,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
   .venv/bin/python -m pip install --disable-pip-version-check -q \
     ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$torch_spec"
-  # pip_keep_torch.sh looks torchvision/torchaudio up there too, so their build matches torch's.
+  # pip_keep_torch.py looks torchvision/torchaudio up there too, so their build matches torch's.
   printf '%s\n' "${TORCH_INDEX_URL:-}" > .venv/avfmae-torch-index
 fi
 echo "setup: installing avfmae[$extras] (keeping torch $(.venv/bin/python -c \
   'from importlib.metadata import version; print(version("torch"))'))"
-VENV=.venv scripts/pip_keep_torch.sh -q -e ".[$extras]"
+.venv/bin/python scripts/pip_keep_torch.py -q -e ".[$extras]"
 touch "$stamp"
