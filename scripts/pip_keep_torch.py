@@ -72,9 +72,11 @@ def constraints() -> tuple[list[str], list[str]]:
             version = entry["metadata"]["version"]
             pins_torch = any(re.match(r"torch\s*\(?==", r) for r in entry["metadata"].get("requires_dist", []))
             if build and pins_torch and not version.endswith("+" + build):
-                notes.append(f"{name}: the only {name} {version} found is not the +{build} build that loads next "
-                             f"to torch {torch_version}; set TORCH_INDEX_URL to the wheel index torch came from "
-                             f"(for +cpu: https://download.pytorch.org/whl/cpu) when setting up the environment")
+                index = "https://download.pytorch.org/whl/" + build if build in ("cpu", "xpu") or \
+                    build.startswith(("cu", "rocm")) else "<the wheel index of torch's build>"
+                notes.append(f"{name}: its +{build} build, the one that loads next to torch {torch_version}, is on "
+                             f"none of the indexes (only {version}, built for another torch). Set the environment "
+                             f"up from the index that has it:\n    rm -rf .venv && TORCH_INDEX_URL={index} make test")
                 version = f"{version.partition('+')[0]}+{build}"
         pins.append(f"{name}=={version}")
     return pins, notes
@@ -110,11 +112,13 @@ def main(args: list[str]) -> int:
         return 0
     wanted = culprits(pip_log)
     if wanted:
+        blocked = [note for note in notes if any(f"depends on {note.split(':')[0]}" in w for w in wanted)]
         print(f"\nkeep-torch: not installed, nothing was changed. This environment keeps {pins[0]} (the torch it "
-              f"was set up with; constraints: {', '.join(pins[1:]) or 'torch only'}), and nothing you asked for "
-              f"works with it:", *(f"    {w}" for w in wanted), *(f"  {n}" for n in notes),
-              "Pick a release built for this torch, or set up a fresh environment for another torch:",
-              "    rm -rf .venv && TORCH_SPEC=torch==<version> make test", sep="\n", file=sys.stderr)
+              "was set up with), and what you asked for needs:", *(f"    {w}" for w in wanted), sep="\n",
+              file=sys.stderr)
+        advice = blocked or ["Pick a release built for this torch, or set up a fresh environment for another "
+                             "torch:\n    rm -rf .venv && TORCH_SPEC=torch==<version> make test"]
+        print(*advice, sep="\n", file=sys.stderr)
     return status
 
 
