@@ -6,6 +6,8 @@ Run against the environment running the tests (the project's .venv under ``make 
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -100,8 +102,14 @@ def test_culprits_read_from_pips_conflict_report():
                                         "flash-attn 2.8.0 depends on torchvision==0.29.1"]
 
 
-def test_setup_rejects_an_unknown_extra():
-    done = subprocess.run([str(ROOT / "scripts" / "setup_env.sh"), "dev,hicmea"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 2
+def test_setup_rejects_an_unknown_extra(tmp_path):
+    # A copy, so that a regression could not install into the project's environment; PYTHON=false
+    # makes creating a venv fail loudly instead.
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup_env.sh", tmp_path / "scripts")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    done = subprocess.run([str(tmp_path / "scripts" / "setup_env.sh"), "dev,hicmea"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": "false"}, timeout=60)
+    assert done.returncode == 2, done.stderr
     assert "no extra 'hicmea'" in done.stderr and "hicmae" in done.stderr
+    assert not (tmp_path / ".venv").exists()
