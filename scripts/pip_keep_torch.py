@@ -6,8 +6,8 @@
 Every install runs under a generated pip constraints file: the installed torch exactly, build tag
 included (``torch==2.13.0+cpu``), and torchvision/torchaudio at the release made for that torch — the
 installed one, else the one pip resolves next to the pinned torch. Packages compiled against torch pin
-it exactly (torchvision, xformers, flash-attn), so pip takes their release for this torch or stops; it
-cannot swap torch. A release that pins torch exactly is also tied to torch's build: next to a
+it exactly (torchvision, xformers), so pip takes their release for this torch or stops; it cannot swap
+torch. A release that pins torch exactly is also tied to torch's build: next to a
 ``+cpu`` torch only a ``+cpu`` torchvision loads (the CUDA one fails at ``import torchvision``), so it
 is pinned with torch's build tag and looked up on the index torch came from (recorded by
 setup_env.sh, else $TORCH_INDEX_URL). When nothing fits, this says which package wanted which torch.
