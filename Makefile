@@ -1,8 +1,13 @@
 # The two commands of the README. Each creates .venv if missing and installs what it needs.
-.PHONY: demo test bench
+# Optional extras go through the same script, which never replaces the installed torch:
+#   make extra EXTRAS=hicmae          add extras (comma-separated) to .venv
+#   make bench HICMAE_PATH=/path      also installs `hicmae` and times HiCMAE's own model
+.PHONY: demo test bench extra
 
+comma := ,
 TEST_EXTRAS := dev,bench,data,train
 DEMO_EXTRAS := data,train
+BENCH_EXTRAS := $(TEST_EXTRAS)$(if $(HICMAE_PATH),$(comma)hicmae)
 
 demo:
 	@scripts/setup_env.sh $(DEMO_EXTRAS)
@@ -13,5 +18,10 @@ test:
 	.venv/bin/python -m pytest tests -q -p no:cacheprovider --durations=15
 
 bench:
-	@scripts/setup_env.sh $(TEST_EXTRAS)
-	.venv/bin/python -m pytest benchmarks --benchmark-only -q -rs -p no:cacheprovider
+	@scripts/setup_env.sh $(BENCH_EXTRAS)
+	.venv/bin/python -m pytest benchmarks --benchmark-only -q -rs -p no:cacheprovider \
+		$(if $(HICMAE_PATH),--hicmae-path "$(HICMAE_PATH)")
+
+extra:
+	@test -n "$(EXTRAS)" || { echo "make extra: name them, e.g. make extra EXTRAS=hicmae (see README, Extras)" >&2; exit 2; }
+	@scripts/setup_env.sh $(EXTRAS)
