@@ -71,3 +71,40 @@ def count_ops(step: Callable[[], object]) -> OpCounts:
     with OpCounter() as counter:
         step()
     return counter.counts()
+
+
+COMPILED_GRAPH_EVENT = "## Call CompiledFxGraph"  # the profiler scope of one inductor graph call
+
+
+def count_launches(step: Callable[[], object]) -> int:
+    """Kernels one call of ``step`` launches, read from the profiler.
+
+    On CUDA: every device kernel. On CPU: the outermost aten ops (what eager code dispatches), and
+    inside a compiled graph each kernel inductor generated and each extern call it makes (matmuls,
+    custom ops) — with ``torch._inductor.config.cpp.enable_kernel_profile`` set before compiling, so
+    generated CPU kernels show up as profiler events.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+    events = prof.events()
+    if cuda:
+        return sum(1 for e in events if e.device_type == DeviceType.CUDA)
+    return sum(1 for e in events if e.device_type == DeviceType.CPU and _is_launch(e))
+
+
+def _is_launch(event) -> bool:
+    parent = event.cpu_parent
+    if parent is not None and parent.name.startswith(COMPILED_GRAPH_EVENT):
+        return True
+    if not event.name.startswith("aten::"):
+        return False
+    while parent is not None:  # an aten op inside another aten op, or inside a compiled graph, is no launch
+        if parent.name.startswith(("aten::", COMPILED_GRAPH_EVENT)):
+            return False
+        parent = parent.cpu_parent
+    return True

@@ -217,6 +217,8 @@ class Trainer:
             return
         kwargs = {"mode": cfg.compile} if cfg.compile != "default" and cfg.compile_backend == "inductor" else {}
         self.engine.compile(backend=cfg.compile_backend, compile_kwargs=kwargs)
+        self.log.write(event="compile", mode=cfg.compile, backend=cfg.compile_backend,
+                       compiled=bool(self.engine.is_compiled))
 
     def plan(self, micro_batches_per_epoch: int) -> tuple[int, int]:
         """(optimizer steps per epoch, total steps); sets the lr schedule."""

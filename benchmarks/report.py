@@ -46,6 +46,10 @@ METRICS = {
     "flops_per_step": ("GFLOP/step", None),  # shown in GFLOP
     "params_M": ("params (M)", "{:.1f}"),
     "peak_mem_gb": ("peak mem (GiB)", "{:.2f}"),
+    "host_syncs": ("host syncs", "{:d}"),
+    "aten_ops": ("aten ops (eager)", "{:d}"),
+    "launches": ("launches", "{:d}"),
+    "compile_s": ("compile (s)", "{:.0f}"),
 }
 PAPER_NOTE = ("Paper (Table 4): dual masking + improved LGI-Former pre-trains 1.46x faster than HiCMAE "
               "(Base, 100 epochs on VoxCeleb2-dev: 115.45 h vs 79.07 h); the comparable case is "
@@ -301,6 +305,38 @@ def outcomes_section(data: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+# (case, against, goal): the compiled step's targets (issue "one graph per step"); launches: at most
+STEP_GOALS = (
+    ("avfmae-table4-compiled", "hicmae-official", 1.46, "time"),
+    ("avfmae-compiled", "hicmae-official", 1.2, "time"),
+    ("avfmae-compiled", "hicmae-compiled", 1.3, "launches"),
+)
+
+
+def step_goals(groups: dict[str, list[Case]]) -> list[str]:
+    """Goals of the step groups, met or not, with the measured value (missing cases said so)."""
+    lines = ["### Step goals", "", "| group | goal | measured | met |", "|---|---|---|---|"]
+    for group, cases in groups.items():
+        if not group.startswith("pretrain step"):
+            continue
+        by_label = {c.label.split("-", 1)[-1]: c for c in cases if c.usable}
+        for ours, other, goal, kind in STEP_GOALS:
+            a, b = by_label.get(ours), by_label.get(other)
+            if kind == "time":
+                text = f"{ours} ≥ {goal}x {other}"
+                value = ratio(b, a)
+                shown, met = _times(value), value is not None and value >= goal
+            else:
+                text = f"{ours} launches ≤ {goal}x {other}'s"
+                counts = [c.extra.get("launches") if c else None for c in (a, b)]
+                value = counts[0] / counts[1] if all(counts) else None
+                shown = f"{value:.2f}x ({counts[0]} / {counts[1]})" if value is not None else "–"
+                met = value is not None and value <= goal
+            verdict = "yes" if met else ("not measured" if value is None else "no")
+            lines.append(f"| {group} | {text} | {shown} | {verdict} |")
+    return lines + [""]
+
+
 def render_markdown(data: dict[str, Any], source: str | None = None, chart: str | None = None) -> str:
     groups = group_cases(parse_cases(data))
     device = device_name(data)
@@ -320,7 +356,7 @@ def render_markdown(data: dict[str, Any], source: str | None = None, chart: str 
         lines += ["No group has both one of our cases and something to compare it with.", ""]
     lines += peer_check(groups)
     if any(g.startswith("pretrain step") for g in groups):
-        lines += [PAPER_NOTE, ""]
+        lines += [PAPER_NOTE, ""] + step_goals(groups)
     if chart:
         lines += [f"![ratios vs each group's baseline]({chart})", ""]
     for group, cases in groups.items():

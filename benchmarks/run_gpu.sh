@@ -1,50 +1,86 @@
 #!/usr/bin/env bash
-# The whole benchmark suite on one CUDA GPU with no network, then the report.
+# The GPU run, in one call: kernel and model tests on CUDA, the sync check, the step benchmarks
+# (eager / compiled / CUDA graph) and the report. Made for one H100/H200 with no network, on what a
+# bare GPU image holds (Python 3.12, a CUDA torch, triton, einops, timm, pytest, pytest-benchmark,
+# hypothesis): nothing is installed and nothing downloaded; this checkout is put on PYTHONPATH
+# (kernels/ as mae_kernels). DALI, DeepSpeed and matplotlib are optional (their cases skip).
 #
-#   benchmarks/run_gpu.sh                 # everything: step (base/large/huge), kernels, attention, data
-#   benchmarks/run_gpu.sh -m step         # extra arguments go to pytest (here: the training step only)
-#
-# Nothing below downloads anything. Prepare while the machine still has network (or copy a prepared
-# .venv, or install from a wheel folder with PIP_NO_INDEX=1 PIP_FIND_LINKS=/path/to/wheels):
-#   scripts/setup_env.sh dev,bench,data   # CUDA torch, triton, pytest(-benchmark), matplotlib, DALI, PyAV
-#   .venv/bin/pip install -e '.[peers]'   # optional: xformers and flash-attn, the attention peers
-#   .venv/bin/pip install -e '.[hicmae]'  # optional, with HiCMAE: its code imports timm (needs torchvision)
-#   git clone https://github.com/sunlicai/HiCMAE /somewhere/HiCMAE   # optional: then HICMAE_PATH=...
+#   benchmarks/run_gpu.sh                          # everything, under 8 minutes (limits: STAGE_*_S)
+#   OUT_DIR=$OUT benchmarks/run_gpu.sh             # results somewhere else (default benchmarks/results)
+#   RUN_GPU_STAGES=tests,sync benchmarks/run_gpu.sh   # some stages only: tests, sync, step, kernels, report
 #
 # Environment (all optional):
-#   HICMAE_PATH        HiCMAE checkout: also time HiCMAE's own model (skipped, with the reason, without)
-#   BENCH_STEP_SIZES   model sizes of the training-step cases, default base,large,huge
-#   BENCH_STEP_BATCH   per-size batch, default base=32,large=16,huge=8 (lower it on cards under 40 GB)
-#   BENCH_STEP_ROUNDS  timed steps per case, default 10
-#   OUT_DIR            where the report goes, default benchmarks/results
+#   HICMAE_PATH        HiCMAE checkout: also time HiCMAE's own model (needs timm)
+#   BENCH_STEP_SIZES   sizes of the step cases, default base,huge
+#   BENCH_STEP_BATCH   per-size batch, default base=32,huge=8
+#   BENCH_STEP_CASES   step cases, default: eager, compiled and CUDA-graph AVF-MAE++ / Table 4 / HiCMAE
+#   STAGE_TESTS_S, STAGE_SYNC_S, STAGE_STEP_S, STAGE_KERNELS_S   time limit of each stage (seconds)
+#   RUN_GPU_ON_CPU=1   run the plumbing on a CPU machine (tiny sizes; what tests/test_run_gpu.py does)
 #
-# Duration: an estimate until the first GPU run replaces it — about 15 minutes on one H100: building
-# the large/huge models and the first (autotuning) step of each dominate the 5-6 step cases per size;
-# the kernel, attention and data cases take a few minutes more. The largest case in memory is the
-# HiCMAE baseline at huge (its decoders attend over all 800 + 128 tokens).
+# Every stage writes its own file under OUT_DIR; a stage that fails or runs out of time is recorded
+# (summary.txt) and the next one still runs, so one call always brings back a report.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-py="${PYTHON:-.venv/bin/python}"
-unset TRITON_INTERPRET  # compiled kernels only: the interpreter is a correctness tool, never timed
+repo="$PWD"
+py="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3 )}"
+out="${OUT_DIR:-benchmarks/results}"
+stages=",${RUN_GPU_STAGES:-tests,sync,step,kernels,report},"
+mkdir -p "$out"
+summary="$out/summary.txt"
+: > "$summary"
 
-"$py" - <<'PY' || exit 1
-import sys, torch
-if not torch.cuda.is_available():
-    sys.exit("run_gpu.sh: torch sees no CUDA device (on a CPU machine use `make bench`)")
-print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-PY
+shim="$(mktemp -d)"
+ln -s "$repo/kernels" "$shim/mae_kernels"
+export PYTHONPATH="$shim:$repo${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 MAE_KERNELS_BACKEND=auto
 
-export BENCH_STEP_SIZES="${BENCH_STEP_SIZES:-base,large,huge}"
-export BENCH_STEP_BATCH="${BENCH_STEP_BATCH:-base=32,large=16,huge=8}"
-export HF_HUB_OFFLINE=1  # timm (HiCMAE peer) must not try to reach the Hugging Face hub
-mkdir -p .benchmarks
-json=".benchmarks/gpu-$(date -u +%Y%m%dT%H%M%SZ).json"
+if [ "${RUN_GPU_ON_CPU:-0}" = 1 ]; then
+  export MAE_KERNELS_BACKEND=torch BENCH_STEP_SIZES="${BENCH_STEP_SIZES:-tiny}" BENCH_STEP_BATCH="${BENCH_STEP_BATCH:-2}"
+  export BENCH_STEP_ROUNDS="${BENCH_STEP_ROUNDS:-1}" BENCH_STEP_CASES="${BENCH_STEP_CASES:-avfmae,hicmae}"
+  sync_size=tiny
+  stages=",${RUN_GPU_STAGES:-tests,sync,step,report},"
+  tests=(tests/test_step_syncs.py -k "counter or validate")
+  step_select=()
+else
+  unset TRITON_INTERPRET  # compiled kernels only: the interpreter is a correctness tool
+  "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
+    'run_gpu.sh: torch sees no CUDA device (RUN_GPU_ON_CPU=1 runs the plumbing on a CPU)')" || exit 1
+  export BENCH_STEP_SIZES="${BENCH_STEP_SIZES:-base,huge}" BENCH_STEP_BATCH="${BENCH_STEP_BATCH:-base=32,huge=8}"
+  export BENCH_STEP_CASES="${BENCH_STEP_CASES:-avfmae,avfmae-table4,hicmae,avfmae-compiled,avfmae-table4-compiled,hicmae-compiled,avfmae-cudagraph,hicmae-cudagraph,hicmae-official}"
+  sync_size=base
+  step_select=(-k "not (huge and (compiled or cudagraph))")  # compiling huge would not fit the budget
+  # kernels in bf16/fp16/fp32 with full autotuning, the ops' registration, the sync-free step, and the
+  # model on the Triton kernels against the reference
+  tests=(tests/test_token_kernels.py tests/test_masked_mse_loss.py tests/test_grouped_attention.py
+         tests/test_custom_ops.py tests/test_step_syncs.py tests/test_model_pretrain.py)
+fi
+"$py" -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu',
+  '| torch', torch.__version__, '| cuda', torch.version.cuda)" | tee -a "$summary"
+
+stage() {  # stage NAME LIMIT_S COMMAND...: run, time-limited, and record the outcome
+  local name="$1" limit="$2"; shift 2
+  case "$stages" in *",$name,"*) ;; *) return 0 ;; esac
+  local start=$SECONDS
+  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  local verdict=$([ $rc = 0 ] && echo ok || { [ $rc = 124 ] && echo "timed out after ${limit}s" || echo "failed (exit $rc)"; })
+  echo "stage $name: $verdict in $((SECONDS - start))s; tail of $out/$name.log:" | tee -a "$summary"
+  tail -n 4 "$out/$name.log" | sed 's/^/    /' | tee -a "$summary"
+}
+
+json="$out/step-$(date -u +%Y%m%dT%H%M%SZ).json"
 peer=()
 if [ -n "${HICMAE_PATH:-}" ]; then peer=(--hicmae-path "$HICMAE_PATH"); fi
 
-"$py" -m pytest benchmarks --benchmark-only -q -rs -p no:cacheprovider --benchmark-json "$json" \
-  ${peer[@]+"${peer[@]}"} "$@"
-status=$?
-# the report lists failed and skipped cases too, so write it even when some case failed
-"$py" -m benchmarks.report --json "$json" --out-dir "${OUT_DIR:-benchmarks/results}" || exit 1
-exit "$status"
+stage tests "${STAGE_TESTS_S:-180}" "$py" -m pytest "${tests[@]}" -q -x -p no:cacheprovider -rs \
+  --junitxml="$out/tests.xml"
+stage sync "${STAGE_SYNC_S:-60}" "$py" -m benchmarks.gpu_checks --size "$sync_size" --out "$out/sync-check.json"
+stage step "${STAGE_STEP_S:-170}" "$py" -m pytest benchmarks/test_bench_step.py --benchmark-only -q -rs \
+  -p no:cacheprovider --benchmark-json "$json" ${step_select[@]+"${step_select[@]}"} ${peer[@]+"${peer[@]}"}
+stage kernels "${STAGE_KERNELS_S:-40}" "$py" -m pytest benchmarks/test_bench_attention.py \
+  benchmarks/test_bench_tokens.py --benchmark-only -q -rs -p no:cacheprovider -k "not xformers and not flash" \
+  --benchmark-json "$out/kernels.json"
+[ -f "$json" ] && stage report 20 "$py" -m benchmarks.report --json "$json" --out-dir "$out"
+rm -rf "$shim"
+echo "results in $out (summary: $summary)"
+! grep -q "^stage .*: \(failed\|timed out\)" "$summary"

@@ -14,7 +14,14 @@ case                model                                                       
 ``hicmae``          HiCMAEBaseline (vanilla ViT, encoder-only masking), torch backend           baseline
 ``hicmae-kernels``  HiCMAEBaseline on mae_kernels: the kernels as a drop-in (CUDA only)        ours
 ``hicmae-official`` HiCMAE's own PretrainAudioVisionTransformer (``--hicmae-path``)            peer
+``*-compiled``      the same model under ``torch.compile(fullgraph=True)`` (inductor)          ours
+``*-cudagraph``     ``torch.compile(mode="reduce-overhead")``: one CUDA graph per step (CUDA)   ours
 ==================  =========================================================================  =========
+
+Compiled cases: ``avfmae-compiled``, ``avfmae-table4-compiled`` and ``hicmae-compiled`` (its role is
+``reference``: our HiCMAE re-implementation compiled, so AVF-MAE++'s compiled step is also compared
+with a compiled HiCMAE); on CUDA also ``avfmae-cudagraph`` and ``hicmae-cudagraph``. The warm-up
+step compiles; its time is ``compile_s``.
 
 On CUDA: sizes base, large, huge under bf16 autocast. On CPU: tiny and base in fp32 at batch 2, and
 the "auto" backend *is* the torch reference (no CUDA; the Triton interpreter is never timed), so
@@ -24,8 +31,11 @@ the "auto" backend *is* the torch reference (no CUDA; the Triton interpreter is 
 
 extra_info per case: role, model, backend, size, batch, params_M, flops_per_step (forward+backward,
 counted once outside the timing by FlopCounterMode on the torch reference path with SDPA's math
-backend, so attention is counted on every device), TFLOP/s, samples_per_s and, on CUDA,
-peak_mem_gb (max_memory_allocated during the timed steps).
+backend, so attention is counted on every device), TFLOP/s, samples_per_s, host_syncs and aten_ops
+(forward+backward of the eager model, counted by ``avfmae.op_count``), launches (kernels one step
+launches: CUDA kernels on a GPU; on CPU, for compiled cases, the kernels and extern calls the
+compiled graphs run), compile_s and, on CUDA, peak_mem_gb (max_memory_allocated during the timed
+steps). ``BENCH_STEP_CASES=avfmae,hicmae`` restricts the cases.
 """
 
 from __future__ import annotations
@@ -33,20 +43,25 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import mae_kernels
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import avfmae
+from avfmae.op_count import count_launches, count_ops
 from benchmarks import hicmae_peer
 from benchmarks.conftest import CUDA, DEVICE
 
 pytestmark = pytest.mark.step
+# generated CPU kernels become profiler events, so count_launches sees them (set before compiling)
+inductor_config.cpp.enable_kernel_profile = True
 
 DEFAULT_BATCH = {"base": 32, "large": 16, "huge": 8} if CUDA else {"tiny": 2, "base": 2}
 KERNELS = "auto" if CUDA else "torch"  # never the Triton interpreter, even when TRITON_INTERPRET=1
@@ -60,16 +75,35 @@ class Case:
     role: str             # see benchmarks/report.py: ours / reference / baseline / peer
     overrides: tuple = ()
     cuda_only: bool = False
+    compile_mode: str | None = None  # torch.compile mode; None: eager
 
 
+TABLE4 = (("fusion", "hicmae"),)
 CASES = {
     "avfmae": Case("avfmae", "pretrain", KERNELS, "ours"),
-    "avfmae-table4": Case("avfmae-table4", "pretrain", KERNELS, "ours", (("fusion", "hicmae"),)),
+    "avfmae-table4": Case("avfmae-table4", "pretrain", KERNELS, "ours", TABLE4),
     "avfmae-torch": Case("avfmae", "pretrain", "torch", "reference"),
     "hicmae": Case("hicmae", "hicmae_pretrain", "torch", "baseline"),
     "hicmae-kernels": Case("hicmae", "hicmae_pretrain", KERNELS, "ours", cuda_only=True),
     "hicmae-official": Case("hicmae-official", None, "torch", "peer"),
+    "avfmae-compiled": Case("avfmae-compiled", "pretrain", KERNELS, "ours", compile_mode="default"),
+    "avfmae-table4-compiled": Case("avfmae-table4-compiled", "pretrain", KERNELS, "ours", TABLE4,
+                                   compile_mode="default"),
+    "hicmae-compiled": Case("hicmae-compiled", "hicmae_pretrain", KERNELS, "reference", compile_mode="default"),
+    "avfmae-cudagraph": Case("avfmae-cudagraph", "pretrain", KERNELS, "ours", cuda_only=True,
+                             compile_mode="reduce-overhead"),
+    "hicmae-cudagraph": Case("hicmae-cudagraph", "hicmae_pretrain", KERNELS, "reference", cuda_only=True,
+                             compile_mode="reduce-overhead"),
 }
+
+
+def _cases() -> list[str]:
+    raw = os.environ.get("BENCH_STEP_CASES")
+    cases = [c.strip() for c in raw.split(",") if c.strip()] if raw else list(CASES)
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise ValueError(f"BENCH_STEP_CASES: unknown case(s) {unknown}; expected some of {list(CASES)}")
+    return cases
 
 
 def _sizes() -> list[str]:
@@ -142,7 +176,18 @@ def _build(case: str, size: str, batch: int, hicmae_path) -> tuple[torch.nn.Modu
             pytest.skip(str(err))
         return model, hicmae_peer.make_loss_fn(model, cfg, video, audio, masks)
     model = avfmae.build_model(size, spec.task, **dict(spec.overrides)).to(DEVICE).train()
-    return model, lambda: model(video, audio, masks)["loss"]
+    def eager() -> torch.Tensor:
+        return model(video, audio, masks)["loss"]
+
+    if spec.compile_mode is None:
+        return model, eager
+    compiled = torch.compile(model, fullgraph=True, mode=spec.compile_mode)
+
+    def loss_fn() -> torch.Tensor:
+        return compiled(video, audio, masks)["loss"]
+
+    loss_fn.eager = eager  # type: ignore[attr-defined]
+    return model, loss_fn
 
 
 _FLOPS: dict[tuple[str, str, int], float] = {}  # FLOPs depend on the model, not on the backend
@@ -178,7 +223,23 @@ def make_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], backe
 BACKEND_LABEL = {"auto": "mae_kernels (Triton)", "torch": "torch reference"}
 
 
-@pytest.mark.parametrize("case", list(CASES))
+def forward_backward(loss_fn: Callable[[], torch.Tensor], backend: str) -> Callable[[], None]:
+    def fwd_bwd() -> None:
+        with mae_kernels.backend(backend), _autocast():
+            loss = loss_fn()
+        loss.backward()
+
+    return fwd_bwd
+
+
+def eager_counts(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], backend: str) -> dict[str, int]:
+    """Host syncs and aten ops of one eager forward+backward (what launch overhead scales with)."""
+    counts = count_ops(forward_backward(loss_fn, backend))
+    model.zero_grad(set_to_none=True)
+    return {"host_syncs": counts.num_syncs, "aten_ops": counts.ops}
+
+
+@pytest.mark.parametrize("case", _cases())
 @pytest.mark.parametrize("size", _sizes())
 def test_pretrain_step(benchmark, hicmae_path, size: str, case: str) -> None:
     spec = CASES[case]
@@ -190,11 +251,20 @@ def test_pretrain_step(benchmark, hicmae_path, size: str, case: str) -> None:
     batch = _batch(size)
     benchmark.group = f"pretrain step {size} B={batch}"
     model, loss_fn = _build(case, size, batch, hicmae_path)
+    # FLOPs and op counts are those of the same model run eagerly
+    eager_fn = getattr(loss_fn, "eager", loss_fn)
     if (spec.model, size, batch) not in _FLOPS:
-        _FLOPS[spec.model, size, batch] = count_flops(loss_fn, model)
+        _FLOPS[spec.model, size, batch] = count_flops(eager_fn, model)
     flops = _FLOPS[spec.model, size, batch]
+    counts = eager_counts(model, eager_fn, spec.backend) if spec.task is not None else {}
     step = make_step(model, loss_fn, spec.backend)
-    step()  # warm-up outside the timing: autotuning, allocator, optimizer state
+    start = time.perf_counter()
+    step()  # warm-up outside the timing: compilation, autotuning, allocator, optimizer state
+    compile_s = time.perf_counter() - start
+    if spec.compile_mode == "reduce-overhead":
+        step()  # the second call records the CUDA graph
+    launches = count_launches(forward_backward(loss_fn, spec.backend))  # model only, not the optimizer
+    model.zero_grad(set_to_none=True)
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(step, rounds=_rounds(), iterations=1, warmup_rounds=1 if CUDA else 0)
@@ -207,5 +277,9 @@ def test_pretrain_step(benchmark, hicmae_path, size: str, case: str) -> None:
                 flops_per_step=flops, samples_per_s=round(batch / median, 3),
                 device=torch.cuda.get_device_name() if CUDA else "cpu")
     info["TFLOP/s"] = round(flops / median / 1e12, 4)
+    info.update(counts)
+    info["launches"] = launches
+    if spec.compile_mode is not None:
+        info.update(compile_mode=spec.compile_mode, compile_s=round(compile_s, 1))
     if CUDA:
         info["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
