@@ -9,6 +9,7 @@ epoch it already consumed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from .mixup import AudioVisualMixup
 from .training import (
     CheckpointManager,
     JsonlLog,
+    OutputLock,
+    RunError,
     StopFlag,
     TrainConfig,
     atomic_write_text,
@@ -39,6 +42,17 @@ def _is_rank0() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _agreed_error(error: str | None) -> None:
+    """Raise :class:`RunError` on every rank when rank 0 found ``error`` (rank 0's value wins), so no
+    rank is left waiting in a collective for one that left."""
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RunError(error)
 
 
 def _zero_stage(ds_config: dict) -> int:
@@ -69,9 +83,28 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = JsonlLog(self.out / "log.jsonl" if self.rank == 0 else None)
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
+        self.lock = OutputLock(self.out)
+        self.claim_output_dir()
         self.stop = StopFlag()
         self.mixup = self.build_mixup()
         self._val_loaders = None  # one per test view, built at the first evaluation
+        self.nonfinite_streak = 0   # optimizer steps in a row with a non-finite loss term on some rank
+        self.skipped_steps = 0      # steps DeepSpeed skipped (fp16 overflow)
+
+    def claim_output_dir(self) -> None:
+        """Rank 0 takes the output_dir's lock; a run without --resume may not write over a run's
+        checkpoints or weights. Every rank raises the same RunError when either fails."""
+        error = None
+        if self.rank == 0:
+            try:
+                self.lock.acquire()
+                found = self.ckpt.tags() or [p.name for p in (self.out / "model_fp32.pt",) if p.exists()]
+                if found and not self.resume:
+                    error = (f"output_dir {self.out} already holds a run ({found[0]}); continue it with --resume, "
+                             "or choose another output_dir (nothing was changed)")
+            except RunError as err:
+                error = str(err)
+        _agreed_error(error)
 
     # --- setup ----------------------------------------------------------------------------------------
 
@@ -174,7 +207,7 @@ class Trainer:
         self.setup_engine()
         state = {"step": 0, "epoch": 0, "best_metric": None}
         if self.resume:
-            state = self.load_latest(state)
+            state = self.load_resume(state)
         steps_per_epoch, total = self.plan(self.micro_batches_per_epoch())
         train_loader = self.build_loaders(start_epoch=state["step"] // steps_per_epoch)
         self.progress = self.progress_bar(total, state["step"])
@@ -245,16 +278,22 @@ class Trainer:
                 break  # max_steps reached mid-epoch
             self.lr = lr_at(state["step"], total, self.schedule["warmup"], self.peak_lr, self.cfg.min_lr)
             self.set_lr(self.optimizer, self.lr)
+            if i % self.accum == 0:
+                nonfinite = {}  # this rank's non-finite loss terms within the optimizer step
             terms = self.train_micro_step(batch, state["step"], i % self.accum)
+            nonfinite.update({k: v for k, v in terms.items() if not math.isfinite(v)})
             samples += batch["video"].shape[0] * self.world
             if (i + 1) % self.accum:
                 continue
             state["step"] += 1
             rate = samples / max(time.time() - clock, 1e-9)
+            self.count_skipped_step(state["step"])
             self.report_step(state, terms, rate, total)
             if state["step"] % self.cfg.log_every_steps == 0:
                 clock, samples = time.time(), 0
-            if self.stop_requested():
+            stop, any_nonfinite = self.agree_flags(self.stop.requested, bool(nonfinite))
+            self.check_finite(state["step"], any_nonfinite, nonfinite)
+            if stop:
                 return "signal"
             if state["step"] == self.cfg.stop_at_step:
                 return "stop_at_step"
@@ -262,10 +301,45 @@ class Trainer:
                 self.save(state, reason="periodic")
         return None
 
+    def count_skipped_step(self, step: int) -> None:
+        """Log a step DeepSpeed skipped (fp16 loss scaling found inf/NaN gradients); a host-side counter
+        DeepSpeed keeps anyway, so no extra device sync."""
+        skipped = int(getattr(self.engine, "skipped_steps", 0))
+        if skipped > self.skipped_steps:
+            self.skipped_steps = skipped
+            scale = getattr(self.engine.optimizer, "cur_scale", None)
+            self.log.write(event="skipped_step", step=step, skipped_steps=skipped, loss_scale=scale)
+
+    def check_finite(self, step: int, any_nonfinite: bool, mine: dict[str, float]) -> None:
+        """Count steps with a non-finite loss term on any rank; at ``max_nonfinite_steps`` in a row stop
+        every rank with a RunError naming the step and the terms (no checkpoint, no export)."""
+        if not any_nonfinite:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        gathered = [mine]
+        if dist.is_initialized() and self.world > 1:  # only on a bad step: which rank saw which term
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, mine)
+        where = "; ".join(f"rank {r}: " + ", ".join(f"{k}={v}" for k, v in terms.items())
+                          for r, terms in enumerate(gathered) if terms)
+        self.log.write(event="nonfinite", step=step, streak=self.nonfinite_streak,
+                       terms={r: t for r, t in enumerate(gathered) if t})
+        if _is_rank0():
+            print(f"step {step}: non-finite loss ({where}); {self.nonfinite_streak} step(s) in a row of "
+                  f"max_nonfinite_steps={self.cfg.max_nonfinite_steps}", flush=True)
+        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
+            last = self.ckpt.latest_tag()
+            resume = (f"the last checkpoint, {last} in {self.ckpt.directory}, predates them: fix the cause "
+                      "(lr, data, precision) and continue with --resume") if last else "no checkpoint was saved"
+            raise RunError(f"stopped at step {step}: non-finite loss for {self.nonfinite_streak} step(s) in a row "
+                           f"({where}); nothing was saved or exported after the first of them; {resume}")
+
     def report_step(self, state: dict, terms: dict[str, float], rate: float, total: int) -> None:
         lr = self.lr  # the schedule's value; parameter groups scale it by their layer-decay lr_scale
         if state["step"] % self.cfg.log_every_steps == 0 or state["step"] == total:
-            self.log.write(event="train", step=state["step"], lr=lr, samples_per_s=round(rate, 2), **terms)
+            extra = {"skipped_steps": self.skipped_steps} if self.skipped_steps else {}
+            self.log.write(event="train", step=state["step"], lr=lr, samples_per_s=round(rate, 2), **terms, **extra)
         if self.progress is not None:
             self.progress.set_postfix({**{k: f"{v:.4f}" for k, v in terms.items()}, "lr": f"{lr:.2e}",
                                        "samples/s": f"{rate:.1f}"}, refresh=False)
@@ -274,6 +348,9 @@ class Trainer:
     def finish(self, state: dict, train_loader) -> None:
         """Final checkpoint, consolidated fp32 export, reconstructions (pre-training), summary."""
         tag = self.save(state, reason="final")
+        if tag is None:
+            raise RunError(f"the run ended at step {state['step']} right after a non-finite loss: no final checkpoint, "
+                           f"no export; the last checkpoint is {self.ckpt.latest_tag()} in {self.ckpt.directory}")
         self.export(tag, self.out / "model_fp32.pt")
         if self.cfg.stage == "pretrain" and self.cfg.reconstruction_png:
             self.write_reconstructions(train_loader)
@@ -328,10 +405,12 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        return bool(flag.item())
+    def agree_flags(self, *flags: bool) -> list[bool]:
+        """Each flag OR-ed over the ranks in one all-reduce (the loop's one collective per step), so every
+        rank stops, or counts a bad step, at the same step."""
+        tensor = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return [v > 0 for v in tensor.tolist()]
 
     def progress_bar(self, total: int, start: int):
         if self.rank != 0:
@@ -343,27 +422,57 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
-    def save(self, state: dict, reason: str) -> str:
+    def save(self, state: dict, reason: str) -> str | None:
+        """Checkpoint the current step (None: not saved, the weights follow a non-finite loss)."""
+        if self.nonfinite_streak:
+            if _is_rank0():
+                print(f"step {state['step']}: no {reason} checkpoint after a non-finite loss", flush=True)
+            self.log.write(event="checkpoint_refused", step=state["step"], reason=reason)
+            return None
+        tag = self.ckpt.tag_for(state["step"])
+        if tag in self.ckpt.tags() and self.ckpt.problem(tag) is None:
+            return tag  # this very state is saved already (a resumed run that had nothing left to do)
         tag = self.ckpt.save(self.engine, state["step"], client_state={"train_state": dict(state)},
-                             is_rank0=self.rank == 0, barrier=_barrier)
+                             is_rank0=self.rank == 0, barrier=_barrier, world=self.world)
         self.log.write(event="checkpoint", step=state["step"], tag=tag, reason=reason)
         return tag
 
-    def load_latest(self, state: dict) -> dict:
-        tag = self.ckpt.latest_tag()
-        if tag is None:
+    def load_resume(self, state: dict) -> dict:
+        """Load the newest checkpoint complete on every rank (see CheckpointManager). Newer, unusable
+        tags are renamed out of the way, never deleted; none usable among several is a RunError."""
+        mine = {tag: self.ckpt.problem(tag, self.world) for tag in self.ckpt.tags()}
+        every = [mine]
+        if self.world > 1:
+            every = [None] * self.world
+            dist.all_gather_object(every, mine)
+        tag, skipped = self.ckpt.choose(every)
+        why = "".join(f"\n  skipped {t}: {reason}" for t, reason in skipped.items())
+        if tag is None and not skipped:
             if _is_rank0():
-                print(f"--resume: no complete checkpoint in {self.ckpt.directory}; starting from step 0")
+                print(f"--resume: no checkpoint in {self.ckpt.directory} yet; starting from step 0", flush=True)
             return state
-        _, client = self.engine.load_checkpoint(str(self.ckpt.directory), tag=tag)
+        if tag is None:
+            raise RunError(f"--resume: no usable checkpoint in {self.ckpt.directory} (nothing was changed):{why}")
+        if self.rank == 0:
+            moved = [self.ckpt.set_aside(t) for t in skipped]
+            if self.ckpt.latest_tag() != tag:
+                atomic_write_text(self.ckpt.directory / self.ckpt.LATEST, tag)
+            print(f"--resume: {tag} is the newest checkpoint complete on every rank" + why
+                  + "".join(f"\n  kept as {p.name} (never deleted)" for p in moved), flush=True)
+        _barrier()
+        path, client = self.engine.load_checkpoint(str(self.ckpt.directory), tag=tag)
+        if path is None or not client or "train_state" not in client:
+            raise RunError(f"--resume: DeepSpeed could not load {self.ckpt.directory / tag}")
         restored = dict(client["train_state"])
         if _is_rank0():
-            print(f"resumed from {tag} (step {restored['step']})")
-        self.log.write(event="resume", tag=tag, step=restored["step"])
+            print(f"resumed from {tag} (step {restored['step']})", flush=True)
+        self.log.write(event="resume", tag=tag, step=restored["step"], skipped=skipped)
         return restored
 
     def export(self, tag: str, path: Path) -> None:
-        """Consolidated fp32 weights of checkpoint ``tag`` as a plain state dict (rank 0 writes)."""
+        """Consolidated fp32 weights of checkpoint ``tag`` as a plain state dict (rank 0 writes); weights
+        with a NaN/inf are a RunError on every rank, nothing written."""
+        error = None
         if self.rank == 0:
             if _zero_stage(self.ds_config) > 0:
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -371,8 +480,13 @@ class Trainer:
                 state_dict = get_fp32_state_dict_from_zero_checkpoint(str(self.ckpt.directory), tag=tag)
             else:
                 state_dict = {k: v.float().cpu() for k, v in self.engine.module.state_dict().items()}
-            atomic_torch_save(state_dict, path)
-        _barrier()
+            bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                error = (f"not exporting {path.name}: checkpoint {tag} holds non-finite weights in {len(bad)} "
+                         f"tensor(s) ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
+            else:
+                atomic_torch_save(state_dict, path)
+        _agreed_error(error)
 
     # --- evaluation -----------------------------------------------------------------------------------
 
@@ -415,7 +529,8 @@ class Trainer:
         if state["best_metric"] is None or scores[key] > state["best_metric"]:
             state["best_metric"] = scores[key]
             tag = self.save(state, reason="best")
-            self.export(tag, self.out / "best_fp32.pt")
+            if tag is not None:
+                self.export(tag, self.out / "best_fp32.pt")
             if _is_rank0():
                 best = {"best": scores, "step": state["step"], "epoch": state["epoch"]}
                 atomic_write_text(self.out / "metrics.json", json.dumps(best, indent=2))

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -81,6 +82,7 @@ class TrainConfig:
     image_size: int | None = None
     audio_frames: int | None = None
     reconstruction_png: bool = True
+    max_nonfinite_steps: int = 3         # stop (exit 3, no save, no export) after this many non-finite steps in a row
 
     def resolve(self, path: str | None, base: Path) -> str | None:
         if path is None:
@@ -146,7 +148,7 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
     positive = {"epochs": cfg.epochs, "lr": cfg.lr, "lr_batch": cfg.lr_batch,
                 "checkpoint_every_steps": cfg.checkpoint_every_steps, "keep_checkpoints": cfg.keep_checkpoints,
                 "log_every_steps": cfg.log_every_steps, "data_threads": cfg.data_threads,
-                "eval_every_epochs": cfg.eval_every_epochs}
+                "eval_every_epochs": cfg.eval_every_epochs, "max_nonfinite_steps": cfg.max_nonfinite_steps}
     for key, value in positive.items():
         if not (isinstance(value, (int, float)) and value > 0):
             _fail(key, f"must be a positive number, got {value!r}")
@@ -321,14 +323,27 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
-class CheckpointManager:
-    """Tags ``step_00000123`` under ``directory``; ``latest`` names the last complete one.
+class RunError(RuntimeError):
+    """A run that cannot go on without losing work or training on garbage; the message says why and what
+    to do. ``train.py`` prints it and exits with :data:`RUN_ERROR_EXIT`."""
 
-    ``latest`` is the file DeepSpeed's own tools (zero_to_fp32.py) read, so we write it ourselves,
-    atomically, only after the save completed on every rank (DeepSpeed's save_latest is turned off).
+
+RUN_ERROR_EXIT = 3
+TAG_PATTERN = re.compile(r"step_(\d{8})")
+_SHARD_RANK = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+class CheckpointManager:
+    """Tags ``step_00000123`` under ``directory``; a tag is *complete* when its marker
+    (``complete.json``, written last, atomically, by rank 0 after every rank finished its save) lists
+    every file of the tag with its size and all those files are there with those sizes.
+
+    ``latest`` names the last complete tag for DeepSpeed's own tools (zero_to_fp32.py), written
+    after the marker; ``--resume`` does not trust it: :meth:`choose` scans the tags themselves.
     """
 
     LATEST = "latest"
+    MARKER = "complete.json"
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2):
         self.directory = Path(directory)
@@ -339,28 +354,176 @@ class CheckpointManager:
         return f"step_{step:08d}"
 
     def latest_tag(self) -> str | None:
+        """The tag ``latest`` names when it names a complete one (garbage or a missing tag: None)."""
         path = self.directory / self.LATEST
         if not path.is_file():
             return None
-        tag = path.read_text().strip()
-        return tag if (self.directory / tag).is_dir() else None
+        tag = path.read_bytes()[:256].decode("utf-8", errors="replace").strip()
+        return tag if TAG_PATTERN.fullmatch(tag) and self.problem(tag) is None else None
 
-    def save(self, engine, step: int, client_state: dict, *, is_rank0: bool, barrier) -> str:
+    def tags(self) -> list[str]:
+        """Tag directories (``step_<8 digits>``), newest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p.name for p in self.directory.iterdir() if p.is_dir() and TAG_PATTERN.fullmatch(p.name)]
+        return sorted(found, reverse=True)
+
+    # --- completeness -------------------------------------------------------------------------------
+
+    def problem(self, tag: str, world: int | None = None) -> str | None:
+        """Why ``tag`` cannot be resumed from (None: it is complete). ``world``: the resuming run's
+        number of ranks; a ZeRO-partitioned checkpoint only loads into the same number."""
+        path = self.directory / tag
+        marker = path / self.MARKER
+        if not marker.is_file():
+            return f"no completion marker {self.MARKER} (the save did not finish on every rank)"
+        try:
+            record = json.loads(marker.read_bytes())
+            files, saved_world = dict(record["files"]), int(record["world_size"])
+        except (ValueError, KeyError, TypeError) as err:
+            return f"unreadable completion marker {self.MARKER} ({type(err).__name__}: {err})"
+        for name, size in sorted(files.items()):
+            file = path / name
+            if not file.is_file():
+                return f"file {name} is missing (listed by {self.MARKER})"
+            if file.stat().st_size != size:
+                return f"file {name} has {file.stat().st_size} bytes, {self.MARKER} recorded {size}"
+        partitioned = any(_SHARD_RANK.search(name) for name in files)
+        if world is not None and partitioned and saved_world != world:
+            return (f"saved by {saved_world} ranks with ZeRO-partitioned states, this run has {world}: resume "
+                    "with the same number of processes")
+        return None
+
+    def write_marker(self, tag: str, step: int, world: int) -> None:
+        """Record every file of ``tag`` and its size, after checking each rank's ZeRO shard is there
+        (rank 0, after every rank finished its save)."""
+        path = self.directory / tag
+        files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
+                 if p.is_file() and p.name != self.MARKER and not p.name.startswith(".")}
+        ranks = {int(m.group(1)) for name in files if (m := _SHARD_RANK.search(name))}
+        if ranks and ranks != set(range(world)):
+            missing = sorted(set(range(world)) - ranks)
+            raise RunError(f"checkpoint {path}: no ZeRO shard of rank(s) {missing} after the save; the previous "
+                           "complete checkpoint stays the one to resume from")
+        record = {"tag": tag, "step": step, "world_size": world, "files": files}
+        atomic_write_text(path / self.MARKER, json.dumps(record, indent=1))
+
+    def choose(self, problems_by_rank: list[dict[str, str | None]]) -> tuple[str | None, dict[str, str]]:
+        """The newest tag complete on every rank, and why each newer tag was skipped.
+
+        ``problems_by_rank[r]`` is rank r's ``{tag: problem(tag) or None}`` (each rank checks what it
+        sees, so a shard missing on one node's file system counts).
+        """
+        tags = sorted({t for p in problems_by_rank for t in p}, reverse=True)
+        skipped = {}
+        for tag in tags:
+            reasons = [f"rank {r}: {p.get(tag) or 'not found'}" if len(problems_by_rank) > 1 else p.get(tag)
+                       for r, p in enumerate(problems_by_rank) if p.get(tag, "not found") is not None]
+            if not reasons:
+                return tag, skipped
+            skipped[tag] = "; ".join(str(r) for r in reasons)
+        return None, skipped
+
+    def set_aside(self, tag: str) -> Path:
+        """Move an unusable tag out of the way (renamed, never deleted) so a resumed run cannot
+        overwrite or prune it; returns the new path."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = self.directory / f"{tag}.incomplete-{stamp}"
+        os.replace(self.directory / tag, target)
+        return target
+
+    # --- saving -------------------------------------------------------------------------------------
+
+    def save(self, engine, step: int, client_state: dict, *, is_rank0: bool, barrier, world: int = 1) -> str:
         tag = self.tag_for(step)
         self.directory.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
-        barrier()  # every rank has written its shard before the pointer moves
+        barrier()  # every rank has written its shard before the marker and the pointer move
         if is_rank0:
+            self.write_marker(tag, step, world)
             atomic_write_text(self.directory / self.LATEST, tag)
             self._prune(keep_tag=tag)
         barrier()
         return tag
 
     def _prune(self, keep_tag: str) -> None:
-        tags = sorted(p.name for p in self.directory.glob("step_*") if p.is_dir())
-        for old in tags[: max(0, len(tags) - self.keep)]:
-            if old != keep_tag:
+        """Keep the ``keep`` newest complete tags up to ``keep_tag``; remove only tags older than the
+        oldest of those (complete or not). Newer tags, whatever their state, are never touched."""
+        older = [t for t in self.tags() if t <= keep_tag]
+        complete = [t for t in older if self.problem(t) is None][: self.keep]
+        if len(complete) < self.keep:
+            return
+        for old in older:
+            if old < complete[-1]:
                 shutil.rmtree(self.directory / old, ignore_errors=True)
+
+
+# --- one writer per output directory -----------------------------------------------------------------
+
+
+class OutputLock:
+    """An exclusive POSIX lock (``fcntl.lockf``, which NFS honours too) on ``<output_dir>/train.lock``,
+    held by rank 0 for the whole run and released by the kernel when the process ends, however it
+    ends. The file records the holder (host, pid, start time, command) for the message a second run
+    gets; a recorded holder that is gone from this host means a stale lock left by a file system that
+    kept it (NFS lock daemon), and the message says so."""
+
+    FILE = "train.lock"
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / self.FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+        import sys
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunError(f"output_dir {self.path.parent} is in use by another run ({self.holder()}); two runs "
+                           f"writing one output_dir would overwrite each other's checkpoints. Wait for it, stop "
+                           f"it, or choose another output_dir") from None
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        self._fd = fd
+
+    def holder(self) -> str:
+        """Who holds the lock, from the record in the file. Only for a process that does not hold the
+        lock: closing the descriptor this opens would drop a POSIX lock held by the same process."""
+        import socket
+
+        try:
+            record = json.loads(self.path.read_bytes())
+            host, pid = str(record["host"]), int(record["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"lock file {self.path}, holder unknown"
+        said = f"pid {pid} on host {host} since {record.get('started', '?')}: {record.get('command', '?')}"
+        if host == socket.gethostname() and not _pid_alive(pid):
+            return (f"stale lock: the recorded holder, {said}, is gone, yet the lock is still held (a network "
+                    f"file system's lock daemon?); if no run uses this directory, delete {self.path}")
+        return f"held by {said}; lock file {self.path}"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --- signals and logs -------------------------------------------------------------------------------

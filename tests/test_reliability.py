@@ -1,0 +1,187 @@
+"""Work is never lost and garbage is never trained on silently (issue 13), checked without DeepSpeed:
+checkpoint completeness and resume choice, pruning, the output_dir lock, config and manifest validation.
+The launcher cases (end to end) are in tests/test_reliability_launcher.py."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from avfmae.training import CheckpointManager, OutputLock, RunError, atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ShardedEngine:
+    """Writes a tag like DeepSpeed's ZeRO-3 save on ``world`` ranks: a model-state and an optimizer shard
+    per rank (the barrier of the real save is implicit: all shards are written before the call returns)."""
+
+    def __init__(self, world: int = 2):
+        self.world = world
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        assert save_latest is False  # the manager owns `latest`
+        path = Path(directory) / tag
+        path.mkdir()
+        for rank in range(self.world):
+            (path / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_text(json.dumps(client_state))
+            (path / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x" * (100 + rank))
+
+
+def saved_run(directory: Path, steps, keep: int = 10, world: int = 2) -> CheckpointManager:
+    manager, engine = CheckpointManager(directory, keep=keep), ShardedEngine(world)
+    for step in steps:
+        manager.save(engine, step, {"step": step}, is_rank0=True, barrier=lambda: None, world=world)
+    return manager
+
+
+def contents(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# --- checkpoints you can trust ------------------------------------------------------------------------
+
+
+def test_a_finished_save_is_complete_and_latest_names_it(tmp_path):
+    manager = saved_run(tmp_path, [2, 4])
+    assert manager.tags() == ["step_00000004", "step_00000002"]
+    assert manager.problem("step_00000004", world=2) is None
+    assert manager.latest_tag() == "step_00000004"
+    record = json.loads((tmp_path / "step_00000004" / "complete.json").read_text())
+    assert record["world_size"] == 2 and record["step"] == 4
+    assert "zero_pp_rank_1_mp_rank_00_model_states.pt" in record["files"]
+
+
+def test_latest_naming_a_missing_checkpoint_does_not_hide_a_newer_complete_one(tmp_path):
+    manager = saved_run(tmp_path, [2, 4])
+    atomic_write_text(tmp_path / "latest", "step_00000006")  # the pointer names a tag that is gone
+    assert manager.latest_tag() is None
+    tag, skipped = manager.choose([{t: manager.problem(t, 2) for t in manager.tags()}])
+    assert tag == "step_00000004" and skipped == {}
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xfe\x00binary\x80", b"", b"../../etc/passwd", b"step_4"])
+def test_latest_with_garbage_is_ignored(tmp_path, garbage):
+    manager = saved_run(tmp_path, [2])
+    (tmp_path / "latest").write_bytes(garbage)
+    assert manager.latest_tag() is None
+    assert manager.choose([{t: manager.problem(t) for t in manager.tags()}])[0] == "step_00000002"
+
+
+def test_a_checkpoint_missing_one_ranks_shard_is_skipped_with_the_reason(tmp_path):
+    manager = saved_run(tmp_path, [2, 4])
+    (tmp_path / "step_00000004" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    problem = manager.problem("step_00000004", 2)
+    assert problem == "file zero_pp_rank_1_mp_rank_00_model_states.pt is missing (listed by complete.json)"
+    tag, skipped = manager.choose([{t: manager.problem(t, 2) for t in manager.tags()}])
+    assert tag == "step_00000002" and skipped == {"step_00000004": problem}
+    assert manager.latest_tag() is None  # `latest` still names step 4, which is no longer complete
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda d: (d / "complete.json").unlink(), "no completion marker"),
+    (lambda d: (d / "complete.json").write_bytes(b"\x00\x01garbage"), "unreadable completion marker"),
+    (lambda d: (d / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 7),
+     "has 7 bytes, complete.json recorded 100"),
+])
+def test_truncated_or_unmarked_checkpoints_are_not_complete(tmp_path, damage, reason):
+    manager = saved_run(tmp_path, [3])
+    damage(tmp_path / "step_00000003")
+    assert reason in manager.problem("step_00000003")
+    tag, skipped = manager.choose([{t: manager.problem(t) for t in manager.tags()}])
+    assert tag is None and reason in skipped["step_00000003"]
+
+
+def test_a_partitioned_checkpoint_needs_the_same_number_of_ranks(tmp_path):
+    manager = saved_run(tmp_path, [5], world=2)
+    assert "saved by 2 ranks" in manager.problem("step_00000005", world=4)
+    assert manager.problem("step_00000005", world=2) is None
+
+
+def test_complete_means_complete_on_every_rank(tmp_path):
+    manager = saved_run(tmp_path, [2, 4])
+    rank0 = {t: manager.problem(t, 2) for t in manager.tags()}
+    rank1 = {"step_00000002": None}  # another node's file system does not show step 4
+    tag, skipped = manager.choose([rank0, rank1])
+    assert tag == "step_00000002" and skipped == {"step_00000004": "rank 1: not found"}
+
+
+def test_the_marker_is_refused_when_a_ranks_shard_never_arrived(tmp_path):
+    class LostShard(ShardedEngine):
+        def save_checkpoint(self, directory, tag, client_state, save_latest):
+            super().save_checkpoint(directory, tag, client_state, save_latest)
+            for p in (Path(directory) / tag).glob("*rank_1_*"):
+                p.unlink()
+
+    manager = saved_run(tmp_path, [2])
+    with pytest.raises(RunError, match=r"no ZeRO shard of rank\(s\) \[1\]"):
+        manager.save(LostShard(), 4, {}, is_rank0=True, barrier=lambda: None, world=2)
+    assert manager.latest_tag() == "step_00000002" and manager.problem("step_00000004") is not None
+
+
+def test_unusable_newer_checkpoints_are_set_aside_never_deleted(tmp_path):
+    manager = saved_run(tmp_path, [2, 4])
+    (tmp_path / "step_00000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
+    before = contents(tmp_path / "step_00000004")
+    moved = manager.set_aside("step_00000004")
+    assert contents(moved) == before and moved.parent == tmp_path
+    assert manager.tags() == ["step_00000002"]  # a resumed run saving step 4 again cannot touch it
+    saved_run(tmp_path, [4, 6, 8], keep=1)  # the resumed run goes on, pruning as it goes
+    assert contents(moved) == before
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints_and_never_newer_ones(tmp_path):
+    manager = saved_run(tmp_path, [1, 2, 3], keep=2)
+    assert manager.tags() == ["step_00000003", "step_00000002"]
+    (tmp_path / "step_00000009").mkdir()  # newer than anything saved next, incomplete
+    (tmp_path / "step_00000009" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_text("partial")
+    manager.save(ShardedEngine(), 5, {}, is_rank0=True, barrier=lambda: None, world=2)
+    assert manager.tags() == ["step_00000009", "step_00000005", "step_00000003"]
+    # when the complete ones to keep are damaged, nothing older is removed
+    (tmp_path / "step_00000005" / "complete.json").unlink()
+    manager.save(ShardedEngine(), 6, {}, is_rank0=True, barrier=lambda: None, world=2)
+    assert manager.tags() == ["step_00000009", "step_00000006", "step_00000005", "step_00000003"]
+
+
+# --- one writer per output_dir ----------------------------------------------------------------------
+
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from avfmae.training import OutputLock
+    lock = OutputLock(sys.argv[1]); lock.acquire(); print("held", flush=True); time.sleep(60)
+""")
+
+
+def test_a_second_run_fails_fast_naming_the_directory_and_the_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunError) as err:
+            OutputLock(tmp_path).acquire()
+        message = str(err.value)
+        assert f"output_dir {tmp_path} is in use by another run" in message
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in message
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = OutputLock(tmp_path)  # the kernel dropped the dead holder's lock: no stale lock to clean up
+    lock.acquire()
+    assert json.loads((tmp_path / "train.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_a_recorded_holder_that_is_gone_is_called_stale(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    record = {"host": socket.gethostname(), "pid": int(dead.stdout), "started": "then", "command": "train.py"}
+    (tmp_path / "train.lock").write_text(json.dumps(record))
+    assert "stale lock" in OutputLock(tmp_path).holder()
+    (tmp_path / "train.lock").write_bytes(b"\x00garbage")
+    assert "holder unknown" in OutputLock(tmp_path).holder()
