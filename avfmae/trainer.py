@@ -20,6 +20,7 @@ import torch.distributed as dist
 from .mixup import AudioVisualMixup
 from .training import (
     CheckpointManager,
+    ConfigError,
     JsonlLog,
     OutputLock,
     RunError,
@@ -63,6 +64,34 @@ def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def read_init_checkpoint(path: str, model: torch.nn.Module) -> dict:
+    """``init_checkpoint`` opened safely (``weights_only=True``: a file that needs more could run code):
+    a state dict with at least one encoder key this model has, else a ConfigError naming the key.
+    Checked by key names only, so it holds under ZeRO-3 (partitioned parameters) on every rank."""
+    import pickle
+
+    from .models import pretrained_encoder_state
+
+    key = "config key avfmae.init_checkpoint"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{key}: {path} is not a weights file torch loads with weights_only=True ({first}). "
+                          "Expected a plain state dict such as the previous stage's <output_dir>/model_fp32.pt; "
+                          "files that need weights_only=False are never opened (unpickling can run code)") from err
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ConfigError(f"{key}: {path} holds a {type(state).__name__}, not a state dict (name -> tensor)")
+    selected = pretrained_encoder_state(state)
+    own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    if not any(k in own and isinstance(v, torch.Tensor) for k, v in selected.items()):
+        sample = ", ".join(list(state)[:5]) or "none"
+        raise ConfigError(f"{key}: no key of {path} matches this model's encoders (video_encoder.*, "
+                          f"audio_encoder.*, fusion.*); it has {len(state)} keys, e.g. {sample}. Wrong file, or a "
+                          "checkpoint of another model?")
+    return state
 
 
 class Trainer:
@@ -143,7 +172,7 @@ class Trainer:
         path = self.cfg.init_checkpoint
         if path is None:
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_init_checkpoint(path, model)
         params = list(model.parameters())
         # under ZeRO-3 parameters are partitioned: gather them, let rank 0 write, re-partition; otherwise
         # every rank holds a full copy and loads it itself
@@ -188,7 +217,7 @@ class Trainer:
                       num_threads=cfg.data_threads, seed=cfg.seed, shard_id=self.rank, num_shards=self.world,
                       spec=spec, device_id=self.device.index if self.cuda else None)
         self._loader_args = common
-        return build_loader(cfg.train_manifest, train=True, start_epoch=start_epoch, **common)
+        return build_loader(self.manifests["train_manifest"], train=True, start_epoch=start_epoch, **common)
 
     def val_loaders(self) -> list:
         """One validation loader per test view (``test_clips`` x ``test_crops``), built once, on first use:
@@ -196,14 +225,33 @@ class Trainer:
         if self._val_loaders is None:
             from dali_pipelines import build_loader
 
-            self._val_loaders = [build_loader(self.cfg.val_manifest, train=False, view=view, **self._loader_args)
+            self._val_loaders = [build_loader(self.manifests["val_manifest"], train=False, view=view,
+                                              **self._loader_args)
                                  for view in eval_views(self.cfg)]
         return self._val_loaders
 
     # --- the loop -------------------------------------------------------------------------------------
 
+    def read_manifests(self) -> None:
+        """Read and check both manifests before any work: labels against the stage's task (stated by
+        ``regression``, never guessed) and ``num_outputs``, naming each bad row."""
+        from dali_pipelines import ManifestError, read_manifest
+
+        cfg = self.cfg
+        check = {} if cfg.stage == "pretrain" else dict(
+            task="regression" if cfg.regression else "classification", num_outputs=cfg.num_outputs)
+        self.manifests = {}
+        for key in ("train_manifest", "val_manifest"):
+            path = getattr(cfg, key)
+            if path is not None:
+                try:
+                    self.manifests[key] = read_manifest(path, **check)
+                except ManifestError as err:
+                    raise ConfigError(f"config key avfmae.{key}: {err}") from err
+
     def run(self) -> int:
         """Train the configured stage to the end (or until stopped with a checkpoint); returns 0."""
+        self.read_manifests()
         self.setup_engine()
         state = {"step": 0, "epoch": 0, "best_metric": None}
         if self.resume:
@@ -256,10 +304,10 @@ class Trainer:
 
     def micro_batches_per_epoch(self) -> int:
         """Micro-batches of every rank per epoch, from the manifest alone (before any loader exists)."""
-        from dali_pipelines import LastBatchPolicy, read_manifest
+        from dali_pipelines import LastBatchPolicy
         from dali_pipelines.source import batches_per_epoch
 
-        clips = len(read_manifest(self.cfg.train_manifest))
+        clips = len(self.manifests["train_manifest"])
         micro = self.ds_config["train_micro_batch_size_per_gpu"]
         return batches_per_epoch(clips, self.rank, self.world, micro, LastBatchPolicy.DROP)
 

@@ -21,6 +21,8 @@ import re
 import shutil
 import signal
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,9 +93,6 @@ class TrainConfig:
         return str(p if p.is_absolute() else (base / p))
 
 
-DS_REQUIRED = ("train_micro_batch_size_per_gpu",)
-
-
 class ConfigError(ValueError):
     """A training config that cannot run; the message names the key and what was expected."""
 
@@ -119,15 +118,55 @@ def parse_train_config(section: Any, base: Path) -> TrainConfig:
                       f"got {mask!r}")
     if "betas" in values:
         betas = values["betas"]
-        if not (isinstance(betas, list) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        numbers = isinstance(betas, list) and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                  for b in betas)
+        if not (numbers and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
             _fail("betas", f"expected two numbers in [0, 1), got {betas!r}")
         values["betas"] = tuple(betas)
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in values.items():
+        if key != "betas":
+            _check_type(key, value, hints[key])
+    mask_hints = typing.get_type_hints(MaskConfig)
+    for key, value in mask.items():
+        _check_type(f"mask.{key}", value, mask_hints[key])
     try:
         cfg = TrainConfig(**values, mask=MaskConfig(**mask))
     except TypeError as err:
         raise ConfigError(f"avfmae section: {err}") from err
     _validate(cfg, base)
     return cfg
+
+
+def _type_name(kind: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+    """``value`` against the field's annotation: int (not bool), float (int or float, finite), bool, str,
+    and ``X | None``; other annotations are checked by the field's own rule."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) != 1:
+            return
+        hint, optional = kinds[0], " or null"
+    else:
+        optional = ""
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        return
+    if not ok:
+        _fail(key, f"must be {_type_name(hint)}{optional}, got {value!r} ({type(value).__name__})")
 
 
 def _validate(cfg: TrainConfig, base: Path) -> None:
@@ -258,6 +297,95 @@ def apply_overrides(section: dict, overrides: list[str]) -> dict:
     return section
 
 
+def _ds_fail(key: str, msg: str) -> None:
+    raise ConfigError(f"config key {key}: {msg}")
+
+
+def _ds_int(section: dict, key: str, name: str, minimum: int = 1, required: bool = False) -> int | None:
+    if key not in section:
+        if required:
+            _ds_fail(name, "DeepSpeed needs it (micro-batch per GPU/process)")
+        return None
+    value = section[key]
+    # JSON writes 5e8 as a float; DeepSpeed takes integral floats for its sizes
+    integral = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if isinstance(value, bool) or not integral or value < minimum:
+        _ds_fail(name, f"must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _ds_number(section: dict, key: str, name: str, minimum: float = 0.0) -> None:
+    value = section.get(key, minimum)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        _ds_fail(name, f"must be a number >= {minimum:g}, got {value!r} ({type(value).__name__})")
+
+
+def _ds_bool(section: dict, key: str, name: str) -> None:
+    if key in section and not isinstance(section[key], bool):
+        _ds_fail(name, f"must be true or false, got {section[key]!r} ({type(section[key]).__name__})")
+
+
+def _ds_object(raw: dict, key: str) -> dict:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        _ds_fail(key, f"must be a JSON object, got {value!r}")
+    return value
+
+
+DS_ZERO_SIZES = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                 "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+                 "sub_group_size")
+DS_ZERO_FLAGS = ("overlap_comm", "contiguous_gradients", "reduce_scatter", "allgather_partitions",
+                 "round_robin_gradients", "stage3_gather_16bit_weights_on_model_save")
+
+
+def validate_deepspeed(raw: dict) -> None:
+    """The DeepSpeed keys the trainer relies on (types, ranges, batch arithmetic), checked before any
+    process group exists; keys not listed here are left to DeepSpeed. ``WORLD_SIZE`` (set by the
+    launcher in every rank) completes the batch arithmetic when present."""
+    micro = _ds_int(raw, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu", required=True)
+    accum = _ds_int(raw, "gradient_accumulation_steps", "gradient_accumulation_steps") or 1
+    total = _ds_int(raw, "train_batch_size", "train_batch_size")
+    world = os.environ.get("WORLD_SIZE")
+    if total is not None:
+        if world is not None and world.isdigit() and total != micro * accum * int(world):
+            _ds_fail("train_batch_size", f"must equal train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
+                                         f"processes = {micro} x {accum} x {world} = {micro * accum * int(world)}, "
+                                         f"got {total} (or leave it out: DeepSpeed derives it)")
+        if total % (micro * accum):
+            _ds_fail("train_batch_size", f"must be a multiple of train_micro_batch_size_per_gpu x "
+                                         f"gradient_accumulation_steps = {micro * accum}, got {total}")
+    _ds_number(raw, "gradient_clipping", "gradient_clipping")
+    _ds_int(raw, "steps_per_print", "steps_per_print")
+    _ds_bool(raw, "wall_clock_breakdown", "wall_clock_breakdown")
+    for key in ("optimizer", "scheduler"):
+        if key in raw:
+            _ds_fail(key, "the trainer builds AdamW and the lr schedule from the avfmae section (lr, lr_batch, "
+                          "min_lr, warmup_epochs, betas, weight_decay); remove DeepSpeed's section")
+    enabled = []
+    for key in ("fp16", "bf16"):
+        section = _ds_object(raw, key)
+        _ds_bool(section, "enabled", f"{key}.enabled")
+        if section.get("enabled", False):
+            enabled.append(key)
+    if len(enabled) > 1:
+        _ds_fail("fp16", "fp16 and bf16 are both enabled; enable at most one")
+    fp16 = _ds_object(raw, "fp16")
+    _ds_number(fp16, "loss_scale", "fp16.loss_scale")
+    _ds_number(fp16, "min_loss_scale", "fp16.min_loss_scale")
+    _ds_int(fp16, "initial_scale_power", "fp16.initial_scale_power", minimum=0)
+    _ds_int(fp16, "loss_scale_window", "fp16.loss_scale_window")
+    _ds_int(fp16, "hysteresis", "fp16.hysteresis")
+    zero = _ds_object(raw, "zero_optimization")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        _ds_fail("zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
+    for key in DS_ZERO_SIZES:
+        _ds_int(zero, key, f"zero_optimization.{key}", minimum=0)
+    for key in DS_ZERO_FLAGS:
+        _ds_bool(zero, key, f"zero_optimization.{key}")
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[dict, TrainConfig]:
     """Read a training JSON: returns (DeepSpeed's keys only, validated avfmae section).
 
@@ -276,9 +404,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if overrides:
         section = apply_overrides(section if isinstance(section, dict) else {}, overrides)
     cfg = parse_train_config(section, path.parent.resolve())
-    for key in DS_REQUIRED:
-        if key not in raw:
-            raise ConfigError(f"config key {key}: DeepSpeed needs it (micro-batch per GPU/process)")
+    validate_deepspeed(raw)
     micro = raw["train_micro_batch_size_per_gpu"]
     if mixing(cfg) and isinstance(micro, int) and micro % 2:
         raise ConfigError(f"config key train_micro_batch_size_per_gpu: mixup/cutmix pair each clip with the "
@@ -417,11 +543,14 @@ class CheckpointManager:
         tags = sorted({t for p in problems_by_rank for t in p}, reverse=True)
         skipped = {}
         for tag in tags:
-            reasons = [f"rank {r}: {p.get(tag) or 'not found'}" if len(problems_by_rank) > 1 else p.get(tag)
-                       for r, p in enumerate(problems_by_rank) if p.get(tag, "not found") is not None]
-            if not reasons:
+            reasons = {r: p.get(tag, "not found") for r, p in enumerate(problems_by_rank)}
+            bad = {r: why for r, why in reasons.items() if why is not None}
+            if not bad:
                 return tag, skipped
-            skipped[tag] = "; ".join(str(r) for r in reasons)
+            if len(bad) == len(reasons) and len(set(bad.values())) == 1:
+                skipped[tag] = next(iter(bad.values()))  # every rank sees the same problem
+            else:
+                skipped[tag] = "; ".join(f"rank {r}: {why}" for r, why in bad.items())
         return None, skipped
 
     def set_aside(self, tag: str) -> Path:

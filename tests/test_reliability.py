@@ -185,3 +185,165 @@ def test_a_recorded_holder_that_is_gone_is_called_stale(tmp_path):
     assert "stale lock" in OutputLock(tmp_path).holder()
     (tmp_path / "train.lock").write_bytes(b"\x00garbage")
     assert "holder unknown" in OutputLock(tmp_path).holder()
+
+
+# --- manifests: the real problem, and labels against the config's task -------------------------------
+
+
+def manifest(tmp_path: Path, text: str | bytes) -> Path:
+    path = tmp_path / "m.csv"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def test_a_utf8_bom_is_dropped(tmp_path):
+    from dali_pipelines import read_manifest
+
+    m = read_manifest(manifest(tmp_path, b"\xef\xbb\xbfvideo,audio,label\na.webm,a.wav,1\n"), check_files=False)
+    assert m.task == "classification" and m.clips[0].video.name == "a.webm" and m.label_columns == ("label",)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("video\taudio\tlabel\na.webm\ta.wav\t1\n", "is tab-separated; CSV manifests use commas"),
+    ("video;audio;label\na.webm;a.wav;1\n", "is semicolon-separated"),
+    ("video audio label\na.webm a.wav 1\n", "is space-separated; CSV manifests use commas"),
+    ("path,wav,label\na.webm,a.wav,1\n", "bad header 'path,wav,label': no `video` column"),
+    ("a.webm,a.wav,1\nb.webm,b.wav,0\n", "is a row, not a header"),
+])
+def test_manifest_format_errors_name_the_real_problem(tmp_path, text, message):
+    from dali_pipelines import ManifestError, read_manifest
+
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(manifest(tmp_path, text), check_files=False)
+
+
+@pytest.mark.parametrize("labels, task, num_outputs, message", [
+    (["1", "9"], "classification", 4, r"line 3: label 9 is not a class index \[0, num_outputs=4\)"),
+    (["1.5", "2"], "classification", 4, "line 2: label 1.5 is not a class index"),
+    (["-1", "2"], "classification", 4, "line 2: label -1 is not a class index"),
+    (["1", "2"], "regression", 2, "1 label column.*regression task has num_outputs=2"),
+])
+def test_labels_are_checked_against_the_configured_task_naming_the_row(tmp_path, labels, task, num_outputs,
+                                                                        message):
+    from dali_pipelines import ManifestError, read_manifest
+
+    rows = "".join(f"c{i}.webm,c{i}.wav,{label}\n" for i, label in enumerate(labels))
+    path = manifest(tmp_path, "video,audio,label\n" + rows)
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(path, check_files=False, task=task, num_outputs=num_outputs)
+
+
+def test_the_configured_task_wins_over_what_the_values_suggest(tmp_path):
+    from dali_pipelines import ManifestError, read_manifest
+
+    path = manifest(tmp_path, "video,audio,label\na.webm,a.wav,1\nb.webm,b.wav,0\n")
+    regression = read_manifest(path, check_files=False, task="regression", num_outputs=1)
+    assert regression.task == "regression" and regression.labels().dtype.name == "float32"
+    assert read_manifest(path, check_files=False, task="classification", num_outputs=2).task == "classification"
+    unlabelled = manifest(tmp_path, "video,audio\na.webm,a.wav\n")
+    with pytest.raises(ManifestError, match="no labels, but the config's task is classification"):
+        read_manifest(unlabelled, check_files=False, task="classification", num_outputs=2)
+
+
+# --- every config key checked before any process group exists -----------------------------------------
+
+
+def write_config(tmp_path: Path, ds: dict | None = None, **avfmae) -> Path:
+    (tmp_path / "train.csv").write_text("video,audio,label\n")
+    section = {"size": "tiny", "stage": "pretrain", "train_manifest": "train.csv", "output_dir": "out", **avfmae}
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, **(ds or {}), "avfmae": section}))
+    return path
+
+
+@pytest.mark.parametrize("ds, message", [
+    ({"train_micro_batch_size_per_gpu": "4"}, "train_micro_batch_size_per_gpu: must be an integer >= 1, got '4'"),
+    ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu: must be an integer >= 1, got 0"),
+    ({"gradient_accumulation_steps": 1.5}, "gradient_accumulation_steps: must be an integer >= 1"),
+    ({"train_batch_size": 5}, "train_batch_size: must be a multiple of .* = 2, got 5"),
+    ({"gradient_clipping": -1}, "gradient_clipping: must be a number >= 0"),
+    ({"gradient_clipping": "1.0"}, "gradient_clipping: must be a number >= 0"),
+    ({"fp16": {"enabled": "true"}}, "fp16.enabled: must be true or false"),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "fp16 and bf16 are both enabled"),
+    ({"fp16": {"enabled": True, "initial_scale_power": -2}}, "fp16.initial_scale_power: must be an integer >= 0"),
+    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage: must be 0, 1, 2 or 3, got 4"),
+    ({"zero_optimization": {"stage": 3, "reduce_bucket_size": "5e8"}}, "zero_optimization.reduce_bucket_size"),
+    ({"zero_optimization": {"overlap_comm": 1}}, "zero_optimization.overlap_comm: must be true or false"),
+    ({"zero_optimization": [3]}, "zero_optimization: must be a JSON object"),
+    ({"optimizer": {"type": "Adam"}}, "optimizer: the trainer builds AdamW"),
+])
+def test_deepspeed_keys_are_validated_naming_the_key(tmp_path, ds, message):
+    from avfmae.training import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, ds))
+
+
+def test_the_batch_arithmetic_uses_the_launchers_world_size(tmp_path, monkeypatch):
+    from avfmae.training import ConfigError, load_config
+
+    path = write_config(tmp_path, {"train_batch_size": 8, "gradient_accumulation_steps": 2})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    load_config(path)  # 2 x 2 x 2
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"= 2 x 2 x 4 = 16, got 8"):
+        load_config(path)
+    ds, _ = load_config(write_config(tmp_path, {"zero_optimization": {"stage": 3, "reduce_bucket_size": 5e8}}))
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 5e8  # JSON's 5e8 is integral: accepted as is
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"epochs": "2"}, "avfmae.epochs: must be an integer, got '2'"),
+    ({"lr": "1e-3"}, "avfmae.lr: must be a number, got '1e-3'"),
+    ({"lr": float("nan")}, "avfmae.lr: must be a number"),
+    ({"seed": 1.0}, "avfmae.seed: must be an integer, got 1.0"),
+    ({"activation_checkpointing": "false"}, "avfmae.activation_checkpointing: must be true or false"),
+    ({"size": 3}, "avfmae.size: must be a string"),
+    ({"max_steps": "10"}, "avfmae.max_steps: must be an integer or null"),
+    ({"betas": ["0.9", 0.95]}, "avfmae.betas"),
+    ({"mask": {"video_ratio": "0.9"}}, "avfmae.mask.video_ratio: must be a number"),
+    ({"max_nonfinite_steps": 0}, "avfmae.max_nonfinite_steps: must be a positive number"),
+])
+def test_every_avfmae_key_has_its_type_checked(tmp_path, section, message):
+    from avfmae.training import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, **section))
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    import avfmae
+
+    return avfmae.build_model("tiny", "finetune", num_outputs=4)
+
+
+def test_an_init_checkpoint_that_is_not_a_safe_state_dict_names_the_key(tmp_path, classifier):
+    import pickle
+
+    import torch
+
+    from avfmae.trainer import read_init_checkpoint
+    from avfmae.training import ConfigError
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="avfmae.init_checkpoint: .*notes.txt is not a weights file") as err:
+        read_init_checkpoint(str(text), classifier)
+    assert "never opened" in str(err.value)
+    unsafe = tmp_path / "unsafe.pt"
+    with open(unsafe, "wb") as fh:
+        pickle.dump({"video_encoder.x": object()}, fh)  # loads only with weights_only=False
+    with pytest.raises(ConfigError, match="avfmae.init_checkpoint: .*unsafe.pt is not a weights file"):
+        read_init_checkpoint(str(unsafe), classifier)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(ConfigError, match="holds a Tensor, not a state dict"):
+        read_init_checkpoint(str(tensor), classifier)
+    unrelated = tmp_path / "resnet.pt"
+    torch.save({"conv1.weight": torch.zeros(2), "fc.bias": torch.zeros(2)}, unrelated)
+    with pytest.raises(ConfigError, match="no key of .*resnet.pt matches this model's encoders.*conv1.weight"):
+        read_init_checkpoint(str(unrelated), classifier)
+    good = tmp_path / "model_fp32.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in classifier.state_dict().items()}}, good)
+    assert "model" in read_init_checkpoint(str(good), classifier)
