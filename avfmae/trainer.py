@@ -215,7 +215,8 @@ class Trainer:
         device = cfg.data_device if cfg.data_device != "auto" else ("gpu" if self.cuda else "cpu")
         common = dict(batch_size=self.ds_config["train_micro_batch_size_per_gpu"], device=device,
                       num_threads=cfg.data_threads, seed=cfg.seed, shard_id=self.rank, num_shards=self.world,
-                      spec=spec, device_id=self.device.index if self.cuda else None)
+                      spec=spec, device_id=self.device.index if self.cuda else None, bad_clips=cfg.bad_clips,
+                      max_bad_clip_fraction=cfg.max_bad_clip_fraction)
         self._loader_args = common
         return build_loader(self.manifests["train_manifest"], train=True, start_epoch=start_epoch, **common)
 
@@ -245,9 +246,49 @@ class Trainer:
             path = getattr(cfg, key)
             if path is not None:
                 try:
-                    self.manifests[key] = read_manifest(path, **check)
+                    self.manifests[key] = self.probe_media(key, read_manifest(path, **check))
                 except ManifestError as err:
                     raise ConfigError(f"config key avfmae.{key}: {err}") from err
+
+    def probe_media(self, key: str, manifest):
+        """The start-up probe (file size, container signature; no decoding) of every clip, each rank a
+        slice, gathered so that every rank draws the same conclusion: ``bad_clips: error`` stops with
+        the list, ``skip`` drops those rows (logged) unless more than ``max_bad_clip_fraction`` are bad.
+        The full checks run when a clip is first decoded (dali_pipelines.source.check_clip)."""
+        import dataclasses
+
+        from dali_pipelines import ManifestError
+        from dali_pipelines.source import quick_check
+
+        mine = {}
+        for row in range(self.rank, len(manifest), self.world):
+            clip = manifest.clips[row]
+            for kind, path in (("video", clip.video), ("audio", clip.audio)):
+                problem = quick_check(path, kind)
+                if problem:
+                    mine[row] = f"{path}: {problem}"
+                    break
+        found = [mine]
+        if self.world > 1:
+            found = [None] * self.world
+            dist.all_gather_object(found, mine)
+        bad = dict(sorted(kv for part in found for kv in part.items()))
+        if not bad:
+            return manifest
+        lines = [f"  line {manifest.clips[row].line}: {why}" for row, why in bad.items()]
+        fix = (f"Fix: re-extract or re-encode these files, or remove their rows; or set `bad_clips: skip` to leave "
+               f"them out (up to max_bad_clip_fraction={self.cfg.max_bad_clip_fraction})")
+        if self.cfg.bad_clips == "error" or len(bad) > self.cfg.max_bad_clip_fraction * len(manifest):
+            limit = "" if self.cfg.bad_clips == "error" else " (more than max_bad_clip_fraction)"
+            raise ManifestError(f"{len(bad)} of {len(manifest)} clips of {manifest.path} fail the start-up "
+                                f"probe{limit}:\n" + "\n".join(lines[:10])
+                                + (f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else "") + f"\n{fix}")
+        if self.rank == 0:
+            print(f"bad_clips=skip: leaving {len(bad)} of {len(manifest)} clips of {manifest.path} out:\n"
+                  + "\n".join(lines), flush=True)
+        self.log.write(event="bad_clips", manifest=str(manifest.path), skipped={manifest.clips[r].line: why
+                                                                                for r, why in bad.items()})
+        return dataclasses.replace(manifest, clips=tuple(c for r, c in enumerate(manifest.clips) if r not in bad))
 
     def run(self) -> int:
         """Train the configured stage to the end (or until stopped with a checkpoint); returns 0."""

@@ -85,6 +85,8 @@ class TrainConfig:
     audio_frames: int | None = None
     reconstruction_png: bool = True
     max_nonfinite_steps: int = 3         # stop (exit 3, no save, no export) after this many non-finite steps in a row
+    bad_clips: str = "error"             # a clip failing the media checks: "error" (stop, naming it) | "skip" (log it)
+    max_bad_clip_fraction: float = 0.01  # with "skip": fail when more than this share of the clips is bad
 
     def resolve(self, path: str | None, base: Path) -> str | None:
         if path is None:
@@ -208,6 +210,10 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
     if not 0 <= cfg.drop_path < 1:
         _fail("drop_path", f"must lie in [0, 1), got {cfg.drop_path}")
     _validate_mixing(cfg)
+    if cfg.bad_clips not in ("error", "skip"):
+        _fail("bad_clips", f"expected 'error' or 'skip', got {cfg.bad_clips!r}")
+    if not 0 <= cfg.max_bad_clip_fraction < 1:
+        _fail("max_bad_clip_fraction", f"must lie in [0, 1), got {cfg.max_bad_clip_fraction}")
     if cfg.data_device not in ("auto", "gpu", "cpu"):
         _fail("data_device", f"expected 'auto', 'gpu' or 'cpu', got {cfg.data_device!r}")
     for key in dataclasses.fields(MaskConfig):

@@ -347,3 +347,137 @@ def test_an_init_checkpoint_that_is_not_a_safe_state_dict_names_the_key(tmp_path
     good = tmp_path / "model_fp32.pt"
     torch.save({"model": {f"module.{k}": v for k, v in classifier.state_dict().items()}}, good)
     assert "model" in read_init_checkpoint(str(good), classifier)
+
+
+# --- media checked before they poison training -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A good clip and one of every kind of bad one (VP9 WebM + wav), as (video, audio) paths by name."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from dali_pipelines.synthetic import encode_video, encode_wav, face_frames
+
+    out = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    good_video = encode_video(face_frames(0, 4, 20, 64, rng))
+    good_audio = encode_wav(np.zeros(16000, np.float32), 16000)
+    wave = np.zeros(16000, np.float32)
+    wave[100:110] = np.nan
+    nan_audio = io.BytesIO()
+    sf.write(nan_audio, wave, 16000, format="WAV", subtype="FLOAT")
+    videos = {"good": good_video, "truncated": good_video[: len(good_video) // 2], "empty": b"",
+              "short": encode_video(face_frames(0, 4, 2, 64, rng)), "text": b"not a video at all\n" * 10,
+              "nan_audio": good_video}
+    audios = {"nan_audio": nan_audio.getvalue(), "empty": b""}
+    paths = {}
+    for name, data in videos.items():
+        (out / f"{name}.webm").write_bytes(data)
+        (out / f"{name}.wav").write_bytes(audios.get(name, good_audio))
+        paths[name] = (out / f"{name}.webm", out / f"{name}.wav")
+    return paths
+
+
+def test_the_start_up_probe_rejects_empty_and_non_media_files(media):
+    from dali_pipelines.source import quick_check
+
+    assert quick_check(media["good"][0], "video") is None and quick_check(media["good"][1], "audio") is None
+    assert quick_check(media["truncated"][0], "video") is None  # cut short: found at decode time
+    assert quick_check(media["empty"][0], "video") == "empty file (0 bytes)"
+    assert quick_check(media["empty"][1], "audio") == "empty file (0 bytes)"
+    assert "not a video container DALI reads" in quick_check(media["text"][0], "video")
+    assert "not a audio container" in quick_check(media["good"][0], "audio")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("truncated", r"truncated.webm: truncated video: the header declares 20 frames, the file holds \d+"),
+    ("short", "short.webm: 2 frame.s., fewer than the 16 the model samples"),
+    ("empty", "empty.webm: empty video file"),
+    ("text", "text.webm: undecodable video"),
+    ("nan_audio", r"nan_audio.wav: 10 non-finite audio sample\(s\)"),
+])
+def test_decode_time_checks_name_the_file_the_reason_and_the_fix(media, name, message):
+    import numpy as np
+
+    from dali_pipelines import ClipSpec
+    from dali_pipelines.manifest import Clip
+    from dali_pipelines.source import BadClipError, check_clip
+
+    video, audio = media[name]
+    clip = Clip(video, audio, (), 7)
+    with pytest.raises(BadClipError, match=message) as err:
+        check_clip(np.fromfile(video, np.uint8), np.fromfile(audio, np.uint8), clip, ClipSpec(), "m.csv")
+    assert "Fix: re-extract or re-encode the file, or remove line 7 of m.csv" in str(err.value)
+    assert "bad_clips: skip" in str(err.value)
+    good = check_clip(*(np.fromfile(p, np.uint8) for p in media["good"]), Clip(*media["good"], (), 2), ClipSpec(),
+                      "m.csv")
+    assert good.num_frames == 20
+
+
+def _source(media, names, policy, fraction=0.0):
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+
+    from dali_pipelines import ClipSpec, write_manifest
+    from dali_pipelines.manifest import read_manifest
+    from dali_pipelines.source import ClipSource
+
+    path = write_manifest(media["good"][0].parent / f"{policy}.csv",
+                          [(*media[n], i % 2) for i, n in enumerate(names)])
+    manifest = read_manifest(path)
+    return ClipSource(manifest, batch_size=len(names), train=False, device="cpu", spec=ClipSpec(), seed=0,
+                      shard_id=0, num_shards=1, policy=LastBatchPolicy.PARTIAL, bad_clips=policy,
+                      max_bad_clip_fraction=fraction)
+
+
+class Info:
+    epoch_idx, iteration = 0, 0
+
+
+def test_bad_clips_error_stops_at_the_bad_clip(media):
+    from dali_pipelines.source import BadClipError
+
+    with pytest.raises(BadClipError, match="truncated.webm: truncated video"):
+        _source(media, ["good", "truncated", "good"], "error")(Info())
+
+
+def test_bad_clips_skip_logs_each_and_a_good_clip_stands_in(media, capsys):
+    source = _source(media, ["good", "truncated", "good", "nan_audio"], "skip", fraction=0.5)
+    *_, labels, index = source(Info())
+    assert [int(i) for i in index] == [0, 2, 2, 0]  # rows 1 and 3 replaced by the next usable rows
+    assert [int(x) for x in labels] == [0, 0, 0, 0]  # and their labels come with them
+    log = capsys.readouterr().err
+    assert "skipping" in log and "truncated.webm" in log and "nan_audio.wav" in log
+    assert set(source.skipped) == {1, 3}
+    with pytest.raises(ValueError, match="2 bad clips .* more than max_bad_clip_fraction=0.25"):
+        _source(media, ["good", "truncated", "good", "nan_audio"], "skip", fraction=0.25)(Info())
+
+
+def test_the_trainer_probe_applies_the_policy_to_every_rank_alike(media, tmp_path):
+    from types import SimpleNamespace
+
+    from avfmae.trainer import Trainer
+    from avfmae.training import JsonlLog
+    from dali_pipelines import ManifestError, write_manifest
+    from dali_pipelines.manifest import read_manifest
+
+    path = write_manifest(tmp_path / "m.csv", [(*media[n], 0) for n in ["good", "empty", "text", "good"]])
+    manifest = read_manifest(path)
+
+    def probe(policy, fraction):
+        cfg = SimpleNamespace(bad_clips=policy, max_bad_clip_fraction=fraction)
+        trainer = SimpleNamespace(rank=0, world=1, cfg=cfg, log=JsonlLog(tmp_path / "log.jsonl"))
+        return Trainer.probe_media(trainer, "train_manifest", manifest)
+
+    with pytest.raises(ManifestError, match=r"2 of 4 clips .* fail the start-up probe:\n  line 3: .*empty.webm: "
+                                            r"empty file \(0 bytes\)\n  line 4: .*text.webm: not a video"):
+        probe("error", 0.9)
+    with pytest.raises(ManifestError, match="more than max_bad_clip_fraction"):
+        probe("skip", 0.25)
+    kept = probe("skip", 0.5)
+    assert [c.line for c in kept.clips] == [2, 5]
+    logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert logged["event"] == "bad_clips" and set(logged["skipped"]) == {"3", "4"}

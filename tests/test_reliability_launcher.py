@@ -14,6 +14,7 @@ import psutil
 import pytest
 import torch
 
+from avfmae.launch import local_ranks
 from avfmae.training import CheckpointManager
 
 from .test_training_deepspeed import DEEPSPEED, ROOT, config, events
@@ -94,9 +95,9 @@ def test_sigterm_to_the_launcher_wrapper_reaches_every_rank(dataset, tmp_path):
     while time.time() < deadline and (not (out / "log.jsonl").exists() or not events(out, "train")):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.5)
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())
-             and "deepspeed.launcher.launch" not in " ".join(p.cmdline())]
-    assert len(ranks) == 2
+    (runner,) = psutil.Process(proc.pid).children()
+    ranks = local_ranks(runner.pid)
+    assert len(ranks) == 2 and all("train.py" in " ".join(p.cmdline()) for p in ranks)
     proc.send_signal(signal.SIGTERM)  # the one process a scheduler knows: not the process group
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, output[-3000:]
