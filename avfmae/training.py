@@ -678,6 +678,17 @@ class StopFlag:
         self.signal_name = signal.Signals(signum).name
 
 
+def _strict_json(value: Any) -> Any:
+    """NaN/inf as the strings "nan"/"inf"/"-inf" (strict JSON has no such numbers), in nested dicts too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 class JsonlLog:
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path is not None else None
@@ -689,5 +700,5 @@ class JsonlLog:
             return
         record.setdefault("time", round(time.time(), 3))
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(_strict_json(record)) + "\n")
             fh.flush()

@@ -481,3 +481,65 @@ def test_the_trainer_probe_applies_the_policy_to_every_rank_alike(media, tmp_pat
     assert [c.line for c in kept.clips] == [2, 5]
     logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert logged["event"] == "bad_clips" and set(logged["skipped"]) == {"3", "4"}
+
+
+# --- non-finite losses and skipped steps (the loop's bookkeeping, without DeepSpeed) -----------------------
+
+
+def bookkeeping(tmp_path: Path, max_nonfinite_steps: int = 3):
+    from types import SimpleNamespace
+
+    from avfmae.trainer import Trainer
+    from avfmae.training import JsonlLog
+
+    trainer = Trainer.__new__(Trainer)  # the loop's state only: no process group, no engine
+    trainer.cfg = SimpleNamespace(max_nonfinite_steps=max_nonfinite_steps)
+    trainer.world, trainer.nonfinite_streak, trainer.skipped_steps = 1, 0, 0
+    trainer.log = JsonlLog(tmp_path / "log.jsonl")
+    trainer.ckpt = saved_run(tmp_path / "checkpoints", [4], world=1)
+    return trainer
+
+
+def logged(tmp_path: Path, event: str) -> list[dict]:
+    return [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def test_non_finite_losses_stop_after_n_in_a_row_naming_the_step_and_the_term(tmp_path):
+    trainer = bookkeeping(tmp_path, max_nonfinite_steps=2)
+    nan = float("nan")
+    trainer.check_finite(5, True, {"loss": nan, "loss_audio": nan})
+    trainer.check_finite(6, False, {})  # a finite step ends the streak
+    assert trainer.nonfinite_streak == 0
+    trainer.check_finite(7, True, {"loss_video": float("inf")})
+    with pytest.raises(RunError) as err:
+        trainer.check_finite(8, True, {"loss_video": nan})
+    message = str(err.value)
+    assert "stopped at step 8: non-finite loss for 2 step(s) in a row (rank 0: loss_video=nan)" in message
+    assert "the last checkpoint, step_00000004" in message
+    assert [e["step"] for e in logged(tmp_path, "nonfinite")] == [5, 7, 8]
+    assert logged(tmp_path, "nonfinite")[0]["terms"] == {"0": {"loss": "nan", "loss_audio": "nan"}}  # strict JSON
+
+
+def test_no_checkpoint_is_written_right_after_a_non_finite_loss(tmp_path):
+    trainer = bookkeeping(tmp_path)
+    trainer.rank = 0
+    trainer.check_finite(5, True, {"loss": float("nan")})
+    assert trainer.save({"step": 5}, reason="periodic") is None  # the engine is never asked
+    assert logged(tmp_path, "checkpoint_refused") == [{"event": "checkpoint_refused", "step": 5, "reason": "periodic",
+                                                       "time": logged(tmp_path, "checkpoint_refused")[0]["time"]}]
+    assert trainer.ckpt.tags() == ["step_00000004"]
+
+
+def test_steps_deepspeed_skipped_are_logged_and_counted(tmp_path):
+    from types import SimpleNamespace
+
+    trainer = bookkeeping(tmp_path)
+    trainer.engine = SimpleNamespace(skipped_steps=0, optimizer=SimpleNamespace(cur_scale=65536.0))
+    trainer.count_skipped_step(1)
+    trainer.engine.skipped_steps, trainer.engine.optimizer.cur_scale = 1, 32768.0  # fp16 overflow at step 2
+    trainer.count_skipped_step(2)
+    trainer.count_skipped_step(3)
+    trainer.engine.skipped_steps = 2
+    trainer.count_skipped_step(4)
+    assert [(e["step"], e["skipped_steps"]) for e in logged(tmp_path, "skipped_step")] == [(2, 1), (4, 2)]
+    assert logged(tmp_path, "skipped_step")[0]["loss_scale"] == 32768.0 and trainer.skipped_steps == 2
