@@ -521,10 +521,26 @@ class Trainer:
         tag = self.ckpt.tag_for(state["step"])
         if tag in self.ckpt.tags() and self.ckpt.problem(tag) is None:
             return tag  # this very state is saved already (a resumed run that had nothing left to do)
+        if not self.weights_finite():
+            raise RunError(f"step {state['step']}: the weights hold NaN/inf (the last update diverged while its loss "
+                           f"was still finite); no {reason} checkpoint written. The last checkpoint is "
+                           f"{self.ckpt.latest_tag()} in {self.ckpt.directory}: fix the cause (lr, data, precision) "
+                           "and continue with --resume")
         tag = self.ckpt.save(self.engine, state["step"], client_state={"train_state": dict(state)},
                              is_rank0=self.rank == 0, barrier=_barrier, world=self.world)
         self.log.write(event="checkpoint", step=state["step"], tag=tag, reason=reason)
         return tag
+
+    def weights_finite(self) -> bool:
+        """Whether every rank's parameters (its ZeRO-3 partition, or the full tensors) are finite: one
+        reduction and one all-reduce per checkpoint, nothing per step."""
+        local = [getattr(p, "ds_tensor", p).detach() for p in self.engine.module.parameters()]
+        checks = [torch.isfinite(t).all() for t in local if t.numel()]
+        ok = torch.stack(checks).all() if checks else torch.tensor(True)
+        flag = ok.float().reshape(1).to(self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def load_resume(self, state: dict) -> dict:
         """Load the newest checkpoint complete on every rank (see CheckpointManager). Newer, unusable

@@ -543,3 +543,21 @@ def test_steps_deepspeed_skipped_are_logged_and_counted(tmp_path):
     trainer.count_skipped_step(4)
     assert [(e["step"], e["skipped_steps"]) for e in logged(tmp_path, "skipped_step")] == [(2, 1), (4, 2)]
     assert logged(tmp_path, "skipped_step")[0]["loss_scale"] == 32768.0 and trainer.skipped_steps == 2
+
+
+def test_weights_that_went_non_finite_are_never_checkpointed(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    trainer = bookkeeping(tmp_path)
+    trainer.rank, trainer.device = 0, torch.device("cpu")
+    module = torch.nn.Linear(3, 2)
+    trainer.engine = SimpleNamespace(module=module)
+    assert trainer.weights_finite()
+    with torch.no_grad():
+        module.bias[1] = float("inf")  # an update diverged while the loss that drove it was finite
+    assert not trainer.weights_finite()
+    with pytest.raises(RunError, match="step 9: the weights hold NaN/inf .* The last checkpoint is step_00000004"):
+        trainer.save({"step": 9}, reason="periodic")
+    assert trainer.ckpt.tags() == ["step_00000004"]
