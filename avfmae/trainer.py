@@ -297,6 +297,7 @@ class Trainer:
         state = {"step": 0, "epoch": 0, "best_metric": None}
         if self.resume:
             state = self.load_resume(state)
+        self.skipped_steps = int(getattr(self.engine, "skipped_steps", 0))  # a checkpoint restores DeepSpeed's count
         steps_per_epoch, total = self.plan(self.micro_batches_per_epoch())
         train_loader = self.build_loaders(start_epoch=state["step"] // steps_per_epoch)
         self.progress = self.progress_bar(total, state["step"])
