@@ -561,3 +561,23 @@ def test_weights_that_went_non_finite_are_never_checkpointed(tmp_path):
     with pytest.raises(RunError, match="step 9: the weights hold NaN/inf .* The last checkpoint is step_00000004"):
         trainer.save({"step": 9}, reason="periodic")
     assert trainer.ckpt.tags() == ["step_00000004"]
+
+
+def test_a_run_without_resume_refuses_a_used_output_dir(tmp_path):
+    from avfmae.trainer import Trainer
+
+    def claim(resume: bool):
+        trainer = Trainer.__new__(Trainer)  # the start-up claim only: no process group
+        trainer.rank, trainer.resume, trainer.out = 0, resume, tmp_path
+        trainer.ckpt, trainer.lock = CheckpointManager(tmp_path / "checkpoints"), OutputLock(tmp_path)
+        trainer.claim_output_dir()
+        return trainer
+
+    claim(resume=False).lock.release()  # an empty output_dir is fine
+    saved_run(tmp_path / "checkpoints", [2])
+    before = contents(tmp_path / "checkpoints")
+    with pytest.raises(RunError, match=f"output_dir {tmp_path} already holds a run \\(step_00000002\\); continue it "
+                                       "with --resume"):
+        claim(resume=False)
+    claim(resume=True).lock.release()  # another process holding the lock: see the subprocess test above
+    assert contents(tmp_path / "checkpoints") == before

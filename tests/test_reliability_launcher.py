@@ -1,6 +1,6 @@
 """Issue 13's end-to-end cases under DeepSpeed's launcher (ZeRO-3 on CPU, 2 processes): a damaged newest
-checkpoint and a garbage ``latest`` on --resume, a run that goes non-finite, a fresh run into a used
-output_dir, and SIGTERM to the launcher. Checkpoints present before each failure stay there, loadable."""
+checkpoint and a garbage ``latest`` on --resume, a run that goes non-finite, and SIGTERM to the launcher
+wrapper. Checkpoints present before each failure stay there, loadable."""
 
 import json
 import os
@@ -78,11 +78,6 @@ def test_resume_skips_a_damaged_checkpoint_and_a_diverging_run_stops_without_sav
     for tag, files in kept.items():
         assert snapshot(ckpt / tag) == files and manager.problem(tag, world=2) is None
         torch.load(ckpt / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
-
-    # a run without --resume may not start over in a used output_dir
-    third = run(config(dataset, out))
-    assert third.returncode != 0 and "already holds a run" in third.stderr, third.stderr[-3000:]
-    assert {t: snapshot(ckpt / t) for t in kept} == kept
 
 
 def test_sigterm_to_the_launcher_wrapper_reaches_every_rank(dataset, tmp_path):
