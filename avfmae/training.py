@@ -4,8 +4,12 @@
   frozen ``TrainConfig`` before any process group does work, and only DeepSpeed's keys go on.
 - ``lr_at``: linear warm-up then per-step cosine decay to ``min_lr`` (the reference recipes).
 - ``CheckpointManager``: DeepSpeed checkpoints that a crash mid-save cannot corrupt — each save goes
-  to a new tag directory, and only when every rank has finished does rank 0 atomically repoint
-  ``latest`` (write a temporary file, fsync, ``os.replace``); older tags are pruned afterwards.
+  to a new tag directory; only when every rank has finished does rank 0 write the completion marker
+  (every file and its size) and atomically repoint ``latest`` (temporary file, fsync, ``os.replace``);
+  ``--resume`` picks the newest tag complete on every rank; only tags older than the kept complete
+  ones are pruned.
+- ``OutputLock``: one run per output directory (an ``fcntl`` lock held by rank 0).
+- ``RunError``: a run stopped to protect its work (train.py exits 3).
 - ``StopFlag``: SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly.
 - ``JsonlLog``: one JSON object per line, appended and flushed (rank 0).
 - ``eval_views`` / ``average_views``: multi-view evaluation (``test_clips`` x ``test_crops``).
