@@ -122,7 +122,7 @@ class BadClipError(ValueError):
 TRUNCATION_TOLERANCE = 0.9  # a container holding < 90% of the frames its header declares is cut short
 MAGIC = {  # the first bytes of the containers DALI reads (start-up probe, no decoding)
     "video": ((0, b"\x1a\x45\xdf\xa3"), (4, b"ftyp"), (0, b"RIFF"), (4, b"moov"), (4, b"mdat"), (4, b"free")),
-    "audio": ((0, b"RIFF"), (0, b"RIFX"), (0, b"fLaC"), (0, b"OggS")),
+    "audio": ((0, b"RIFF"), (0, b"RIFX"), (0, b"RF64"), (0, b"fLaC"), (0, b"ID3"), (0, b"OggS")),
 }
 
 
