@@ -521,7 +521,10 @@ class Trainer:
             return None
         tag = self.ckpt.tag_for(state["step"])
         if tag in self.ckpt.tags() and self.ckpt.problem(tag) is None:
-            return tag  # this very state is saved already (a resumed run that had nothing left to do)
+            # this very state is saved already (best and stop at one step; a resumed run with nothing left
+            # to do): never overwrite a complete checkpoint
+            self.log.write(event="checkpoint", step=state["step"], tag=tag, reason=reason, saved_before=True)
+            return tag
         if not self.weights_finite():
             raise RunError(f"step {state['step']}: the weights hold NaN/inf (the last update diverged while its loss "
                            f"was still finite); no {reason} checkpoint written. The last checkpoint is "
