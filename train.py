@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 
-from avfmae.training import ConfigError, load_config
+from avfmae.training import RUN_ERROR_EXIT, ConfigError, RunError, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from avfmae.trainer import Trainer  # heavy imports (deepspeed, dali) only after validation
 
-    return Trainer(ds_config, cfg, resume=args.resume, local_rank=args.local_rank).run()
+    try:
+        return Trainer(ds_config, cfg, resume=args.resume, local_rank=args.local_rank).run()
+    except ConfigError as err:  # found once the run started (init_checkpoint contents, manifest labels)
+        print(f"train.py: bad config: {err}", file=sys.stderr, flush=True)
+        return 2
+    except RunError as err:  # raised on every rank alike: nothing was lost, nothing garbage was written
+        print(f"train.py: stopped: {err}", file=sys.stderr, flush=True)
+        return RUN_ERROR_EXIT
 
 
 if __name__ == "__main__":

@@ -354,13 +354,8 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
         Raises:
             ValueError on a shape mismatch, naming the key.
         """
-        for wrapper in ("model", "module", "state_dict"):
-            if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
-                state_dict = state_dict[wrapper]
-        source = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        selected = pretrained_encoder_state(state_dict)
         own = self.state_dict()
-        prefixes = ENCODER_PREFIXES + ("fusion.",)
-        selected = {k: v for k, v in source.items() if k.startswith(prefixes)}
         unexpected = sorted(k for k in selected if k not in own)
         loadable = {k: v for k, v in selected.items() if k in own}
         for k, v in loadable.items():
@@ -369,6 +364,16 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
                                  f"{tuple(own[k].shape)} (different model size or geometry?)")
         self.load_state_dict(loadable, strict=False)
         return sorted(k for k in own if k not in loadable), unexpected
+
+
+def pretrained_encoder_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a checkpoint that :meth:`AVFMAEClassifier.load_pretrained_encoders` loads: unwrapped
+    from ``{"model"|"module"|"state_dict": ...}``, ``module.`` prefix dropped, encoder and fusion keys."""
+    for wrapper in ("model", "module", "state_dict"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+            state_dict = state_dict[wrapper]
+    source = {str(k).removeprefix("module."): v for k, v in state_dict.items()}
+    return {k: v for k, v in source.items() if k.startswith(ENCODER_PREFIXES + ("fusion.",))}
 
 
 class _Head(nn.Linear):

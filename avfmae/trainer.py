@@ -9,6 +9,7 @@ epoch it already consumed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -19,7 +20,10 @@ import torch.distributed as dist
 from .mixup import AudioVisualMixup
 from .training import (
     CheckpointManager,
+    ConfigError,
     JsonlLog,
+    OutputLock,
+    RunError,
     StopFlag,
     TrainConfig,
     atomic_write_text,
@@ -41,6 +45,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _agreed_error(error: str | None) -> None:
+    """Raise :class:`RunError` on every rank when rank 0 found ``error`` (rank 0's value wins), so no
+    rank is left waiting in a collective for one that left."""
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RunError(error)
+
+
 def _zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
@@ -49,6 +64,34 @@ def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def read_init_checkpoint(path: str, model: torch.nn.Module) -> dict:
+    """``init_checkpoint`` opened safely (``weights_only=True``: a file that needs more could run code):
+    a state dict with at least one encoder key this model has, else a ConfigError naming the key.
+    Checked by key names only, so it holds under ZeRO-3 (partitioned parameters) on every rank."""
+    import pickle
+
+    from .models import pretrained_encoder_state
+
+    key = "config key avfmae.init_checkpoint"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{key}: {path} is not a weights file torch loads with weights_only=True ({first}). "
+                          "Expected a plain state dict such as the previous stage's <output_dir>/model_fp32.pt; "
+                          "files that need weights_only=False are never opened (unpickling can run code)") from err
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ConfigError(f"{key}: {path} holds a {type(state).__name__}, not a state dict (name -> tensor)")
+    selected = pretrained_encoder_state(state)
+    own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    if not any(k in own and isinstance(v, torch.Tensor) for k, v in selected.items()):
+        sample = ", ".join(list(state)[:5]) or "none"
+        raise ConfigError(f"{key}: no key of {path} matches this model's encoders (video_encoder.*, "
+                          f"audio_encoder.*, fusion.*); it has {len(state)} keys, e.g. {sample}. Wrong file, or a "
+                          "checkpoint of another model?")
+    return state
 
 
 class Trainer:
@@ -69,9 +112,28 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = JsonlLog(self.out / "log.jsonl" if self.rank == 0 else None)
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
+        self.lock = OutputLock(self.out)
+        self.claim_output_dir()
         self.stop = StopFlag()
         self.mixup = self.build_mixup()
         self._val_loaders = None  # one per test view, built at the first evaluation
+        self.nonfinite_streak = 0   # optimizer steps in a row with a non-finite loss term on some rank
+        self.skipped_steps = 0      # steps DeepSpeed skipped (fp16 overflow)
+
+    def claim_output_dir(self) -> None:
+        """Rank 0 takes the output_dir's lock; a run without --resume may not write over a run's
+        checkpoints or weights. Every rank raises the same RunError when either fails."""
+        error = None
+        if self.rank == 0:
+            try:
+                self.lock.acquire()
+                found = self.ckpt.tags() or [p.name for p in (self.out / "model_fp32.pt",) if p.exists()]
+                if found and not self.resume:
+                    error = (f"output_dir {self.out} already holds a run ({found[0]}); continue it with --resume, "
+                             "or choose another output_dir (nothing was changed)")
+            except RunError as err:
+                error = str(err)
+        _agreed_error(error)
 
     # --- setup ----------------------------------------------------------------------------------------
 
@@ -110,7 +172,7 @@ class Trainer:
         path = self.cfg.init_checkpoint
         if path is None:
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_init_checkpoint(path, model)
         params = list(model.parameters())
         # under ZeRO-3 parameters are partitioned: gather them, let rank 0 write, re-partition; otherwise
         # every rank holds a full copy and loads it itself
@@ -153,9 +215,10 @@ class Trainer:
         device = cfg.data_device if cfg.data_device != "auto" else ("gpu" if self.cuda else "cpu")
         common = dict(batch_size=self.ds_config["train_micro_batch_size_per_gpu"], device=device,
                       num_threads=cfg.data_threads, seed=cfg.seed, shard_id=self.rank, num_shards=self.world,
-                      spec=spec, device_id=self.device.index if self.cuda else None)
+                      spec=spec, device_id=self.device.index if self.cuda else None, bad_clips=cfg.bad_clips,
+                      max_bad_clip_fraction=cfg.max_bad_clip_fraction)
         self._loader_args = common
-        return build_loader(cfg.train_manifest, train=True, start_epoch=start_epoch, **common)
+        return build_loader(self.manifests["train_manifest"], train=True, start_epoch=start_epoch, **common)
 
     def val_loaders(self) -> list:
         """One validation loader per test view (``test_clips`` x ``test_crops``), built once, on first use:
@@ -163,18 +226,78 @@ class Trainer:
         if self._val_loaders is None:
             from dali_pipelines import build_loader
 
-            self._val_loaders = [build_loader(self.cfg.val_manifest, train=False, view=view, **self._loader_args)
+            self._val_loaders = [build_loader(self.manifests["val_manifest"], train=False, view=view,
+                                              **self._loader_args)
                                  for view in eval_views(self.cfg)]
         return self._val_loaders
 
     # --- the loop -------------------------------------------------------------------------------------
 
+    def read_manifests(self) -> None:
+        """Read and check both manifests before any work: labels against the stage's task (stated by
+        ``regression``, never guessed) and ``num_outputs``, naming each bad row."""
+        from dali_pipelines import ManifestError, read_manifest
+
+        cfg = self.cfg
+        check = {} if cfg.stage == "pretrain" else dict(
+            task="regression" if cfg.regression else "classification", num_outputs=cfg.num_outputs)
+        self.manifests = {}
+        for key in ("train_manifest", "val_manifest"):
+            path = getattr(cfg, key)
+            if path is not None:
+                try:
+                    self.manifests[key] = self.probe_media(key, read_manifest(path, **check))
+                except ManifestError as err:
+                    raise ConfigError(f"config key avfmae.{key}: {err}") from err
+
+    def probe_media(self, key: str, manifest):
+        """The start-up probe (file size, container signature; no decoding) of every clip, each rank a
+        slice, gathered so that every rank draws the same conclusion: ``bad_clips: error`` stops with
+        the list, ``skip`` drops those rows (logged) unless more than ``max_bad_clip_fraction`` are bad.
+        The full checks run when a clip is first decoded (dali_pipelines.source.check_clip)."""
+        import dataclasses
+
+        from dali_pipelines import ManifestError
+        from dali_pipelines.source import quick_check
+
+        mine = {}
+        for row in range(self.rank, len(manifest), self.world):
+            clip = manifest.clips[row]
+            for kind, path in (("video", clip.video), ("audio", clip.audio)):
+                problem = quick_check(path, kind)
+                if problem:
+                    mine[row] = f"{path}: {problem}"
+                    break
+        found = [mine]
+        if self.world > 1:
+            found = [None] * self.world
+            dist.all_gather_object(found, mine)
+        bad = dict(sorted(kv for part in found for kv in part.items()))
+        if not bad:
+            return manifest
+        lines = [f"  line {manifest.clips[row].line}: {why}" for row, why in bad.items()]
+        fix = (f"Fix: re-extract or re-encode these files, or remove their rows; or set `bad_clips: skip` to leave "
+               f"them out (up to max_bad_clip_fraction={self.cfg.max_bad_clip_fraction})")
+        if self.cfg.bad_clips == "error" or len(bad) > self.cfg.max_bad_clip_fraction * len(manifest):
+            limit = "" if self.cfg.bad_clips == "error" else " (more than max_bad_clip_fraction)"
+            raise ManifestError(f"{len(bad)} of {len(manifest)} clips of {manifest.path} fail the start-up "
+                                f"probe{limit}:\n" + "\n".join(lines[:10])
+                                + (f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else "") + f"\n{fix}")
+        if self.rank == 0:
+            print(f"bad_clips=skip: leaving {len(bad)} of {len(manifest)} clips of {manifest.path} out:\n"
+                  + "\n".join(lines), flush=True)
+        self.log.write(event="bad_clips", manifest=str(manifest.path), skipped={manifest.clips[r].line: why
+                                                                                for r, why in bad.items()})
+        return dataclasses.replace(manifest, clips=tuple(c for r, c in enumerate(manifest.clips) if r not in bad))
+
     def run(self) -> int:
         """Train the configured stage to the end (or until stopped with a checkpoint); returns 0."""
+        self.read_manifests()
         self.setup_engine()
         state = {"step": 0, "epoch": 0, "best_metric": None}
         if self.resume:
-            state = self.load_latest(state)
+            state = self.load_resume(state)
+        self.skipped_steps = int(getattr(self.engine, "skipped_steps", 0))  # a checkpoint restores DeepSpeed's count
         steps_per_epoch, total = self.plan(self.micro_batches_per_epoch())
         train_loader = self.build_loaders(start_epoch=state["step"] // steps_per_epoch)
         self.progress = self.progress_bar(total, state["step"])
@@ -235,10 +358,10 @@ class Trainer:
 
     def micro_batches_per_epoch(self) -> int:
         """Micro-batches of every rank per epoch, from the manifest alone (before any loader exists)."""
-        from dali_pipelines import LastBatchPolicy, read_manifest
+        from dali_pipelines import LastBatchPolicy
         from dali_pipelines.source import batches_per_epoch
 
-        clips = len(read_manifest(self.cfg.train_manifest))
+        clips = len(self.manifests["train_manifest"])
         micro = self.ds_config["train_micro_batch_size_per_gpu"]
         return batches_per_epoch(clips, self.rank, self.world, micro, LastBatchPolicy.DROP)
 
@@ -257,16 +380,22 @@ class Trainer:
                 break  # max_steps reached mid-epoch
             self.lr = lr_at(state["step"], total, self.schedule["warmup"], self.peak_lr, self.cfg.min_lr)
             self.set_lr(self.optimizer, self.lr)
+            if i % self.accum == 0:
+                nonfinite = {}  # this rank's non-finite loss terms within the optimizer step
             terms = self.train_micro_step(batch, state["step"], i % self.accum)
+            nonfinite.update({k: v for k, v in terms.items() if not math.isfinite(v)})
             samples += batch["video"].shape[0] * self.world
             if (i + 1) % self.accum:
                 continue
             state["step"] += 1
             rate = samples / max(time.time() - clock, 1e-9)
+            self.count_skipped_step(state["step"])
             self.report_step(state, terms, rate, total)
             if state["step"] % self.cfg.log_every_steps == 0:
                 clock, samples = time.time(), 0
-            if self.stop_requested():
+            stop, any_nonfinite = self.agree_flags(self.stop.requested, bool(nonfinite))
+            self.check_finite(state["step"], any_nonfinite, nonfinite)
+            if stop:
                 return "signal"
             if state["step"] == self.cfg.stop_at_step:
                 return "stop_at_step"
@@ -274,10 +403,45 @@ class Trainer:
                 self.save(state, reason="periodic")
         return None
 
+    def count_skipped_step(self, step: int) -> None:
+        """Log a step DeepSpeed skipped (fp16 loss scaling found inf/NaN gradients); a host-side counter
+        DeepSpeed keeps anyway, so no extra device sync."""
+        skipped = int(getattr(self.engine, "skipped_steps", 0))
+        if skipped > self.skipped_steps:
+            self.skipped_steps = skipped
+            scale = getattr(self.engine.optimizer, "cur_scale", None)
+            self.log.write(event="skipped_step", step=step, skipped_steps=skipped, loss_scale=scale)
+
+    def check_finite(self, step: int, any_nonfinite: bool, mine: dict[str, float]) -> None:
+        """Count steps with a non-finite loss term on any rank; at ``max_nonfinite_steps`` in a row stop
+        every rank with a RunError naming the step and the terms (no checkpoint, no export)."""
+        if not any_nonfinite:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        gathered = [mine]
+        if dist.is_initialized() and self.world > 1:  # only on a bad step: which rank saw which term
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, mine)
+        where = "; ".join(f"rank {r}: " + ", ".join(f"{k}={v}" for k, v in terms.items())
+                          for r, terms in enumerate(gathered) if terms)
+        self.log.write(event="nonfinite", step=step, streak=self.nonfinite_streak,
+                       terms={r: t for r, t in enumerate(gathered) if t})
+        if _is_rank0():
+            print(f"step {step}: non-finite loss ({where}); {self.nonfinite_streak} step(s) in a row of "
+                  f"max_nonfinite_steps={self.cfg.max_nonfinite_steps}", flush=True)
+        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
+            last = self.ckpt.latest_tag()
+            resume = (f"the last checkpoint, {last} in {self.ckpt.directory}, predates them: fix the cause "
+                      "(lr, data, precision) and continue with --resume") if last else "no checkpoint was saved"
+            raise RunError(f"stopped at step {step}: non-finite loss for {self.nonfinite_streak} step(s) in a row "
+                           f"({where}); nothing was saved or exported after the first of them; {resume}")
+
     def report_step(self, state: dict, terms: dict[str, float], rate: float, total: int) -> None:
         lr = self.lr  # the schedule's value; parameter groups scale it by their layer-decay lr_scale
         if state["step"] % self.cfg.log_every_steps == 0 or state["step"] == total:
-            self.log.write(event="train", step=state["step"], lr=lr, samples_per_s=round(rate, 2), **terms)
+            extra = {"skipped_steps": self.skipped_steps} if self.skipped_steps else {}
+            self.log.write(event="train", step=state["step"], lr=lr, samples_per_s=round(rate, 2), **terms, **extra)
         if self.progress is not None:
             self.progress.set_postfix({**{k: f"{v:.4f}" for k, v in terms.items()}, "lr": f"{lr:.2e}",
                                        "samples/s": f"{rate:.1f}"}, refresh=False)
@@ -286,6 +450,9 @@ class Trainer:
     def finish(self, state: dict, train_loader) -> None:
         """Final checkpoint, consolidated fp32 export, reconstructions (pre-training), summary."""
         tag = self.save(state, reason="final")
+        if tag is None:
+            raise RunError(f"the run ended at step {state['step']} right after a non-finite loss: no final checkpoint, "
+                           f"no export; the last checkpoint is {self.ckpt.latest_tag()} in {self.ckpt.directory}")
         self.export(tag, self.out / "model_fp32.pt")
         if self.cfg.stage == "pretrain" and self.cfg.reconstruction_png:
             self.write_reconstructions(train_loader)
@@ -345,10 +512,12 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        return bool(flag.item())
+    def agree_flags(self, *flags: bool) -> list[bool]:
+        """Each flag OR-ed over the ranks in one all-reduce (the loop's one collective per step), so every
+        rank stops, or counts a bad step, at the same step."""
+        tensor = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return [v > 0 for v in tensor.tolist()]
 
     def progress_bar(self, total: int, start: int):
         if self.rank != 0:
@@ -360,27 +529,76 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
-    def save(self, state: dict, reason: str) -> str:
+    def save(self, state: dict, reason: str) -> str | None:
+        """Checkpoint the current step (None: not saved, the weights follow a non-finite loss)."""
+        if self.nonfinite_streak:
+            if _is_rank0():
+                print(f"step {state['step']}: no {reason} checkpoint after a non-finite loss", flush=True)
+            self.log.write(event="checkpoint_refused", step=state["step"], reason=reason)
+            return None
+        tag = self.ckpt.tag_for(state["step"])
+        if tag in self.ckpt.tags() and self.ckpt.problem(tag) is None:
+            # this very state is saved already (best and stop at one step; a resumed run with nothing left
+            # to do): never overwrite a complete checkpoint
+            self.log.write(event="checkpoint", step=state["step"], tag=tag, reason=reason, saved_before=True)
+            return tag
+        if not self.weights_finite():
+            raise RunError(f"step {state['step']}: the weights hold NaN/inf (the last update diverged while its loss "
+                           f"was still finite); no {reason} checkpoint written. The last checkpoint is "
+                           f"{self.ckpt.latest_tag()} in {self.ckpt.directory}: fix the cause (lr, data, precision) "
+                           "and continue with --resume")
         tag = self.ckpt.save(self.engine, state["step"], client_state={"train_state": dict(state)},
-                             is_rank0=self.rank == 0, barrier=_barrier)
+                             is_rank0=self.rank == 0, barrier=_barrier, world=self.world)
         self.log.write(event="checkpoint", step=state["step"], tag=tag, reason=reason)
         return tag
 
-    def load_latest(self, state: dict) -> dict:
-        tag = self.ckpt.latest_tag()
-        if tag is None:
+    def weights_finite(self) -> bool:
+        """Whether every rank's parameters (its ZeRO-3 partition, or the full tensors) are finite: one
+        reduction and one all-reduce per checkpoint, nothing per step."""
+        local = [getattr(p, "ds_tensor", p).detach() for p in self.engine.module.parameters()]
+        checks = [torch.isfinite(t).all() for t in local if t.numel()]
+        ok = torch.stack(checks).all() if checks else torch.tensor(True)
+        flag = ok.float().reshape(1).to(self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def load_resume(self, state: dict) -> dict:
+        """Load the newest checkpoint complete on every rank (see CheckpointManager). Newer, unusable
+        tags are renamed out of the way, never deleted; none usable among several is a RunError."""
+        mine = {tag: self.ckpt.problem(tag, self.world) for tag in self.ckpt.tags()}
+        every = [mine]
+        if self.world > 1:
+            every = [None] * self.world
+            dist.all_gather_object(every, mine)
+        tag, skipped = self.ckpt.choose(every)
+        why = "".join(f"\n  skipped {t}: {reason}" for t, reason in skipped.items())
+        if tag is None and not skipped:
             if _is_rank0():
-                print(f"--resume: no complete checkpoint in {self.ckpt.directory}; starting from step 0")
+                print(f"--resume: no checkpoint in {self.ckpt.directory} yet; starting from step 0", flush=True)
             return state
-        _, client = self.engine.load_checkpoint(str(self.ckpt.directory), tag=tag)
+        if tag is None:
+            raise RunError(f"--resume: no usable checkpoint in {self.ckpt.directory} (nothing was changed):{why}")
+        if self.rank == 0:
+            moved = [self.ckpt.set_aside(t) for t in skipped]
+            if self.ckpt.latest_tag() != tag:
+                atomic_write_text(self.ckpt.directory / self.ckpt.LATEST, tag)
+            print(f"--resume: {tag} is the newest checkpoint complete on every rank" + why
+                  + "".join(f"\n  kept as {p.name} (never deleted)" for p in moved), flush=True)
+        _barrier()
+        path, client = self.engine.load_checkpoint(str(self.ckpt.directory), tag=tag)
+        if path is None or not client or "train_state" not in client:
+            raise RunError(f"--resume: DeepSpeed could not load {self.ckpt.directory / tag}")
         restored = dict(client["train_state"])
         if _is_rank0():
-            print(f"resumed from {tag} (step {restored['step']})")
-        self.log.write(event="resume", tag=tag, step=restored["step"])
+            print(f"resumed from {tag} (step {restored['step']})", flush=True)
+        self.log.write(event="resume", tag=tag, step=restored["step"], skipped=skipped)
         return restored
 
     def export(self, tag: str, path: Path) -> None:
-        """Consolidated fp32 weights of checkpoint ``tag`` as a plain state dict (rank 0 writes)."""
+        """Consolidated fp32 weights of checkpoint ``tag`` as a plain state dict (rank 0 writes); weights
+        with a NaN/inf are a RunError on every rank, nothing written."""
+        error = None
         if self.rank == 0:
             if _zero_stage(self.ds_config) > 0:
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -388,8 +606,13 @@ class Trainer:
                 state_dict = get_fp32_state_dict_from_zero_checkpoint(str(self.ckpt.directory), tag=tag)
             else:
                 state_dict = {k: v.float().cpu() for k, v in self.engine.module.state_dict().items()}
-            atomic_torch_save(state_dict, path)
-        _barrier()
+            bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                error = (f"not exporting {path.name}: checkpoint {tag} holds non-finite weights in {len(bad)} "
+                         f"tensor(s) ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
+            else:
+                atomic_torch_save(state_dict, path)
+        _agreed_error(error)
 
     # --- evaluation -----------------------------------------------------------------------------------
 
@@ -432,7 +655,8 @@ class Trainer:
         if state["best_metric"] is None or scores[key] > state["best_metric"]:
             state["best_metric"] = scores[key]
             tag = self.save(state, reason="best")
-            self.export(tag, self.out / "best_fp32.pt")
+            if tag is not None:
+                self.export(tag, self.out / "best_fp32.pt")
             if _is_rank0():
                 best = {"best": scores, "step": state["step"], "epoch": state["epoch"]}
                 atomic_write_text(self.out / "metrics.json", json.dumps(best, indent=2))

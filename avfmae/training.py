@@ -4,8 +4,12 @@
   frozen ``TrainConfig`` before any process group does work, and only DeepSpeed's keys go on.
 - ``lr_at``: linear warm-up then per-step cosine decay to ``min_lr`` (the reference recipes).
 - ``CheckpointManager``: DeepSpeed checkpoints that a crash mid-save cannot corrupt — each save goes
-  to a new tag directory, and only when every rank has finished does rank 0 atomically repoint
-  ``latest`` (write a temporary file, fsync, ``os.replace``); older tags are pruned afterwards.
+  to a new tag directory; only when every rank has finished does rank 0 write the completion marker
+  (every file and its size) and atomically repoint ``latest`` (temporary file, fsync, ``os.replace``);
+  ``--resume`` picks the newest tag complete on every rank; only tags older than the kept complete
+  ones are pruned.
+- ``OutputLock``: one run per output directory (an ``fcntl`` lock held by rank 0).
+- ``RunError``: a run stopped to protect its work (train.py exits 3).
 - ``StopFlag``: SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly.
 - ``JsonlLog``: one JSON object per line, appended and flushed (rank 0).
 - ``eval_views`` / ``average_views``: multi-view evaluation (``test_clips`` x ``test_crops``).
@@ -17,9 +21,12 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +90,9 @@ class TrainConfig:
     reconstruction_png: bool = True
     compile: str = "off"                 # torch.compile the model: one of COMPILE_MODES
     compile_backend: str = "inductor"    # "aot_eager" traces fwd+bwd without generating code (CPU tests)
+    max_nonfinite_steps: int = 3         # stop (exit 3, no save, no export) after this many non-finite steps in a row
+    bad_clips: str = "error"             # a clip failing the media checks: "error" (stop, naming it) | "skip" (log it)
+    max_bad_clip_fraction: float = 0.01  # with "skip": fail when more than this share of the clips is bad
 
     def resolve(self, path: str | None, base: Path) -> str | None:
         if path is None:
@@ -91,7 +101,6 @@ class TrainConfig:
         return str(p if p.is_absolute() else (base / p))
 
 
-DS_REQUIRED = ("train_micro_batch_size_per_gpu",)
 # "off", or a torch.compile mode ("default", "reduce-overhead" = CUDA graphs, ...): README "Compiling the step"
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -122,15 +131,55 @@ def parse_train_config(section: Any, base: Path) -> TrainConfig:
                       f"got {mask!r}")
     if "betas" in values:
         betas = values["betas"]
-        if not (isinstance(betas, list) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        numbers = isinstance(betas, list) and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                  for b in betas)
+        if not (numbers and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
             _fail("betas", f"expected two numbers in [0, 1), got {betas!r}")
         values["betas"] = tuple(betas)
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in values.items():
+        if key != "betas":
+            _check_type(key, value, hints[key])
+    mask_hints = typing.get_type_hints(MaskConfig)
+    for key, value in mask.items():
+        _check_type(f"mask.{key}", value, mask_hints[key])
     try:
         cfg = TrainConfig(**values, mask=MaskConfig(**mask))
     except TypeError as err:
         raise ConfigError(f"avfmae section: {err}") from err
     _validate(cfg, base)
     return cfg
+
+
+def _type_name(kind: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+    """``value`` against the field's annotation: int (not bool), float (int or float, finite), bool, str,
+    and ``X | None``; other annotations are checked by the field's own rule."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) != 1:
+            return
+        hint, optional = kinds[0], " or null"
+    else:
+        optional = ""
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        return
+    if not ok:
+        _fail(key, f"must be {_type_name(hint)}{optional}, got {value!r} ({type(value).__name__})")
 
 
 def _validate(cfg: TrainConfig, base: Path) -> None:
@@ -151,7 +200,7 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
     positive = {"epochs": cfg.epochs, "lr": cfg.lr, "lr_batch": cfg.lr_batch,
                 "checkpoint_every_steps": cfg.checkpoint_every_steps, "keep_checkpoints": cfg.keep_checkpoints,
                 "log_every_steps": cfg.log_every_steps, "data_threads": cfg.data_threads,
-                "eval_every_epochs": cfg.eval_every_epochs}
+                "eval_every_epochs": cfg.eval_every_epochs, "max_nonfinite_steps": cfg.max_nonfinite_steps}
     for key, value in positive.items():
         if not (isinstance(value, (int, float)) and value > 0):
             _fail(key, f"must be a positive number, got {value!r}")
@@ -176,6 +225,10 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
         _fail("compile", f"expected one of {COMPILE_MODES}, got {cfg.compile!r}")
     if cfg.compile_backend not in COMPILE_BACKENDS:
         _fail("compile_backend", f"expected one of {COMPILE_BACKENDS}, got {cfg.compile_backend!r}")
+    if cfg.bad_clips not in ("error", "skip"):
+        _fail("bad_clips", f"expected 'error' or 'skip', got {cfg.bad_clips!r}")
+    if not 0 <= cfg.max_bad_clip_fraction < 1:
+        _fail("max_bad_clip_fraction", f"must lie in [0, 1), got {cfg.max_bad_clip_fraction}")
     if cfg.data_device not in ("auto", "gpu", "cpu"):
         _fail("data_device", f"expected 'auto', 'gpu' or 'cpu', got {cfg.data_device!r}")
     for key in dataclasses.fields(MaskConfig):
@@ -265,6 +318,95 @@ def apply_overrides(section: dict, overrides: list[str]) -> dict:
     return section
 
 
+def _ds_fail(key: str, msg: str) -> None:
+    raise ConfigError(f"config key {key}: {msg}")
+
+
+def _ds_int(section: dict, key: str, name: str, minimum: int = 1, required: bool = False) -> int | None:
+    if key not in section:
+        if required:
+            _ds_fail(name, "DeepSpeed needs it (micro-batch per GPU/process)")
+        return None
+    value = section[key]
+    # JSON writes 5e8 as a float; DeepSpeed takes integral floats for its sizes
+    integral = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if isinstance(value, bool) or not integral or value < minimum:
+        _ds_fail(name, f"must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _ds_number(section: dict, key: str, name: str, minimum: float = 0.0) -> None:
+    value = section.get(key, minimum)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        _ds_fail(name, f"must be a number >= {minimum:g}, got {value!r} ({type(value).__name__})")
+
+
+def _ds_bool(section: dict, key: str, name: str) -> None:
+    if key in section and not isinstance(section[key], bool):
+        _ds_fail(name, f"must be true or false, got {section[key]!r} ({type(section[key]).__name__})")
+
+
+def _ds_object(raw: dict, key: str) -> dict:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        _ds_fail(key, f"must be a JSON object, got {value!r}")
+    return value
+
+
+DS_ZERO_SIZES = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                 "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+                 "sub_group_size")
+DS_ZERO_FLAGS = ("overlap_comm", "contiguous_gradients", "reduce_scatter", "allgather_partitions",
+                 "round_robin_gradients", "stage3_gather_16bit_weights_on_model_save")
+
+
+def validate_deepspeed(raw: dict) -> None:
+    """The DeepSpeed keys the trainer relies on (types, ranges, batch arithmetic), checked before any
+    process group exists; keys not listed here are left to DeepSpeed. ``WORLD_SIZE`` (set by the
+    launcher in every rank) completes the batch arithmetic when present."""
+    micro = _ds_int(raw, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu", required=True)
+    accum = _ds_int(raw, "gradient_accumulation_steps", "gradient_accumulation_steps") or 1
+    total = _ds_int(raw, "train_batch_size", "train_batch_size")
+    world = os.environ.get("WORLD_SIZE")
+    if total is not None:
+        if world is not None and world.isdigit() and total != micro * accum * int(world):
+            _ds_fail("train_batch_size", f"must equal train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
+                                         f"processes = {micro} x {accum} x {world} = {micro * accum * int(world)}, "
+                                         f"got {total} (or leave it out: DeepSpeed derives it)")
+        if total % (micro * accum):
+            _ds_fail("train_batch_size", f"must be a multiple of train_micro_batch_size_per_gpu x "
+                                         f"gradient_accumulation_steps = {micro * accum}, got {total}")
+    _ds_number(raw, "gradient_clipping", "gradient_clipping")
+    _ds_int(raw, "steps_per_print", "steps_per_print")
+    _ds_bool(raw, "wall_clock_breakdown", "wall_clock_breakdown")
+    for key in ("optimizer", "scheduler"):
+        if key in raw:
+            _ds_fail(key, "the trainer builds AdamW and the lr schedule from the avfmae section (lr, lr_batch, "
+                          "min_lr, warmup_epochs, betas, weight_decay); remove DeepSpeed's section")
+    enabled = []
+    for key in ("fp16", "bf16"):
+        section = _ds_object(raw, key)
+        _ds_bool(section, "enabled", f"{key}.enabled")
+        if section.get("enabled", False):
+            enabled.append(key)
+    if len(enabled) > 1:
+        _ds_fail("fp16", "fp16 and bf16 are both enabled; enable at most one")
+    fp16 = _ds_object(raw, "fp16")
+    _ds_number(fp16, "loss_scale", "fp16.loss_scale")
+    _ds_number(fp16, "min_loss_scale", "fp16.min_loss_scale")
+    _ds_int(fp16, "initial_scale_power", "fp16.initial_scale_power", minimum=0)
+    _ds_int(fp16, "loss_scale_window", "fp16.loss_scale_window")
+    _ds_int(fp16, "hysteresis", "fp16.hysteresis")
+    zero = _ds_object(raw, "zero_optimization")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        _ds_fail("zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
+    for key in DS_ZERO_SIZES:
+        _ds_int(zero, key, f"zero_optimization.{key}", minimum=0)
+    for key in DS_ZERO_FLAGS:
+        _ds_bool(zero, key, f"zero_optimization.{key}")
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[dict, TrainConfig]:
     """Read a training JSON: returns (DeepSpeed's keys only, validated avfmae section).
 
@@ -283,9 +425,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if overrides:
         section = apply_overrides(section if isinstance(section, dict) else {}, overrides)
     cfg = parse_train_config(section, path.parent.resolve())
-    for key in DS_REQUIRED:
-        if key not in raw:
-            raise ConfigError(f"config key {key}: DeepSpeed needs it (micro-batch per GPU/process)")
+    validate_deepspeed(raw)
     micro = raw["train_micro_batch_size_per_gpu"]
     if mixing(cfg) and isinstance(micro, int) and micro % 2:
         raise ConfigError(f"config key train_micro_batch_size_per_gpu: mixup/cutmix pair each clip with the "
@@ -330,14 +470,27 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
-class CheckpointManager:
-    """Tags ``step_00000123`` under ``directory``; ``latest`` names the last complete one.
+class RunError(RuntimeError):
+    """A run that cannot go on without losing work or training on garbage; the message says why and what
+    to do. ``train.py`` prints it and exits with :data:`RUN_ERROR_EXIT`."""
 
-    ``latest`` is the file DeepSpeed's own tools (zero_to_fp32.py) read, so we write it ourselves,
-    atomically, only after the save completed on every rank (DeepSpeed's save_latest is turned off).
+
+RUN_ERROR_EXIT = 3
+TAG_PATTERN = re.compile(r"step_(\d{8})")
+_SHARD_RANK = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+class CheckpointManager:
+    """Tags ``step_00000123`` under ``directory``; a tag is *complete* when its marker
+    (``complete.json``, written last, atomically, by rank 0 after every rank finished its save) lists
+    every file of the tag with its size and all those files are there with those sizes.
+
+    ``latest`` names the last complete tag for DeepSpeed's own tools (zero_to_fp32.py), written
+    after the marker; ``--resume`` does not trust it: :meth:`choose` scans the tags themselves.
     """
 
     LATEST = "latest"
+    MARKER = "complete.json"
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2):
         self.directory = Path(directory)
@@ -348,28 +501,179 @@ class CheckpointManager:
         return f"step_{step:08d}"
 
     def latest_tag(self) -> str | None:
+        """The tag ``latest`` names when it names a complete one (garbage or a missing tag: None)."""
         path = self.directory / self.LATEST
         if not path.is_file():
             return None
-        tag = path.read_text().strip()
-        return tag if (self.directory / tag).is_dir() else None
+        tag = path.read_bytes()[:256].decode("utf-8", errors="replace").strip()
+        return tag if TAG_PATTERN.fullmatch(tag) and self.problem(tag) is None else None
 
-    def save(self, engine, step: int, client_state: dict, *, is_rank0: bool, barrier) -> str:
+    def tags(self) -> list[str]:
+        """Tag directories (``step_<8 digits>``), newest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p.name for p in self.directory.iterdir() if p.is_dir() and TAG_PATTERN.fullmatch(p.name)]
+        return sorted(found, reverse=True)
+
+    # --- completeness -------------------------------------------------------------------------------
+
+    def problem(self, tag: str, world: int | None = None) -> str | None:
+        """Why ``tag`` cannot be resumed from (None: it is complete). ``world``: the resuming run's
+        number of ranks; a ZeRO-partitioned checkpoint only loads into the same number."""
+        path = self.directory / tag
+        marker = path / self.MARKER
+        if not marker.is_file():
+            return f"no completion marker {self.MARKER} (the save did not finish on every rank)"
+        try:
+            record = json.loads(marker.read_bytes())
+            files, saved_world = dict(record["files"]), int(record["world_size"])
+        except (ValueError, KeyError, TypeError) as err:
+            return f"unreadable completion marker {self.MARKER} ({type(err).__name__}: {err})"
+        for name, size in sorted(files.items()):
+            file = path / name
+            if not file.is_file():
+                return f"file {name} is missing (listed by {self.MARKER})"
+            if file.stat().st_size != size:
+                return f"file {name} has {file.stat().st_size} bytes, {self.MARKER} recorded {size}"
+        partitioned = any(_SHARD_RANK.search(name) for name in files)
+        if world is not None and partitioned and saved_world != world:
+            return (f"saved by {saved_world} ranks with ZeRO-partitioned states, this run has {world}: resume "
+                    "with the same number of processes")
+        return None
+
+    def write_marker(self, tag: str, step: int, world: int) -> None:
+        """Record every file of ``tag`` and its size, after checking each rank's ZeRO shard is there
+        (rank 0, after every rank finished its save)."""
+        path = self.directory / tag
+        files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
+                 if p.is_file() and p.name != self.MARKER and not p.name.startswith(".")}
+        ranks = {int(m.group(1)) for name in files if (m := _SHARD_RANK.search(name))}
+        if ranks and ranks != set(range(world)):
+            missing = sorted(set(range(world)) - ranks)
+            raise RunError(f"checkpoint {path}: no ZeRO shard of rank(s) {missing} after the save; the previous "
+                           "complete checkpoint stays the one to resume from")
+        record = {"tag": tag, "step": step, "world_size": world, "files": files}
+        atomic_write_text(path / self.MARKER, json.dumps(record, indent=1))
+
+    def choose(self, problems_by_rank: list[dict[str, str | None]]) -> tuple[str | None, dict[str, str]]:
+        """The newest tag complete on every rank, and why each newer tag was skipped.
+
+        ``problems_by_rank[r]`` is rank r's ``{tag: problem(tag) or None}`` (each rank checks what it
+        sees, so a shard missing on one node's file system counts).
+        """
+        tags = sorted({t for p in problems_by_rank for t in p}, reverse=True)
+        skipped = {}
+        for tag in tags:
+            reasons = {r: p.get(tag, "not found") for r, p in enumerate(problems_by_rank)}
+            bad = {r: why for r, why in reasons.items() if why is not None}
+            if not bad:
+                return tag, skipped
+            if len(bad) == len(reasons) and len(set(bad.values())) == 1:
+                skipped[tag] = next(iter(bad.values()))  # every rank sees the same problem
+            else:
+                skipped[tag] = "; ".join(f"rank {r}: {why}" for r, why in bad.items())
+        return None, skipped
+
+    def set_aside(self, tag: str) -> Path:
+        """Move an unusable tag out of the way (renamed, never deleted) so a resumed run cannot
+        overwrite or prune it; returns the new path."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = self.directory / f"{tag}.incomplete-{stamp}"
+        os.replace(self.directory / tag, target)
+        return target
+
+    # --- saving -------------------------------------------------------------------------------------
+
+    def save(self, engine, step: int, client_state: dict, *, is_rank0: bool, barrier, world: int = 1) -> str:
         tag = self.tag_for(step)
         self.directory.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
-        barrier()  # every rank has written its shard before the pointer moves
+        barrier()  # every rank has written its shard before the marker and the pointer move
         if is_rank0:
+            self.write_marker(tag, step, world)
             atomic_write_text(self.directory / self.LATEST, tag)
             self._prune(keep_tag=tag)
         barrier()
         return tag
 
     def _prune(self, keep_tag: str) -> None:
-        tags = sorted(p.name for p in self.directory.glob("step_*") if p.is_dir())
-        for old in tags[: max(0, len(tags) - self.keep)]:
-            if old != keep_tag:
+        """Keep the ``keep`` newest complete tags up to ``keep_tag``; remove only tags older than the
+        oldest of those (complete or not). Newer tags, whatever their state, are never touched."""
+        older = [t for t in self.tags() if t <= keep_tag]
+        complete = [t for t in older if self.problem(t) is None][: self.keep]
+        if len(complete) < self.keep:
+            return
+        for old in older:
+            if old < complete[-1]:
                 shutil.rmtree(self.directory / old, ignore_errors=True)
+
+
+# --- one writer per output directory -----------------------------------------------------------------
+
+
+class OutputLock:
+    """An exclusive POSIX lock (``fcntl.lockf``, which NFS honours too) on ``<output_dir>/train.lock``,
+    held by rank 0 for the whole run and released by the kernel when the process ends, however it
+    ends. The file records the holder (host, pid, start time, command) for the message a second run
+    gets; a recorded holder that is gone from this host means a stale lock left by a file system that
+    kept it (NFS lock daemon), and the message says so."""
+
+    FILE = "train.lock"
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / self.FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+        import sys
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunError(f"output_dir {self.path.parent} is in use by another run ({self.holder()}); two runs "
+                           f"writing one output_dir would overwrite each other's checkpoints. Wait for it, stop "
+                           f"it, or choose another output_dir") from None
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        self._fd = fd
+
+    def holder(self) -> str:
+        """Who holds the lock, from the record in the file. Only for a process that does not hold the
+        lock: closing the descriptor this opens would drop a POSIX lock held by the same process."""
+        import socket
+
+        try:
+            record = json.loads(self.path.read_bytes())
+            host, pid = str(record["host"]), int(record["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"lock file {self.path}, holder unknown"
+        said = f"pid {pid} on host {host} since {record.get('started', '?')}: {record.get('command', '?')}"
+        if host == socket.gethostname() and not _pid_alive(pid):
+            return (f"stale lock: the recorded holder, {said}, is gone, yet the lock is still held (a network "
+                    f"file system's lock daemon?); if no run uses this directory, delete {self.path}")
+        return f"held by {said}; lock file {self.path}"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --- signals and logs -------------------------------------------------------------------------------
@@ -389,6 +693,17 @@ class StopFlag:
         self.signal_name = signal.Signals(signum).name
 
 
+def _strict_json(value: Any) -> Any:
+    """NaN/inf as the strings "nan"/"inf"/"-inf" (strict JSON has no such numbers), in nested dicts too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 class JsonlLog:
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path is not None else None
@@ -400,5 +715,5 @@ class JsonlLog:
             return
         record.setdefault("time", round(time.time(), 3))
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(_strict_json(record)) + "\n")
             fh.flush()

@@ -88,15 +88,43 @@ def _parse_label(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+ENCODING = "utf-8-sig"  # a UTF-8 byte-order mark (spreadsheet exports) is dropped, not read into `video`
+SEPARATORS = {"\t": "tab", ";": "semicolon", "|": "vertical bar"}
+
+
+def _first_line(path: Path) -> str:
+    with path.open(newline="", encoding=ENCODING) as f:
+        for line in f:
+            if line.strip():
+                return line.strip()
+    return ""
+
+
 def _sniff_format(path: Path) -> str:
-    with path.open(newline="") as f:
-        first = f.readline().strip().lower()
-    fields = [c.strip() for c in first.split(",")]
-    return "csv" if "video" in fields else "hicmae"
+    """"csv" when the first line is a header with a ``video`` column, "hicmae" for space-separated rows;
+    a header in another layout is an error that says what is wrong with it."""
+    first = _first_line(path)
+    fields = [c.strip().lower() for c in first.split(",")]
+    if "video" in fields:
+        return "csv"
+    for sep, name in SEPARATORS.items():
+        if "video" in [c.strip().lower() for c in first.split(sep)]:
+            raise ManifestError(f"manifest {path}: the header {first!r} is {name}-separated; CSV manifests use "
+                                "commas: `video,audio,label`")
+    if "video" in first.lower().split():
+        raise ManifestError(f"manifest {path}: the header {first!r} is space-separated; CSV manifests use commas: "
+                            "`video,audio,label` (HiCMAE-style space-separated lists have no header)")
+    if "," in first and len(first.split()) < 2:  # comma-separated, not HiCMAE's space-separated rows
+        if len(fields) >= 2 and all("." in f or "/" in f for f in fields[:2]):
+            raise ManifestError(f"manifest {path}: the first line {first!r} is a row, not a header; a CSV "
+                                "manifest starts with the header `video,audio,label`")
+        raise ManifestError(f"manifest {path}: bad header {first!r}: no `video` column. Expected `video,audio` "
+                            "followed by optional label columns named `label` or `label_*`")
+    return "hicmae"
 
 
 def _read_csv(path: Path) -> tuple[list[tuple[int, dict[str, str]]], tuple[str, ...]]:
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding=ENCODING) as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -141,7 +169,7 @@ def _check_header(path: Path, columns: list[str]) -> None:
 
 def _read_hicmae(path: Path) -> tuple[list[tuple[int, dict[str, str]]], tuple[str, ...]]:
     rows, widths = [], set()
-    with path.open() as f:
+    with path.open(encoding=ENCODING) as f:
         for line_no, line in enumerate(f, start=1):
             fields = line.split()
             if not fields:
@@ -187,6 +215,31 @@ def _labels(path: Path, rows: list[tuple[int, dict[str, str]]], columns: tuple[s
     return values, task
 
 
+def _check_task(path: Path, clips: Sequence[Clip], columns: tuple[str, ...], found: Task, task: Task,
+                num_outputs: int | None) -> None:
+    """Labels against the task the config states (not the one the values suggest), naming each row."""
+    if task not in ("classification", "regression"):
+        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    if found == "unlabelled":
+        raise ManifestError(f"manifest {path}: no labels, but the config's task is {task} (add a `label` column)")
+    problems = []
+    if task == "classification":
+        if len(columns) != 1:
+            raise ManifestError(f"manifest {path}: {len(columns)} label columns {list(columns)}, but the config's "
+                                "task is classification (one `label` column of class indices; for regression set "
+                                "`regression: true`)")
+        limit = f"[0, num_outputs={num_outputs})" if num_outputs else ">= 0"
+        for clip in clips:
+            value = clip.label[0]
+            if not (value.is_integer() and value >= 0 and (not num_outputs or value < num_outputs)):
+                problems.append((clip.line, f"label {value:g} is not a class index {limit}"))
+    elif num_outputs and len(columns) != num_outputs:
+        raise ManifestError(f"manifest {path}: {len(columns)} label column(s) {list(columns)}, but the config's "
+                            f"regression task has num_outputs={num_outputs} targets")
+    if problems:
+        raise _error(path, f"labels that do not fit the config ({task}, num_outputs={num_outputs})", problems)
+
+
 def _check_files(path: Path, clips: Iterable[Clip]) -> None:
     problems = []
     for clip in clips:
@@ -200,13 +253,18 @@ def _check_files(path: Path, clips: Iterable[Clip]) -> None:
         raise _error(path, "missing files", problems)
 
 
-def read_manifest(path: str | Path, fmt: str = "auto", check_files: bool = True) -> Manifest:
+def read_manifest(path: str | Path, fmt: str = "auto", check_files: bool = True, task: Task | None = None,
+                  num_outputs: int | None = None) -> Manifest:
     """Read and validate a manifest (see the module docstring for the formats).
 
     Args:
         path: the manifest file; relative clip paths are resolved against its folder.
         fmt: "csv", "hicmae" or "auto" (CSV when the first line has a ``video`` column).
         check_files: verify that every video and audio file exists.
+        task: the task the training config states, "classification" or "regression"; None infers it
+            from the values (one column of non-negative integers: classification). Given, every row
+            must fit it, and ``num_outputs`` (when given) bounds the class indices / is the number of
+            regression targets.
 
     Returns:
         The :class:`Manifest`, rows in file order.
@@ -221,17 +279,20 @@ def read_manifest(path: str | Path, fmt: str = "auto", check_files: bool = True)
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if not path.is_file():
         raise ManifestError(f"manifest file not found: {path}")
-    if not path.read_text().strip():
+    if not path.read_text(encoding=ENCODING, errors="replace").strip():
         raise ManifestError(f"manifest {path} is empty: expected a header `video,audio,label` and rows")
     if fmt == "auto":
         fmt = _sniff_format(path)
     rows, label_columns = _read_csv(path) if fmt == "csv" else _read_hicmae(path)
     if not rows:
         raise ManifestError(f"manifest {path} has no clips")
-    labels, task = _labels(path, rows, label_columns)
+    labels, found = _labels(path, rows, label_columns)
     base = path.parent.resolve()
     clips = tuple(Clip(_resolve(base, row["video"]), _resolve(base, row["audio"]), labels[line], line)
                   for line, row in rows)
+    if task is not None:
+        _check_task(path, clips, label_columns, found, task, num_outputs)
+    task = task or found
     if check_files:
         _check_files(path, clips)
     return Manifest(path.resolve(), clips, label_columns if task != "unlabelled" else (), task)

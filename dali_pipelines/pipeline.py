@@ -213,6 +213,8 @@ def build_pipeline(
     start_epoch: int = 0,
     prefetch_queue_depth: int = 2,
     view: EvalView | tuple[int, int, int, int] | None = None,
+    bad_clips: str = "error",
+    max_bad_clip_fraction: float = 0.0,
 ) -> tuple[Pipeline, ClipSource]:
     """Build (not yet started) the DALI pipeline for one rank and the external source that feeds it.
 
@@ -235,6 +237,11 @@ def build_pipeline(
         view: evaluation only: the test view (:class:`EvalView` or (clip_index, num_clips, crop_index,
             num_crops)) — which of ``num_clips`` evenly spaced temporal windows and ``num_crops`` crops
             along the longer side; audio stays the centred window. None: centred window, centre crop.
+        bad_clips: "error" (default): a clip that fails the decode-time checks (empty, undecodable,
+            truncated, too few frames, NaN/inf audio; :func:`source.check_clip`) raises
+            :class:`source.BadClipError` naming the file, the reason and the fix; "skip": it is logged
+            and the next usable row stands in, until more than ``max_bad_clip_fraction`` of this rank's
+            share is bad.
 
     Returns:
         (pipeline, source): the pipeline's outputs are video float32 [3, T, S, S], audio float32
@@ -252,7 +259,7 @@ def build_pipeline(
     if not isinstance(policy, LastBatchPolicy):
         raise TypeError(f"last_batch_policy must be a nvidia.dali LastBatchPolicy, got {policy!r}")
     source = ClipSource(manifest, batch_size, train, device, spec, seed, shard_id, num_shards, policy,
-                        start_epoch, view)
+                        start_epoch, view, bad_clips=bad_clips, max_bad_clip_fraction=max_bad_clip_fraction)
     if len(source) == 0:
         raise ValueError(
             f"shard {shard_id}/{num_shards} of {manifest.path} ({len(manifest)} clips) yields no batch of "
@@ -325,6 +332,8 @@ def build_loader(
     device_id: int | None = None,
     start_epoch: int = 0,
     view: EvalView | tuple[int, int, int, int] | None = None,
+    bad_clips: str = "error",
+    max_bad_clip_fraction: float = 0.0,
 ) -> AVLoader:
     """Build the pipeline (:func:`build_pipeline`, same arguments) and wrap it in an :class:`AVLoader`.
 
@@ -335,7 +344,8 @@ def build_loader(
     """
     threads = min(4, os.cpu_count() or 1) if num_threads is None else num_threads
     pipe, source = build_pipeline(manifest, batch_size, train, device, threads, seed, shard_id, num_shards,
-                                  spec, last_batch_policy, device_id, start_epoch, view=view)
+                                  spec, last_batch_policy, device_id, start_epoch, view=view, bad_clips=bad_clips,
+                                  max_bad_clip_fraction=max_bad_clip_fraction)
     return AVLoader(pipe, source)
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,6 +55,7 @@ GPU_VIDEO_CODECS = CPU_VIDEO_CODECS | {"av1", "mpeg4", "h264", "hevc"}
 # What DALI's fn.decoders.audio decodes (its docstring), as libsndfile names the formats.
 AUDIO_FORMATS = frozenset({"WAV", "FLAC", "OGG"})
 PAD_INDEX = -1  # ``index`` of padding samples (FILL policy)
+BAD_CLIP_POLICIES = ("error", "skip")
 
 
 class UnsupportedCodecError(ValueError):
@@ -103,6 +105,96 @@ def check_audio(data: bytes | np.ndarray, path: str | Path, manifest: str | Path
                          f"`python -m dali_pipelines.transcode {manifest} OUT_DIR`")
     if info.frames < 1:
         raise ValueError(f"audio {path} has no samples")
+
+
+class BadClipError(ValueError):
+    """One clip that would poison training (empty, undecodable, truncated, too short, non-finite audio);
+    the message names the file, the reason and the fix. ``bad_clips: skip`` skips such clips."""
+
+    def __init__(self, path: str | Path, reason: str, line: int | None = None, manifest: str | Path = "MANIFEST"):
+        row = f"line {line} of {manifest}" if line is not None else f"its row in {manifest}"
+        super().__init__(f"{path}: {reason}. Fix: re-extract or re-encode the file, or remove {row}; or set "
+                         "`bad_clips: skip` in the config to leave such clips out (logged, up to "
+                         "`max_bad_clip_fraction` of the manifest)")
+        self.path, self.reason = Path(path), reason
+
+
+TRUNCATION_TOLERANCE = 0.9  # a container holding < 90% of the frames its header declares is cut short
+MAGIC = {  # the first bytes of the containers DALI reads (start-up probe, no decoding)
+    "video": ((0, b"\x1a\x45\xdf\xa3"), (4, b"ftyp"), (0, b"RIFF"), (4, b"moov"), (4, b"mdat"), (4, b"free")),
+    "audio": ((0, b"RIFF"), (0, b"RIFX"), (0, b"RF64"), (0, b"fLaC"), (0, b"ID3"), (0, b"OggS")),
+}
+
+
+def quick_check(path: Path, kind: str) -> str | None:
+    """Start-up probe of one media file from its size and first bytes (cheap: no demuxing, no
+    decoding); returns the problem or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError as err:
+        return f"cannot read the file ({err.strerror})"
+    if size == 0:
+        return "empty file (0 bytes)"
+    if not any(head[at:at + len(magic)] == magic for at, magic in MAGIC[kind]):
+        expected = "WebM/Matroska, MP4/MOV or AVI" if kind == "video" else "WAV, FLAC or OGG"
+        return f"not a {kind} container DALI reads (expected {expected}; first bytes {head[:8]!r})"
+    return None
+
+
+def declared_frames(data: bytes | np.ndarray) -> int | None:
+    """The frame count a video's header declares (stored count, else duration x frame rate); None
+    when the container declares neither."""
+    buf = io.BytesIO(data.tobytes() if isinstance(data, np.ndarray) else data)
+    with av.open(buf) as container:
+        stream = container.streams.video[0]
+        if stream.frames:
+            return int(stream.frames)
+        rate = stream.average_rate or stream.guessed_rate
+        if container.duration and rate:
+            return round(container.duration / av.time_base * float(rate))
+    return None
+
+
+def check_clip(video: np.ndarray, audio: np.ndarray, clip, spec: ClipSpec, manifest: str | Path) -> VideoInfo:
+    """The full checks of one clip at decode time (once per clip); returns its :class:`VideoInfo` or
+    raises :class:`BadClipError`: an empty, undecodable or truncated video, fewer frames than the model
+    samples (``spec.num_frames``; shorter than the strided window is fine, frames are looped), audio
+    that is empty, unreadable or holds NaN/inf samples."""
+    def bad(path, reason):
+        return BadClipError(path, reason, clip.line, manifest)
+
+    if video.size == 0:
+        raise bad(clip.video, "empty video file (0 bytes)")
+    try:
+        info = probe_video(video, clip.video)
+        declared = declared_frames(video)
+    except (ValueError, av.FFmpegError) as err:
+        raise bad(clip.video, f"undecodable video ({err})") from err
+    if declared and info.num_frames < TRUNCATION_TOLERANCE * declared:
+        raise bad(clip.video, f"truncated video: the header declares {declared} frames, the file holds "
+                              f"{info.num_frames}")
+    if info.num_frames < spec.num_frames:
+        raise bad(clip.video, f"{info.num_frames} frame(s), fewer than the {spec.num_frames} the model samples per "
+                              "clip (frames would repeat)")
+    if audio.size == 0:
+        raise bad(clip.audio, "empty audio file (0 bytes)")
+    try:
+        check_audio(audio, clip.audio, manifest)
+        buf = io.BytesIO(audio.tobytes())
+        if sf.info(buf).subtype in ("FLOAT", "DOUBLE"):  # integer PCM cannot hold a NaN
+            buf.seek(0)
+            samples, _ = sf.read(buf, dtype="float32", always_2d=True)
+            nonfinite = int((~np.isfinite(samples)).sum())
+            if nonfinite:
+                raise bad(clip.audio, f"{nonfinite} non-finite audio sample(s) (NaN/inf; the fbank would turn "
+                                      "constant)")
+    except BadClipError:
+        raise
+    except ValueError as err:
+        raise bad(clip.audio, f"unreadable audio ({err})") from err
+    return info
 
 
 def check_codec(info: VideoInfo, path: str | Path, device: str, manifest: str | Path = "MANIFEST") -> None:
@@ -339,6 +431,8 @@ class ClipSource:
         policy: LastBatchPolicy,
         start_epoch: int = 0,
         view: EvalView = CENTRE_VIEW,
+        bad_clips: str = "error",
+        max_bad_clip_fraction: float = 0.0,
     ) -> None:
         self.manifest = manifest
         self.batch_size = batch_size
@@ -351,6 +445,11 @@ class ClipSource:
         self.policy = policy
         self.start_epoch = start_epoch
         self.view = view
+        if bad_clips not in BAD_CLIP_POLICIES:
+            raise ValueError(f"bad_clips must be one of {BAD_CLIP_POLICIES}, got {bad_clips!r}")
+        self.bad_clips = bad_clips
+        self.max_bad_clip_fraction = max_bad_clip_fraction
+        self.skipped: dict[int, str] = {}  # manifest row -> why it is left out (bad_clips="skip")
         self.labels = manifest.labels()
         self._infos: dict[int, VideoInfo] = {}
         self._epoch = -1
@@ -373,10 +472,9 @@ class ClipSource:
         clip = self.manifest.clips[row]
         video = np.fromfile(clip.video, dtype=np.uint8)
         audio = np.fromfile(clip.audio, dtype=np.uint8)
-        if row not in self._infos:  # probe once per clip; later epochs reuse the checks and the info
-            info = probe_video(video, clip.video)
+        if row not in self._infos:  # check once per clip; later epochs reuse the checks and the info
+            info = check_clip(video, audio, clip, self.spec, self.manifest.path)
             check_codec(info, clip.video, self.device, self.manifest.path)
-            check_audio(audio, clip.audio, self.manifest.path)
             self._infos[row] = info
         rng = clip_rng(self.seed, epoch, row) if self.train else None
         aug = sample_clip(self._infos[row], self.spec, rng, self.view)
@@ -385,6 +483,30 @@ class ClipSource:
         top, left, h, w = aug.crop
         return [video, audio, aug.frames, np.array([top, left], np.int32), np.array([h, w], np.int32),
                 np.asarray(aug.flip, np.int32), np.asarray(aug.audio_position, np.float32)]
+
+    def _usable_inputs(self, row: int, epoch: int) -> tuple[int, list[np.ndarray]]:
+        """(row, inputs) of ``row``; under ``bad_clips="skip"`` a bad clip is logged once and the next
+        usable row in manifest order stands in (a function of the data only, so resuming sees the same),
+        until more than ``max_bad_clip_fraction`` of this rank's share is bad."""
+        n = len(self.manifest)
+        for candidate in ((row + k) % n for k in range(n)):
+            if candidate in self.skipped:
+                continue
+            try:
+                return candidate, self._clip_inputs(candidate, epoch)
+            except BadClipError as err:
+                if self.bad_clips == "error":
+                    raise
+                self.skipped[candidate] = err.reason
+                print(f"bad_clips=skip: skipping {err.path} (line {self.manifest.clips[candidate].line} of "
+                      f"{self.manifest.path}): {err.reason}", file=sys.stderr, flush=True)
+                share = n / self.num_shards
+                if len(self.skipped) > self.max_bad_clip_fraction * share:
+                    raise ValueError(f"{self.manifest.path}: {len(self.skipped)} bad clips on shard {self.shard_id} "
+                                     f"(~{share:.0f} clips), more than max_bad_clip_fraction="
+                                     f"{self.max_bad_clip_fraction}; the dataset needs repair (see the messages "
+                                     "above)") from err
+        raise ValueError(f"{self.manifest.path}: no usable clip left")
 
     def __call__(self, info) -> tuple[list[np.ndarray], ...]:
         if self.start_epoch + info.epoch_idx != self._epoch:
@@ -395,7 +517,7 @@ class ClipSource:
         rows, padding = self._batches[info.iteration]
         outputs: list[list[np.ndarray]] = [[] for _ in range(self.num_outputs)]
         for row, is_pad in zip(rows.tolist(), padding.tolist(), strict=True):
-            sample = self._clip_inputs(row, self._epoch)
+            row, sample = self._usable_inputs(row, self._epoch)
             sample += [np.asarray(self.labels[row]), np.asarray(PAD_INDEX if is_pad else row, dtype=np.int64)]
             for out, value in zip(outputs, sample, strict=True):
                 out.append(value)

@@ -53,9 +53,9 @@ def test_config_splits_deepspeed_keys_and_resolves_paths(tmp_path):
     ({"stop_at_step": 0}, "avfmae.stop_at_step"),
     ({"learning_rate": 1e-3}, "unknown keys in the avfmae section: \\['learning_rate'\\]"),
     ({"test_clips": 0}, "avfmae.test_clips: must be a positive integer, got 0"),
-    ({"test_crops": 1.5}, "avfmae.test_crops: must be a positive integer"),
-    ({"test_crops": True}, "avfmae.test_crops: must be a positive integer"),
-    ({"test_clips": "2"}, "avfmae.test_clips: must be a positive integer"),
+    ({"test_crops": 1.5}, "avfmae.test_crops: must be an integer, got 1.5"),
+    ({"test_crops": True}, "avfmae.test_crops: must be an integer, got True"),
+    ({"test_clips": "2"}, "avfmae.test_clips: must be an integer, got '2'"),
 ])
 def test_bad_configs_name_the_key(tmp_path, section, message):
     with pytest.raises(ConfigError, match=message):
