@@ -24,8 +24,8 @@ VARIANTS = {
 }
 
 
-def _build(name: str):
-    kwargs = dict(VARIANTS[name])
+def _build(name: str, **overrides):
+    kwargs = {**VARIANTS[name], **overrides}
     task = kwargs.pop("task")
     torch.manual_seed(0)
     model = avfmae.build_model("tiny", task, **kwargs).train()
@@ -49,6 +49,7 @@ def _build(name: str):
 
 def _loss_and_grads(model, loss_of, runner):
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # the same drop-path draws for both runs
     loss = loss_of(runner)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -82,8 +83,9 @@ def test_fullgraph_capture_without_graph_break(name):
 
 @pytest.mark.parametrize("name", ["pretrain", "finetune"])
 def test_aot_autograd_traces_the_backward(name):
-    """The joint forward+backward graph traces through the ops' registered autograd."""
-    model, loss_of = _build(name)
+    """The joint forward+backward graph traces through the ops' registered autograd (drop path off:
+    compiled code draws its own random numbers)."""
+    model, loss_of = _build(name, **({"drop_path": 0.0} if name == "finetune" else {}))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     _assert_same_step(model, loss_of, compiled)
 
