@@ -27,6 +27,7 @@ from .training import (
     eval_views,
     lr_at,
     mixing,
+    scaled_lrs,
 )
 
 SUPERVISED = ("postpretrain", "finetune")
@@ -134,7 +135,7 @@ class Trainer:
 
     def build_optimizer(self, model: torch.nn.Module, global_batch: int) -> torch.optim.Optimizer:
         cfg = self.cfg
-        self.peak_lr = cfg.lr * global_batch / cfg.lr_batch
+        self.peak_lr, self.min_lr = scaled_lrs(cfg, global_batch)
         layer_decay = cfg.layer_decay if cfg.stage != "pretrain" and cfg.layer_decay is not None else 1.0
         groups = model.param_groups(weight_decay=cfg.weight_decay, layer_decay=layer_decay)
         kwargs = dict(lr=self.peak_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -243,7 +244,7 @@ class Trainer:
                 continue
             if state["step"] >= total:
                 break  # max_steps reached mid-epoch
-            self.lr = lr_at(state["step"], total, self.schedule["warmup"], self.peak_lr, self.cfg.min_lr)
+            self.lr = lr_at(state["step"], total, self.schedule["warmup"], self.peak_lr, self.min_lr)
             self.set_lr(self.optimizer, self.lr)
             terms = self.train_micro_step(batch, state["step"], i % self.accum)
             samples += batch["video"].shape[0] * self.world

@@ -2,7 +2,8 @@
 
 - ``load_config``: one JSON = DeepSpeed's keys + an ``avfmae`` section; the section is validated into a
   frozen ``TrainConfig`` before any process group does work, and only DeepSpeed's keys go on.
-- ``lr_at``: linear warm-up then per-step cosine decay to ``min_lr`` (the reference recipes).
+- ``scaled_lrs`` / ``lr_at``: the reference's linear lr scaling (lr and min_lr x global_batch / lr_batch),
+  linear warm-up, then per-step cosine decay to the scaled floor.
 - ``CheckpointManager``: DeepSpeed checkpoints that a crash mid-save cannot corrupt — each save goes
   to a new tag directory, and only when every rank has finished does rank 0 atomically repoint
   ``latest`` (write a temporary file, fsync, ``os.replace``); older tags are pruned afterwards.
@@ -55,7 +56,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     lr: float = 1e-3                     # peak learning rate at global batch `lr_batch`
     lr_batch: int = 256                  # linear scaling: actual lr = lr * global_batch / lr_batch
-    min_lr: float = 1e-5
+    min_lr: float = 1e-5                 # cosine floor at global batch `lr_batch` (scaled like lr)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     layer_decay: float | None = None     # fine-tuning: lr * layer_decay ** (depth - layer_id)
@@ -293,6 +294,17 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 # --- learning rate ----------------------------------------------------------------------------------
+
+
+def scaled_lrs(cfg: TrainConfig, global_batch: int) -> tuple[float, float]:
+    """(peak, floor) of the lr schedule at ``global_batch``: ``lr`` and ``min_lr`` both scale by
+    ``global_batch / lr_batch``. This is the reference's rule (AVF-MAE ``run_mae_pretraining_av.py`` and
+    ``run_class_finetuning_av.py`` multiply lr, min_lr and warmup_lr by total_batch / 256; their warm-up
+    starts at 0 all the same, since warmup_lr never reaches the scheduler)."""
+    if not (isinstance(global_batch, int) and global_batch >= 1):
+        raise ValueError(f"global_batch must be a positive integer, got {global_batch!r}")
+    scale = global_batch / cfg.lr_batch
+    return cfg.lr * scale, cfg.min_lr * scale
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, minimum: float) -> float:
