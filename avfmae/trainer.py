@@ -52,6 +52,22 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def model_arguments(cfg: TrainConfig) -> tuple[str, dict]:
+    """(task, keyword arguments) of ``avfmae.build_model`` for a training config: the recipe keys that
+    are model settings (drop-path, masks, targets, geometry, ablation variants) reach the model here."""
+    overrides = dict(drop_path=cfg.drop_path, checkpoint_activations=cfg.activation_checkpointing)
+    geometry = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, audio_frames=cfg.audio_frames)
+    overrides.update({k: v for k, v in geometry.items() if v is not None})
+    if cfg.stage == "pretrain":
+        overrides.update(video_mask_ratio=cfg.mask.video_ratio, audio_mask_ratio=cfg.mask.audio_ratio,
+                         video_decoder_mask_ratio=cfg.mask.video_decoder_ratio,
+                         audio_decoder_mask_ratio=cfg.mask.audio_decoder_ratio,
+                         frame_diff_target=cfg.frame_diff_target)
+        return "pretrain", overrides
+    return "finetune", dict(num_outputs=cfg.num_outputs, regression=cfg.regression, video_only=cfg.video_only,
+                            label_smoothing=cfg.label_smoothing, **overrides)
+
+
 class Trainer:
     def __init__(self, ds_config: dict, cfg: TrainConfig, *, resume: bool, local_rank: int):
         import deepspeed
@@ -80,21 +96,10 @@ class Trainer:
         from . import build_model
 
         cfg = self.cfg
-        overrides = dict(drop_path=cfg.drop_path, checkpoint_activations=cfg.activation_checkpointing)
-        geometry = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, audio_frames=cfg.audio_frames)
-        overrides.update({k: v for k, v in geometry.items() if v is not None})
-        if cfg.stage == "pretrain":
-            overrides.update(video_mask_ratio=cfg.mask.video_ratio, audio_mask_ratio=cfg.mask.audio_ratio,
-                             video_decoder_mask_ratio=cfg.mask.video_decoder_ratio,
-                             audio_decoder_mask_ratio=cfg.mask.audio_decoder_ratio)
-            task, kwargs = "pretrain", {}
-        else:
-            task = "finetune"
-            kwargs = dict(num_outputs=cfg.num_outputs, regression=cfg.regression, video_only=cfg.video_only,
-                          label_smoothing=cfg.label_smoothing)
+        task, kwargs = model_arguments(cfg)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
         with self.deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=_zero_stage(self.ds_config) == 3):
-            model = build_model(cfg.size, task, **kwargs, **overrides)
+            model = build_model(cfg.size, task, **kwargs)
         self.model_config = model.cfg
         return model
 

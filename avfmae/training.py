@@ -67,6 +67,7 @@ class TrainConfig:
     mixup_switch_prob: float = 0.5       # chance of CutMix instead of mixup when both are on
     mixup_audio: bool = True             # mix the audio with the same pairs and λ (reference code: video only)
     activation_checkpointing: bool = False
+    frame_diff_target: bool = False      # pre-training video target: frame 0, then frame j - frame 0 per tubelet
     mask: MaskConfig = field(default_factory=MaskConfig)
     init_checkpoint: str | None = None
     seed: int = 0
@@ -168,6 +169,10 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
     if not 0 <= cfg.drop_path < 1:
         _fail("drop_path", f"must lie in [0, 1), got {cfg.drop_path}")
     _validate_mixing(cfg)
+    if not isinstance(cfg.frame_diff_target, bool):
+        _fail("frame_diff_target", f"must be true or false, got {cfg.frame_diff_target!r}")
+    if cfg.frame_diff_target and cfg.stage != "pretrain":
+        _fail("frame_diff_target", "is a pre-training reconstruction target; the supervised stages have none")
     if cfg.data_device not in ("auto", "gpu", "cpu"):
         _fail("data_device", f"expected 'auto', 'gpu' or 'cpu', got {cfg.data_device!r}")
     for key in dataclasses.fields(MaskConfig):

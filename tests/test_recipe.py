@@ -9,8 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from einops import rearrange
 
-from avfmae.training import load_config, scaled_lrs
+import avfmae
+from avfmae.trainer import model_arguments
+from avfmae.training import ConfigError, load_config, scaled_lrs
 
 ROOT = Path(__file__).resolve().parents[1]
 GPUS = 8  # the recipes are written for one 8-GPU node
@@ -85,3 +89,48 @@ def test_scaled_lrs_scales_peak_and_floor_alike(tmp_path):
     assert (peak, floor) == pytest.approx((2 * cfg.lr, 2 * cfg.min_lr))
     with pytest.raises(ValueError, match="global_batch"):
         scaled_lrs(cfg, 0)
+
+
+@pytest.mark.parametrize("name", ["base.json", "large.json", "huge.json", "tiny.json"])
+def test_pretraining_configs_reconstruct_frame_differences(tmp_path, name):
+    # every reference pre-training script passes --use_frame_diff_as_target
+    _, cfg = load_shipped(name, tmp_path)
+    task, kwargs = model_arguments(cfg)
+    assert task == "pretrain" and kwargs["frame_diff_target"] is True
+
+
+def test_frame_diff_key_changes_the_video_loss_target(tmp_path):
+    torch.manual_seed(0)
+    video, audio = torch.randn(2, 3, 16, 160, 160), torch.randn(2, 1, 256, 128)
+    load_shipped("tiny.json", tmp_path)
+    losses = {}
+    for flag in (False, True):
+        _, cfg = load_config(tmp_path / "ds_configs" / "tiny.json", [f"frame_diff_target={json.dumps(flag)}"])
+        task, kwargs = model_arguments(cfg)
+        torch.manual_seed(1)  # same weights for both models
+        model = avfmae.build_model(cfg.size, task, **kwargs)
+        masks = model.sample_masks(2, "cpu", torch.Generator().manual_seed(2))
+        out = model(video, audio, masks, return_predictions=True)
+        losses[flag] = out
+    plain, diff = losses[False], losses[True]
+    torch.testing.assert_close(plain["pred_video"], diff["pred_video"])  # same model, same prediction
+    torch.testing.assert_close(plain["loss_audio"], diff["loss_audio"])
+    # the video term against an independent target: per-channel normalised patches, then frame 1 - frame 0
+    patches = rearrange(video, "b c (t p0) (h p1) (w p2) -> b (t h w) c p0 (p1 p2)", p0=2, p1=16, p2=16)
+    mean, var = patches.mean(dim=(-2, -1), keepdim=True), patches.var(dim=(-2, -1), unbiased=False, keepdim=True)
+    norm = (patches - mean) / (var + 1e-6).sqrt()
+    target = torch.cat([norm[..., :1, :], norm[..., 1:, :] - norm[..., :1, :]], dim=-2).flatten(2)
+    masks = diff["masks"]
+    valid = ~torch.stack([torch.isin(d, v) for d, v in zip(masks.video_decode, masks.video_visible)])
+    rows = torch.gather(target, 1, masks.video_decode[..., None].expand(-1, -1, target.shape[-1]))
+    err = ((diff["pred_video"] - rows) ** 2).mean(-1)
+    torch.testing.assert_close(diff["loss_video"], err[valid].mean(), rtol=1e-4, atol=1e-5)
+    assert not torch.isclose(plain["loss_video"], diff["loss_video"])
+
+
+def test_frame_diff_key_is_pretraining_only(tmp_path):
+    load_shipped("tiny_finetune.json", tmp_path)
+    with pytest.raises(ConfigError, match="avfmae.frame_diff_target"):
+        load_config(tmp_path / "ds_configs" / "tiny_finetune.json", ["frame_diff_target=true"])
+    with pytest.raises(ConfigError, match="avfmae.frame_diff_target"):
+        load_config(tmp_path / "ds_configs" / "tiny_finetune.json", ["frame_diff_target=1"])
