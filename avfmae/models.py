@@ -39,6 +39,8 @@ from .masking import PretrainMasks, complement, contains, sample_pretrain_masks
 
 ENCODER_PREFIXES = ("video_encoder.", "audio_encoder.")
 _LAYER = re.compile(r"^(?:video|audio)_encoder\.layers\.(\d+)\.")
+# cross-modal fusion layers that take part in layer-wise lr decay (IAV-CL's DiER units, HiCMAE's blocks)
+_FUSION_LAYER = re.compile(r"^fusion\.(?:units|video_blocks|audio_blocks)\.(\d+)\.")
 
 
 # --- shared helpers ---------------------------------------------------------------------------------
@@ -61,26 +63,37 @@ class TrainingMixin:
                 if len(_full_shape(p)) <= 1 or name.endswith("region_tokens.weight")}
 
     @property
+    def num_fusion_layers(self) -> int:
+        """Fusion layers in the layer-decay chain: the model's fusion depth, 0 without a fusion module."""
+        return self.cfg.fusion_depth if isinstance(getattr(self, "fusion", None), nn.Module) else 0
+
+    @property
     def num_layer_ids(self) -> int:
-        """Layer ids run from 0 (embeddings, region tokens) to depth + 1 (everything after the encoders)."""
-        return self.cfg.depth + 2
+        """Layer ids run from 0 (embeddings) to depth + fusion layers + 1 (everything else)."""
+        return self.cfg.depth + self.num_fusion_layers + 2
 
     def layer_id(self, name: str) -> int:
-        """Layer-wise lr decay id of a parameter: 0 for the encoders' embeddings and region tokens,
-        i + 1 for encoder layer i (both modalities share ids), depth + 1 for the rest (encoder
-        norms, fusion, decoders, head)."""
+        """Layer-wise lr decay id of a parameter, as the reference assigns them (AVF-MAE
+        ``optim_factory.get_num_layer_for_avit`` with ``get_num_layers() = depth + fusion_depth``):
+        0 for the encoders' embeddings; i + 1 for encoder layer i (both modalities share ids);
+        depth + j + 1 for fusion layer j (DiER unit j, or HiCMAE's fusion block j); the top id for the
+        rest (region tokens, encoder norms, ER layer, HAFE, layer weights, fc_norm, head), whose lr is
+        not decayed."""
         match = _LAYER.match(name)
         if match:
             return int(match.group(1)) + 1
-        if name.startswith(ENCODER_PREFIXES) and (".embed." in name or name.endswith("region_tokens.weight")):
+        match = _FUSION_LAYER.match(name)
+        if match and self.num_fusion_layers:
+            return self.cfg.depth + int(match.group(1)) + 1
+        if name.startswith(ENCODER_PREFIXES) and ".embed." in name:
             return 0
-        return self.cfg.depth + 1
+        return self.num_layer_ids - 1
 
     def param_groups(self, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
         """Optimizer parameter groups: ``{"params", "weight_decay", "lr_scale", "name"}``.
 
         Parameters in ``no_weight_decay()`` get weight decay 0; ``lr_scale`` is
-        ``layer_decay ** (depth + 1 - layer_id)`` (1.0 everywhere when layer_decay is 1). The
+        ``layer_decay ** (num_layer_ids - 1 - layer_id)`` (1.0 everywhere when layer_decay is 1). The
         training loop multiplies its learning rate by ``lr_scale`` per group.
         """
         if not 0 < layer_decay <= 1:

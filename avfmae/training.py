@@ -59,7 +59,7 @@ class TrainConfig:
     min_lr: float = 1e-5                 # cosine floor at global batch `lr_batch` (scaled like lr)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    layer_decay: float | None = None     # fine-tuning: lr * layer_decay ** (depth - layer_id)
+    layer_decay: float | None = None     # fine-tuning: lr * layer_decay ** (top id - layer id), see Model.layer_id
     drop_path: float = 0.0
     label_smoothing: float = 0.0
     mixup: float = 0.0                   # mixup Beta(α, α) of the supervised stages; 0 = off

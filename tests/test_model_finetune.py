@@ -106,20 +106,23 @@ def test_no_weight_decay_and_layer_ids(classifier):
     assert {"video_encoder.region_tokens.weight", "audio_encoder.region_tokens.weight", "video_layer_weights.weight",
             "fc_norm.weight", "head.bias", "video_encoder.layers.0.local_attn.q_bias"} <= skip
     assert "video_encoder.layers.0.local_attn.qkv_weight" not in skip and "head.weight" not in skip
-    depth = classifier.cfg.depth
+    depth, top = classifier.cfg.depth, classifier.cfg.depth + classifier.cfg.fusion_depth + 1
+    assert classifier.num_layer_ids == top + 1
     assert classifier.layer_id("video_encoder.embed.proj.weight") == 0
-    assert classifier.layer_id("audio_encoder.region_tokens.weight") == 0
+    assert classifier.layer_id("audio_encoder.region_tokens.weight") == top  # reference: full rate
     assert classifier.layer_id("audio_encoder.layers.1.mlp.fc1.weight") == 2
-    assert classifier.layer_id("video_encoder.norm.weight") == depth + 1
+    assert classifier.layer_id("video_encoder.norm.weight") == top
     assert classifier.layer_id("fusion.units.0.video.gate_self.weight") == depth + 1
-    assert classifier.layer_id("head.weight") == depth + 1
+    assert classifier.layer_id("fusion.units.1.audio.cross_block.attn.q_bias") == depth + 2
+    assert classifier.layer_id("fusion.refine.in_proj.weight") == top
+    assert classifier.layer_id("head.weight") == top
 
 
 def test_param_groups_cover_every_parameter_once(classifier):
     groups = classifier.param_groups(weight_decay=0.05, layer_decay=0.75)
     params = [p for g in groups for p in g["params"]]
     assert len(params) == len(list(classifier.parameters())) == len({id(p) for p in params})
-    depth = classifier.cfg.depth
+    depth = classifier.cfg.depth + classifier.cfg.fusion_depth  # the reference's get_num_layers()
     by_param = {id(p): g for g in groups for p in g["params"]}
     named = dict(classifier.named_parameters())
     g = by_param[id(named["video_encoder.layers.0.mlp.fc1.weight"])]

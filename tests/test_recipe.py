@@ -134,3 +134,32 @@ def test_frame_diff_key_is_pretraining_only(tmp_path):
         load_config(tmp_path / "ds_configs" / "tiny_finetune.json", ["frame_diff_target=true"])
     with pytest.raises(ConfigError, match="avfmae.frame_diff_target"):
         load_config(tmp_path / "ds_configs" / "tiny_finetune.json", ["frame_diff_target=1"])
+
+
+def test_layer_decay_scales_at_base_match_the_reference():
+    # reference: scale = 0.75 ** (get_num_layers() + 1 - layer_id), get_num_layers() = depth 10 + fusion depth 2;
+    # ids: patch embedding 0, encoder block i -> i + 1, fusion block j -> 10 + j + 1, everything else 13
+    with torch.device("meta"):
+        model = avfmae.build_model("base", "finetune", num_outputs=7)
+    groups = model.param_groups(weight_decay=0.05, layer_decay=0.75)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    expected_exponent = {
+        "video_encoder.embed.proj.weight": 13,
+        "audio_encoder.embed.proj.bias": 13,
+        "video_encoder.layers.0.local_attn.qkv_weight": 12,
+        "audio_encoder.layers.0.mlp.fc1.weight": 12,
+        "video_encoder.layers.9.r2l_attn.proj.weight": 3,
+        "fusion.units.0.video.self_block.attn.qkv_weight": 2,
+        "fusion.units.1.audio.gate_cross.weight": 1,
+        "video_encoder.region_tokens.weight": 0,
+        "audio_encoder.norm.weight": 0,
+        "fusion.refine.in_proj.weight": 0,
+        "fusion.hafe.feedback_attn.proj.weight": 0,
+        "video_layer_weights.weight": 0,
+        "fc_norm.weight": 0,
+        "head.weight": 0,
+    }
+    assert set(expected_exponent) <= set(named)
+    for name, exponent in expected_exponent.items():
+        assert scale[id(named[name])] == pytest.approx(0.75 ** exponent), name
