@@ -47,7 +47,8 @@ import math
 from dataclasses import dataclass
 
 SUPPORTED_HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128)  # what mae_kernels.grouped_attention accepts
-FUSIONS = ("iavcl", "hicmae")
+FUSIONS = ("iavcl", "hicmae", "iavcl_no_dier", "iavcl_no_hafe")  # the last two: Table 5's ablation rows
+LGI_LAYERS = ("improved", "vanilla")  # vanilla: MAE-DFER's LGI block, stages I-III (Table 4's middle row)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     norm_eps: float = 1e-6
-    fusion: str = "iavcl"          # "hicmae": Table 4's ablation model (HiCMAE's fusion encoder)
+    fusion: str = "iavcl"          # "hicmae": Table 4's ablation model (HiCMAE's fusion encoder); see FUSIONS
+    lgi: str = "improved"          # "vanilla": LGI layers without stage IV (Table 4's middle row)
     fusion_depth: int = 2          # N_c DiER units (IAV-CL) / cross-modal blocks (HiCMAE fusion)
     # input geometry
     num_frames: int = 16
@@ -147,6 +149,8 @@ def _kept(ratio: float, count: int, what: str) -> int:
 def _validate(cfg: ModelConfig) -> None:
     if cfg.fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {cfg.fusion!r}")
+    if cfg.lgi not in LGI_LAYERS:
+        raise ValueError(f"lgi must be one of {LGI_LAYERS}, got {cfg.lgi!r}")
     for dim, heads, what in ((cfg.embed_dim, cfg.num_heads, "encoder"),
                              (cfg.decoder_dim, cfg.decoder_heads, "decoder")):
         if dim <= 0 or heads <= 0 or dim % heads:

@@ -38,6 +38,7 @@ from .losses import hcmcl_loss, reconstruction_loss
 from .masking import PretrainMasks, complement, contains, sample_pretrain_masks
 
 ENCODER_PREFIXES = ("video_encoder.", "audio_encoder.")
+CLASSIFIER_PREFIXES = ("video_layer_weights.", "audio_layer_weights.", "fc_norm.")  # PSI carries them over
 _LAYER = re.compile(r"^(?:video|audio)_encoder\.layers\.(\d+)\.")
 # cross-modal fusion layers that take part in layer-wise lr decay (IAV-CL's DiER units, HiCMAE's blocks)
 _FUSION_LAYER = re.compile(r"^fusion\.(?:units|video_blocks|audio_blocks)\.(\d+)\.")
@@ -140,6 +141,16 @@ def _check_masks(masks: object, batch: int) -> PretrainMasks:
             raise ValueError(f"masks.{f.name} must be an int64 tensor [B={batch}, M], got "
                              f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
     return masks
+
+
+def build_fusion(cfg: ModelConfig) -> nn.Module:
+    """The cross-modal fusion module ``cfg.fusion`` names: IAV-CL (and Table 5's variants without DiER
+    units or without HAFE) or HiCMAE's fusion encoder; stochastic depth at ``cfg.drop_path``."""
+    args = (cfg.embed_dim, cfg.num_heads, cfg.fusion_depth, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps)
+    if cfg.fusion == "hicmae":
+        return HiCMAEFusion(*args, drop_path=cfg.drop_path)
+    return IAVCL(*args, drop_path=cfg.drop_path, dier=cfg.fusion != "iavcl_no_dier",
+                 hafe=cfg.fusion != "iavcl_no_hafe")
 
 
 class _PretrainBase(TrainingMixin, nn.Module):
@@ -251,12 +262,7 @@ class AVFMAEPretrain(_PretrainBase):
         self.cfg = cfg
         self.video_encoder = LGIEncoder(cfg, "video")
         self.audio_encoder = LGIEncoder(cfg, "audio")
-        if cfg.fusion == "iavcl":
-            self.fusion: nn.Module = IAVCL(cfg.embed_dim, cfg.num_heads, cfg.fusion_depth, cfg.mlp_ratio,
-                                           cfg.qkv_bias, cfg.norm_eps)
-        else:
-            self.fusion = HiCMAEFusion(cfg.embed_dim, cfg.num_heads, cfg.fusion_depth, cfg.mlp_ratio,
-                                       cfg.qkv_bias, cfg.norm_eps)
+        self.fusion = build_fusion(cfg)
         self._build_decoders(cfg)
 
 
@@ -306,12 +312,17 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
         self.video_only = video_only
         self.label_smoothing = label_smoothing
         C = cfg.embed_dim
+        # F_av^0 (eq. 8, the layer-weighted sums) feeds IAV-CL's ER/HAFE; Table 5's variants without HAFE
+        # (and HiCMAE's fusion) never read it, so they have no layer weights
+        self.reads_layer_weights = video_only or cfg.fusion in ("iavcl", "iavcl_no_dier")
         self.video_encoder = LGIEncoder(cfg, "video")
-        self.video_layer_weights = LearnedTokens(cfg.depth, fill=1.0 / cfg.depth)
+        if self.reads_layer_weights:
+            self.video_layer_weights = LearnedTokens(cfg.depth, fill=1.0 / cfg.depth)
         if not video_only:
             self.audio_encoder = LGIEncoder(cfg, "audio")
-            self.audio_layer_weights = LearnedTokens(cfg.depth, fill=1.0 / cfg.depth)
-            self.fusion = IAVCL(C, cfg.num_heads, cfg.fusion_depth, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps)
+            if self.reads_layer_weights:
+                self.audio_layer_weights = LearnedTokens(cfg.depth, fill=1.0 / cfg.depth)
+            self.fusion = build_fusion(cfg)
         features = C if video_only else 2 * C
         self.fc_norm = LayerNorm(features, cfg.norm_eps)
         self.head = _Head(features, num_outputs)
@@ -321,8 +332,8 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
         c = self.cfg
         _check_input("video", video, (3, c.num_frames, c.image_size, c.image_size))
         f_v = self.video_encoder(video, return_regions=True).regions                  # [B, K, L, C]
-        w_v = torch.softmax(self.video_layer_weights(), dim=0).to(f_v.dtype)
         if self.video_only:
+            w_v = torch.softmax(self.video_layer_weights(), dim=0).to(f_v.dtype)
             if audio is not None:
                 raise ValueError("this classifier is video-only; pass audio=None")
             feature = torch.einsum("bklc,l->bkc", f_v, w_v).mean(dim=1)                # [B, C]
@@ -332,10 +343,15 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
                              "video_only=True for video-only datasets)")
         _check_input("audio", audio, (1, c.audio_frames, c.audio_bins))
         f_a = self.audio_encoder(audio, return_regions=True).regions                  # [B, K, L, C]
-        w_a = torch.softmax(self.audio_layer_weights(), dim=0).to(f_a.dtype)
-        f_av = torch.cat([torch.einsum("bklc,l->bkc", f_v, w_v),
-                          torch.einsum("bklc,l->bkc", f_a, w_a)], dim=-1)             # [B, K, 2C] eq. 8
-        f4_v, f4_a = self.fusion(f_v.mean(dim=2), f_a.mean(dim=2), f_av)             # [B, K, C] each
+        if not self.reads_layer_weights:  # Table 5 rows without HAFE: no F_av
+            args = () if isinstance(self.fusion, HiCMAEFusion) else (None,)
+            f4_v, f4_a = self.fusion(f_v.mean(dim=2), f_a.mean(dim=2), *args)         # [B, K, C] each
+        else:
+            w_v = torch.softmax(self.video_layer_weights(), dim=0).to(f_v.dtype)
+            w_a = torch.softmax(self.audio_layer_weights(), dim=0).to(f_a.dtype)
+            f_av = torch.cat([torch.einsum("bklc,l->bkc", f_v, w_v),
+                              torch.einsum("bklc,l->bkc", f_a, w_a)], dim=-1)         # [B, K, 2C] eq. 8
+            f4_v, f4_a = self.fusion(f_v.mean(dim=2), f_a.mean(dim=2), f_av)         # [B, K, C] each
         feature = torch.cat([f4_v.mean(dim=1), f4_a.mean(dim=1)], dim=-1)            # [B, 2C]
         return self.head(self.fc_norm(feature))
 
@@ -355,17 +371,21 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
         return F.cross_entropy(output.float(), target, label_smoothing=self.label_smoothing)
 
     def load_pretrained_encoders(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-        """Load encoder (and matching fusion) weights from a pre-training or fine-tuning checkpoint.
+        """Load a pre-training checkpoint, or a classifier's (PSI: post-pre-training -> fine-tuning).
 
         Accepts a plain state dict or one wrapped as ``{"model": ...}`` / ``{"module": ...}``, with
-        or without a ``module.`` prefix. Keys under ``video_encoder.``, ``audio_encoder.`` and
-        ``fusion.`` are loaded; decoders and heads of the source are ignored.
+        or without a ``module.`` prefix. Encoder and fusion weights (``video_encoder.``,
+        ``audio_encoder.``, ``fusion.``) must fit; a classifier's layer weights and ``fc_norm`` are
+        loaded too when their shapes fit (the reference's fine-tuning loads everything but a head of a
+        different shape; we never load the head, whose classes differ between PSI stages). Decoders of
+        a pre-training source are ignored.
 
         Returns:
-            (missing, unexpected): this model's parameters/buffers that were not loaded (head,
-            layer weights, fc_norm, ...), and source keys under those prefixes this model lacks.
+            (missing, unexpected): this model's parameters/buffers that were not loaded (head, and
+            from a pre-training source the layer weights and fc_norm), and source keys under the
+            encoder/fusion prefixes this model lacks.
         Raises:
-            ValueError on a shape mismatch, naming the key.
+            ValueError on a shape mismatch of an encoder or fusion weight, naming the key.
         """
         for wrapper in ("model", "module", "state_dict"):
             if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
@@ -380,6 +400,9 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
             if tuple(v.shape) != tuple(own[k].shape):
                 raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)}, model "
                                  f"{tuple(own[k].shape)} (different model size or geometry?)")
+        # a classifier's own trained parts (not the head); skipped when the shapes differ (video-only)
+        loadable.update({k: v for k, v in source.items() if k.startswith(CLASSIFIER_PREFIXES) and k in own
+                         and tuple(v.shape) == tuple(own[k].shape)})
         self.load_state_dict(loadable, strict=False)
         return sorted(k for k in own if k not in loadable), unexpected
 

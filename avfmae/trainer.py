@@ -55,7 +55,8 @@ def atomic_torch_save(obj, path: Path) -> None:
 def model_arguments(cfg: TrainConfig) -> tuple[str, dict]:
     """(task, keyword arguments) of ``avfmae.build_model`` for a training config: the recipe keys that
     are model settings (drop-path, masks, targets, geometry, ablation variants) reach the model here."""
-    overrides = dict(drop_path=cfg.drop_path, checkpoint_activations=cfg.activation_checkpointing)
+    overrides = dict(drop_path=cfg.drop_path, checkpoint_activations=cfg.activation_checkpointing,
+                     fusion=cfg.fusion, lgi=cfg.lgi)
     geometry = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, audio_frames=cfg.audio_frames)
     overrides.update({k: v for k, v in geometry.items() if v is not None})
     if cfg.stage == "pretrain":

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import FUSIONS, LGI_LAYERS
+
 STAGES = ("pretrain", "postpretrain", "finetune")
 PATH_KEYS = ("train_manifest", "val_manifest", "init_checkpoint", "output_dir")
 SIZES = ("tiny", "base", "large", "huge")
@@ -65,9 +67,11 @@ class TrainConfig:
     mixup: float = 0.0                   # mixup Beta(α, α) of the supervised stages; 0 = off
     cutmix: float = 0.0                  # CutMix Beta(α, α); 0 = off
     mixup_switch_prob: float = 0.5       # chance of CutMix instead of mixup when both are on
-    mixup_audio: bool = True             # mix the audio with the same pairs and λ (reference code: video only)
+    mixup_audio: bool = False            # also mix the audio (same pairs and λ); reference code: video only
     activation_checkpointing: bool = False
     frame_diff_target: bool = False      # pre-training video target: frame 0, then frame j - frame 0 per tubelet
+    fusion: str = "iavcl"                # ablations: "hicmae" (Tables 4/5), "iavcl_no_dier", "iavcl_no_hafe" (Table 5)
+    lgi: str = "improved"                # "vanilla": LGI layers without stage IV (Table 4's middle row)
     mask: MaskConfig = field(default_factory=MaskConfig)
     init_checkpoint: str | None = None
     seed: int = 0
@@ -169,6 +173,10 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
     if not 0 <= cfg.drop_path < 1:
         _fail("drop_path", f"must lie in [0, 1), got {cfg.drop_path}")
     _validate_mixing(cfg)
+    if cfg.fusion not in FUSIONS:
+        _fail("fusion", f"expected one of {FUSIONS}, got {cfg.fusion!r}")
+    if cfg.lgi not in LGI_LAYERS:
+        _fail("lgi", f"expected one of {LGI_LAYERS}, got {cfg.lgi!r}")
     if not isinstance(cfg.frame_diff_target, bool):
         _fail("frame_diff_target", f"must be true or false, got {cfg.frame_diff_target!r}")
     if cfg.frame_diff_target and cfg.stage != "pretrain":

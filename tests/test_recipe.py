@@ -163,3 +163,25 @@ def test_layer_decay_scales_at_base_match_the_reference():
     assert set(expected_exponent) <= set(named)
     for name, exponent in expected_exponent.items():
         assert scale[id(named[name])] == pytest.approx(0.75 ** exponent), name
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(REFERENCE) if "_" in n])
+def test_supervised_configs_mix_video_only_like_the_reference(tmp_path, name):
+    # engine_for_finetuning_av.py: mixup_fn(samples, targets) gets the video; the audio goes in unmixed
+    _, cfg = load_shipped(name, tmp_path)
+    assert (cfg.mixup, cfg.cutmix, cfg.mixup_audio) == (0.8, 1.0, False)
+
+
+def test_ablation_keys_reach_the_model_and_are_validated(tmp_path):
+    load_shipped("tiny_finetune.json", tmp_path)
+    path = tmp_path / "ds_configs" / "tiny_finetune.json"
+    _, cfg = load_config(path, ["fusion=iavcl_no_hafe", "lgi=vanilla"])
+    task, kwargs = model_arguments(cfg)
+    assert (task, kwargs["fusion"], kwargs["lgi"]) == ("finetune", "iavcl_no_hafe", "vanilla")
+    with torch.device("meta"):
+        model = avfmae.build_model(cfg.size, task, **kwargs)
+    assert (model.cfg.fusion, model.cfg.lgi) == ("iavcl_no_hafe", "vanilla")
+    with pytest.raises(ConfigError, match="avfmae.fusion: expected one of"):
+        load_config(path, ["fusion=concat"])
+    with pytest.raises(ConfigError, match="avfmae.lgi: expected one of"):
+        load_config(path, ["lgi=mae_dfer"])
