@@ -69,6 +69,14 @@ def model_arguments(cfg: TrainConfig) -> tuple[str, dict]:
                             label_smoothing=cfg.label_smoothing, **overrides)
 
 
+def clip_augmentations(cfg: TrainConfig) -> dict:
+    """The ``dali_pipelines.ClipSpec`` fields of the training augmentations a config switches on."""
+    from dali_pipelines.augment import RandAugmentSpec
+
+    return dict(rand_augment=RandAugmentSpec.parse(cfg.rand_augment) if cfg.rand_augment else None,
+                erase_prob=float(cfg.random_erase), erase_count=cfg.random_erase_count, audio_gain=cfg.audio_gain)
+
+
 class Trainer:
     def __init__(self, ds_config: dict, cfg: TrainConfig, *, resume: bool, local_rank: int):
         import deepspeed
@@ -156,7 +164,7 @@ class Trainer:
 
         cfg, mc = self.cfg, self.model_config
         spec = ClipSpec(num_frames=mc.num_frames, frame_size=mc.image_size, audio_frames=mc.audio_frames,
-                        mel_bins=mc.audio_bins)
+                        mel_bins=mc.audio_bins, **clip_augmentations(cfg))  # evaluation ignores them
         device = cfg.data_device if cfg.data_device != "auto" else ("gpu" if self.cuda else "cpu")
         common = dict(batch_size=self.ds_config["train_micro_batch_size_per_gpu"], device=device,
                       num_threads=cfg.data_threads, seed=cfg.seed, shard_id=self.rank, num_shards=self.world,

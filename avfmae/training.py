@@ -70,6 +70,11 @@ class TrainConfig:
     mixup_audio: bool = False            # also mix the audio (same pairs and λ); reference code: video only
     activation_checkpointing: bool = False
     frame_diff_target: bool = False      # pre-training video target: frame 0, then frame j - frame 0 per tubelet
+    rand_augment: str | None = None      # training video RandAugment, timm's string ("rand-m7-n4-mstd0.5-inc1")
+    random_erase: float = 0.0            # probability of erasing a box (the same in every frame) of a clip
+    random_erase_count: int = 1          # boxes per erased clip
+    random_erase_mode: str = "pixel"     # fill: per-pixel standard-normal noise (the reference's "pixel")
+    audio_gain: bool = False             # waveform x (Beta(10, 10) + 0.5): the reference's roll_mag_aug in effect
     fusion: str = "iavcl"                # ablations: "hicmae" (Tables 4/5), "iavcl_no_dier", "iavcl_no_hafe" (Table 5)
     lgi: str = "improved"                # "vanilla": LGI layers without stage IV (Table 4's middle row)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -173,6 +178,7 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
     if not 0 <= cfg.drop_path < 1:
         _fail("drop_path", f"must lie in [0, 1), got {cfg.drop_path}")
     _validate_mixing(cfg)
+    _validate_augmentation(cfg)
     if cfg.fusion not in FUSIONS:
         _fail("fusion", f"expected one of {FUSIONS}, got {cfg.fusion!r}")
     if cfg.lgi not in LGI_LAYERS:
@@ -187,6 +193,27 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
         value = getattr(cfg.mask, key.name)
         if not 0 < value < 1:
             _fail(f"mask.{key.name}", f"must lie in (0, 1), got {value}")
+
+
+def _validate_augmentation(cfg: TrainConfig) -> None:
+    if cfg.rand_augment is not None:
+        from dali_pipelines.augment import RandAugmentSpec
+
+        try:
+            RandAugmentSpec.parse(cfg.rand_augment)
+        except ValueError as err:
+            _fail("rand_augment", str(err).removeprefix("rand_augment: "))
+    erase = cfg.random_erase
+    if isinstance(erase, bool) or not isinstance(erase, (int, float)) or not 0 <= erase <= 1:
+        _fail("random_erase", f"must be a probability in [0, 1], got {erase!r}")
+    count = cfg.random_erase_count
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        _fail("random_erase_count", f"must be a positive integer, got {count!r}")
+    if cfg.random_erase_mode != "pixel":
+        _fail("random_erase_mode", f"only 'pixel' (per-pixel normal noise, the reference's) is implemented, "
+                                   f"got {cfg.random_erase_mode!r}")
+    if not isinstance(cfg.audio_gain, bool):
+        _fail("audio_gain", f"must be true or false, got {cfg.audio_gain!r}")
 
 
 def mixing(cfg: TrainConfig) -> bool:

@@ -10,10 +10,12 @@ on CPU threads)::
                │                                                                      → [1, 256, 128]
                ├ label, index ──────────────────────────────────────────────────────────→ as fed
 
-Every random choice (frames, crop window, flip, audio position) comes from the source, drawn per
-``(seed, epoch, manifest row)`` (:func:`dali_pipelines.source.sample_clip`), and reaches the operators
-as CPU argument inputs; the graph itself has no random operator. So do evaluation's choices: the
-frames and the crop position of the test view (:class:`dali_pipelines.source.EvalView`).
+Every random choice (frames, crop window, flip, audio position; RandAugment steps, erased boxes and
+audio gain when the spec switches them on, see :mod:`dali_pipelines.augment`) comes from the source,
+drawn per ``(seed, epoch, manifest row)`` (:func:`dali_pipelines.source.sample_clip`), and reaches the
+operators as CPU argument inputs; the graph's one random operator is the noise that fills erased boxes.
+So do evaluation's choices: the frames and the crop position of the test view
+(:class:`dali_pipelines.source.EvalView`).
 
 Audio features follow HiCMAE's Kaldi fbank (see :mod:`dali_pipelines.fbank`) as far as DALI's operators
 allow: a symmetric Hann window (Kaldi "hanning"), 512-point FFT, frames only where they fit (Kaldi
@@ -284,7 +286,7 @@ def build_pipeline(
 
     @pipeline_def(
         batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
-        # no random operator is left in the graph (the source draws everything); seeded all the same
+        # the source draws every choice; the graph's only random operator is the erasing noise
         seed=seed % 2**31, prefetch_queue_depth=prefetch_queue_depth,
         # RandAugment picks each sample's operation with DALI conditionals
         enable_conditionals=train and spec.rand_augment is not None,

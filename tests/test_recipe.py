@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 
 import avfmae
-from avfmae.trainer import model_arguments
+from avfmae.trainer import clip_augmentations, model_arguments
 from avfmae.training import ConfigError, load_config, scaled_lrs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,3 +185,31 @@ def test_ablation_keys_reach_the_model_and_are_validated(tmp_path):
         load_config(path, ["fusion=concat"])
     with pytest.raises(ConfigError, match="avfmae.lgi: expected one of"):
         load_config(path, ["lgi=mae_dfer"])
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_augmentation_keys_carry_the_reference_values(tmp_path, name):
+    from dali_pipelines.augment import RandAugmentSpec
+
+    _, cfg = load_shipped(name, tmp_path)
+    spec = clip_augmentations(cfg)
+    assert spec["audio_gain"] is True  # --roll_mag_aug: pre-training scripts, fine-tuning default
+    if cfg.stage == "pretrain":
+        assert (spec["rand_augment"], spec["erase_prob"]) == (None, 0.0)
+    else:  # --aa rand-m7-n4-mstd0.5-inc1 --reprob 0.25 --remode pixel --recount 1
+        assert spec["rand_augment"] == RandAugmentSpec(n=4, m=7, mstd=0.5, increasing=True)
+        assert (spec["erase_prob"], spec["erase_count"], cfg.random_erase_mode) == (0.25, 1, "pixel")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("rand_augment=rand-m12", "avfmae.rand_augment: m must lie in"),
+    ("rand_augment=autoaug", "avfmae.rand_augment: expected timm's form"),
+    ("random_erase=1.5", "avfmae.random_erase: must be a probability"),
+    ("random_erase_count=0", "avfmae.random_erase_count: must be a positive integer"),
+    ("random_erase_mode=const", "avfmae.random_erase_mode: only 'pixel'"),
+    ("audio_gain=1", "avfmae.audio_gain: must be true or false"),
+])
+def test_bad_augmentation_keys_name_the_key(tmp_path, override, message):
+    load_shipped("tiny_finetune.json", tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "ds_configs" / "tiny_finetune.json", [override])
