@@ -13,6 +13,7 @@ model                                       base     large    huge     paper
 fine-tuning, audio-visual, 7 classes        169.1M   303.2M   521.3M   169M / 303M / 521M
 pre-training (IAV-CL fusion)                187.9M   336.3M   572.7M   not reported
 pre-training, HiCMAE fusion (Table 4 row)   162.7M   296.9M   516.0M   163M (base)
+... and vanilla LGI (``lgi="vanilla"``)     141.7M   257.5M   445.0M   142M (base)
 HiCMAE baseline, pre-training                99.6M   178.7M   303.2M   99M (99.6M in code)
 =========================================  =======  =======  =======  ===============
 
