@@ -93,10 +93,11 @@ def test_scaled_lrs_scales_peak_and_floor_alike(tmp_path):
 
 @pytest.mark.parametrize("name", ["base.json", "large.json", "huge.json", "tiny.json"])
 def test_pretraining_configs_reconstruct_frame_differences(tmp_path, name):
-    # every reference pre-training script passes --use_frame_diff_as_target
+    # every reference pre-training script passes --use_frame_diff_as_target; the CPU demo (tiny) keeps
+    # plain targets, on which its few steps show the loss falling clearly
     _, cfg = load_shipped(name, tmp_path)
     task, kwargs = model_arguments(cfg)
-    assert task == "pretrain" and kwargs["frame_diff_target"] is True
+    assert task == "pretrain" and kwargs["frame_diff_target"] is (name != "tiny.json")
 
 
 def test_frame_diff_key_changes_the_video_loss_target(tmp_path):
