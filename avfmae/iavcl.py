@@ -125,8 +125,8 @@ def _conv_bn_prelu(dim: int) -> nn.Sequential:
 class EvolutionaryRefinement(nn.Module):
     """ER layer (eqs. 12–13), shared by all DiER units.
 
-    BatchNorm in training mode needs more than one value per channel: in pre-training F_av is a
-    single token per sample, so the per-rank batch must be >= 2.
+    BatchNorm in training mode needs more than one value per channel: F_av has K rows per sample (one
+    per region pair, in pre-training and fine-tuning alike), so a micro-batch of 1 is fine when K > 1.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
