@@ -13,6 +13,7 @@ model                                       base     large    huge     paper
 fine-tuning, audio-visual, 7 classes        169.1M   303.2M   521.3M   169M / 303M / 521M
 pre-training (IAV-CL fusion)                187.9M   336.3M   572.7M   not reported
 pre-training, HiCMAE fusion (Table 4 row)   162.7M   296.9M   516.0M   163M (base)
+... and vanilla LGI (``lgi="vanilla"``)     141.7M   257.5M   445.0M   142M (base)
 HiCMAE baseline, pre-training                99.6M   178.7M   303.2M   99M (99.6M in code)
 =========================================  =======  =======  =======  ===============
 
@@ -47,7 +48,8 @@ import math
 from dataclasses import dataclass
 
 SUPPORTED_HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128)  # what mae_kernels.grouped_attention accepts
-FUSIONS = ("iavcl", "hicmae")
+FUSIONS = ("iavcl", "hicmae", "iavcl_no_dier", "iavcl_no_hafe")  # the last two: Table 5's ablation rows
+LGI_LAYERS = ("improved", "vanilla")  # vanilla: MAE-DFER's LGI block, stages I-III (Table 4's middle row)
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     norm_eps: float = 1e-6
-    fusion: str = "iavcl"          # "hicmae": Table 4's ablation model (HiCMAE's fusion encoder)
+    fusion: str = "iavcl"          # "hicmae": Table 4's ablation model (HiCMAE's fusion encoder); see FUSIONS
+    lgi: str = "improved"          # "vanilla": LGI layers without stage IV (Table 4's middle row)
     fusion_depth: int = 2          # N_c DiER units (IAV-CL) / cross-modal blocks (HiCMAE fusion)
     # input geometry
     num_frames: int = 16
@@ -147,6 +150,8 @@ def _kept(ratio: float, count: int, what: str) -> int:
 def _validate(cfg: ModelConfig) -> None:
     if cfg.fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {cfg.fusion!r}")
+    if cfg.lgi not in LGI_LAYERS:
+        raise ValueError(f"lgi must be one of {LGI_LAYERS}, got {cfg.lgi!r}")
     for dim, heads, what in ((cfg.embed_dim, cfg.num_heads, "encoder"),
                              (cfg.decoder_dim, cfg.decoder_heads, "decoder")):
         if dim <= 0 or heads <= 0 or dim % heads:

@@ -65,12 +65,13 @@ class HiCMAEFusion(nn.Module):
     other modality, self-attention, MLP), both modalities updated in parallel; a final LayerNorm each."""
 
     def __init__(self, dim: int, num_heads: int, depth: int = 2, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, eps: float = 1e-6) -> None:
+                 qkv_bias: bool = True, eps: float = 1e-6, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.video_blocks = nn.ModuleList(CrossBlock(dim, num_heads, mlp_ratio, qkv_bias, eps=eps)
-                                          for _ in range(depth))
-        self.audio_blocks = nn.ModuleList(CrossBlock(dim, num_heads, mlp_ratio, qkv_bias, eps=eps)
-                                          for _ in range(depth))
+        rates = stochastic_depth(drop_path, depth)  # 0 -> drop_path across the blocks (HiCMAE's fusion encoder)
+        self.video_blocks = nn.ModuleList(CrossBlock(dim, num_heads, mlp_ratio, qkv_bias, rates[i], eps)
+                                          for i in range(depth))
+        self.audio_blocks = nn.ModuleList(CrossBlock(dim, num_heads, mlp_ratio, qkv_bias, rates[i], eps)
+                                          for i in range(depth))
         self.video_norm = LayerNorm(dim, eps)
         self.audio_norm = LayerNorm(dim, eps)
 

@@ -1,9 +1,11 @@
 """IAV-CL: Iteratively Audio-Visual Correlations Learning (paper §3.4, eqs. 8–16).
 
 Inputs: per-modality token features ``f_v [B, Lv, C]``, ``f_a [B, La, C]`` (F_m^1) and the
-multi-modal feature ``f_av [B, Lav, 2C]`` (F_av^0). Fine-tuning feeds the K region tokens (pooled
-over layers) and the concatenated layer-weighted sums (eq. 8); pre-training feeds the visible local
-tokens and ``cat(mean_v, mean_a)`` as one token.
+multi-modal feature ``f_av [B, K, 2C]`` (F_av^0, one row per region pair). Fine-tuning feeds the K
+region tokens (pooled over layers) and, per region, the concatenated layer-weighted sums (eq. 8);
+pre-training feeds the visible local tokens and, per region, ``cat(mean of its visible video tokens,
+mean of its visible audio tokens)`` — K rows where the reference code uses one global row (see
+``AVFMAEPretrain.fuse``).
 
 * DiER unit (eqs. 9–11), one per iteration, per modality m: a complete self-attention block and a
   complete cross-attention block (query m, key/value the other modality), each attention + FFN,
@@ -20,6 +22,17 @@ tokens and ``cat(mean_v, mean_a)`` as one token.
 
 Parameter count per unit ~56C^2, ER ~4C^2, HAFE ~44C^2 — see config.py for how this meets the
 paper's fine-tuning model sizes.
+
+Stochastic depth *(reference code, modeling_attention_av.py)*: the residual branches of DiER unit i
+drop with rate ``drop_path * i / (N_c - 1)`` (0 -> drop_path across the units), those of HAFE with
+``drop_path / 2``; the ER layer has none.
+
+Table 5 ablations (``dier=False`` / ``hafe=False``): without DiER units, each iteration is one of
+HiCMAE's cross-modal blocks per modality (cross-attention to the other modality, self-attention, MLP;
+no gates) and F_av is the projected F_av^0, never refined; without HAFE, the last unit's outputs,
+LayerNorm-ed, are the result, the hierarchical integration of HiCMAE's fusion encoder (§4.3: "we deploy
+the original fusion modules of HiCMAE"), and the ER layer goes too (only HAFE reads the refined F_av; in
+the reference code as well). Both off is HiCMAE's fusion itself (``fusion="hicmae"``).
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .layers import Attention, CrossAttention, LayerNorm, Linear, Mlp
+from .layers import Attention, CrossAttention, CrossBlock, DropPath, LayerNorm, Linear, Mlp, stochastic_depth
 
 
 class _AttentionBlock(nn.Module):
@@ -37,8 +50,9 @@ class _AttentionBlock(nn.Module):
     to ``ctx``, then an FFN."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, eps: float,
-                 cross: bool) -> None:
+                 cross: bool, drop_path: float = 0.0) -> None:
         super().__init__()
+        self.drop_path = DropPath(drop_path)
         self.norm_q = LayerNorm(dim, eps)
         self.norm_kv = LayerNorm(dim, eps) if cross else None
         self.attn = CrossAttention(dim, num_heads, qkv_bias) if cross else Attention(dim, num_heads, qkv_bias)
@@ -47,21 +61,22 @@ class _AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
         q = self.norm_q(x).unsqueeze(1)
+        dp = self.drop_path
         if self.norm_kv is None:
-            x = x + self.attn(q).squeeze(1)
+            x = x + dp(self.attn(q).squeeze(1))
         else:
-            x = x + self.attn(q, self.norm_kv(ctx).unsqueeze(1)).squeeze(1)
-        return x + self.mlp(self.mlp_norm(x))
+            x = x + dp(self.attn(q, self.norm_kv(ctx).unsqueeze(1)).squeeze(1))
+        return x + dp(self.mlp(self.mlp_norm(x)))
 
 
 class DenseInteraction(nn.Module):
     """One modality's half of a DiER unit (eqs. 9–11)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.self_block = _AttentionBlock(dim, num_heads, mlp_ratio, qkv_bias, eps, cross=False)
-        self.cross_block = _AttentionBlock(dim, num_heads, mlp_ratio, qkv_bias, eps, cross=True)
+        self.self_block = _AttentionBlock(dim, num_heads, mlp_ratio, qkv_bias, eps, cross=False, drop_path=drop_path)
+        self.cross_block = _AttentionBlock(dim, num_heads, mlp_ratio, qkv_bias, eps, cross=True, drop_path=drop_path)
         self.gate_self = Linear(2 * dim, dim)
         self.gate_cross = Linear(2 * dim, dim)
         self.norm = LayerNorm(dim, eps)
@@ -79,10 +94,23 @@ class DiERUnit(nn.Module):
     """Dense audio-visual interactions for both modalities, in parallel."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.video = DenseInteraction(dim, num_heads, mlp_ratio, qkv_bias, eps)
-        self.audio = DenseInteraction(dim, num_heads, mlp_ratio, qkv_bias, eps)
+        self.video = DenseInteraction(dim, num_heads, mlp_ratio, qkv_bias, eps, drop_path)
+        self.audio = DenseInteraction(dim, num_heads, mlp_ratio, qkv_bias, eps, drop_path)
+
+    def forward(self, f_v: torch.Tensor, f_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.video(f_v, f_a), self.audio(f_a, f_v)
+
+
+class CrossModalUnit(nn.Module):
+    """Table 5's "without DiER" unit: one HiCMAE cross-modal block per modality, both in parallel."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 eps: float = 1e-6, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.video = CrossBlock(dim, num_heads, mlp_ratio, qkv_bias, drop_path, eps)
+        self.audio = CrossBlock(dim, num_heads, mlp_ratio, qkv_bias, drop_path, eps)
 
     def forward(self, f_v: torch.Tensor, f_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.video(f_v, f_a), self.audio(f_a, f_v)
@@ -97,8 +125,8 @@ def _conv_bn_prelu(dim: int) -> nn.Sequential:
 class EvolutionaryRefinement(nn.Module):
     """ER layer (eqs. 12–13), shared by all DiER units.
 
-    BatchNorm in training mode needs more than one value per channel: in pre-training F_av is a
-    single token per sample, so the per-rank batch must be >= 2.
+    BatchNorm in training mode needs more than one value per channel: F_av has K rows per sample (one
+    per region pair, in pre-training and fine-tuning alike), so a micro-batch of 1 is fine when K > 1.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -129,8 +157,9 @@ class UnitAggregation(nn.Module):
     """One modality's hierarchical aggregation (eqs. 14–15): [B, L, N_c, C] -> [B, L, C]."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, drop_path: float = 0.0) -> None:
         super().__init__()
+        self.drop_path = DropPath(drop_path)
         self.norm = LayerNorm(dim, eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.mlp_norm = LayerNorm(dim, eps)
@@ -138,8 +167,9 @@ class UnitAggregation(nn.Module):
         self.select = Linear(dim, 1)
 
     def forward(self, stacked: torch.Tensor) -> torch.Tensor:
-        gamma = stacked + self.attn(self.norm(stacked))     # attention across units, per token (G = L)
-        gamma = gamma + self.mlp(self.mlp_norm(gamma))      # eq. 14
+        dp = self.drop_path
+        gamma = stacked + dp(self.attn(self.norm(stacked)))  # attention across units, per token (G = L)
+        gamma = gamma + dp(self.mlp(self.mlp_norm(gamma)))   # eq. 14
         weights = torch.sigmoid(self.select(gamma))         # [B, L, N_c, 1]
         return (weights * gamma).sum(dim=2)                 # eq. 15
 
@@ -148,10 +178,11 @@ class HAFE(nn.Module):
     """Hierarchical Aggregations and Feedback Enhancement layer (eqs. 14–16)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.video_units = UnitAggregation(dim, num_heads, mlp_ratio, qkv_bias, eps)
-        self.audio_units = UnitAggregation(dim, num_heads, mlp_ratio, qkv_bias, eps)
+        self.drop_path = DropPath(drop_path)
+        self.video_units = UnitAggregation(dim, num_heads, mlp_ratio, qkv_bias, eps, drop_path)
+        self.audio_units = UnitAggregation(dim, num_heads, mlp_ratio, qkv_bias, eps, drop_path)
         self.feedback_attn = CrossAttention(dim, num_heads, qkv_bias)     # shared by both modalities
         self.feedback_norm_av = LayerNorm(dim, eps)
         self.video_norm_q = LayerNorm(dim, eps)
@@ -163,8 +194,8 @@ class HAFE(nn.Module):
 
     def _feedback(self, f3: torch.Tensor, av: torch.Tensor, norm_q: nn.Module, mlp_norm: nn.Module,
                   mlp: nn.Module) -> torch.Tensor:
-        f4 = f3 + self.feedback_attn(norm_q(f3).unsqueeze(1), av).squeeze(1)   # eq. 16
-        return f4 + mlp(mlp_norm(f4))
+        f4 = f3 + self.drop_path(self.feedback_attn(norm_q(f3).unsqueeze(1), av).squeeze(1))   # eq. 16
+        return f4 + self.drop_path(mlp(mlp_norm(f4)))
 
     def forward(self, stacked_v: torch.Tensor, stacked_a: torch.Tensor,
                 f_av: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,22 +209,42 @@ class HAFE(nn.Module):
 
 
 class IAVCL(nn.Module):
-    """N_c DiER units with a shared ER layer, then HAFE."""
+    """N_c DiER units with a shared ER layer, then HAFE (``dier``/``hafe`` False: Table 5's ablations)."""
 
     def __init__(self, dim: int, num_heads: int, depth: int = 2, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, eps: float = 1e-6) -> None:
+                 qkv_bias: bool = True, eps: float = 1e-6, drop_path: float = 0.0, dier: bool = True,
+                 hafe: bool = True) -> None:
         super().__init__()
-        self.units = nn.ModuleList(DiERUnit(dim, num_heads, mlp_ratio, qkv_bias, eps) for _ in range(depth))
-        self.refine = EvolutionaryRefinement(dim, eps)
-        self.hafe = HAFE(dim, num_heads, mlp_ratio, qkv_bias, eps)
+        if not (dier or hafe):
+            raise ValueError("IAV-CL without DiER units and without HAFE is HiCMAE's fusion: use fusion='hicmae'")
+        unit = DiERUnit if dier else CrossModalUnit
+        rates = stochastic_depth(drop_path, depth)
+        self.units = nn.ModuleList(unit(dim, num_heads, mlp_ratio, qkv_bias, eps, rates[i]) for i in range(depth))
+        if dier and hafe:
+            self.refine = EvolutionaryRefinement(dim, eps)
+        elif hafe:
+            self.av_proj = Linear(2 * dim, dim)  # F_av^0 -> C for HAFE's feedback; no refinement without DiER
+        if hafe:
+            self.hafe = HAFE(dim, num_heads, mlp_ratio, qkv_bias, eps, drop_path / 2)
+        else:
+            self.video_norm = LayerNorm(dim, eps)
+            self.audio_norm = LayerNorm(dim, eps)
 
     def forward(self, f_v: torch.Tensor, f_a: torch.Tensor,
-                f_av: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """f_v [B, Lv, C], f_a [B, La, C], f_av [B, Lav, 2C] -> (F_v^4 [B, Lv, C], F_a^4 [B, La, C])."""
+                f_av: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """f_v [B, Lv, C], f_a [B, La, C], f_av [B, Lav, 2C] -> (F_v^4 [B, Lv, C], F_a^4 [B, La, C]).
+
+        ``f_av`` may be None without HAFE (nothing reads it then)."""
         units_v, units_a = [], []
+        refine = getattr(self, "refine", None)
         for i, unit in enumerate(self.units):
             f_v, f_a = unit(f_v, f_a)
-            f_av = self.refine(f_av, f_v, f_a, project=i == 0)
+            if refine is not None:
+                f_av = refine(f_av, f_v, f_a, project=i == 0)
             units_v.append(f_v)
             units_a.append(f_a)
+        if not hasattr(self, "hafe"):
+            return self.video_norm(f_v), self.audio_norm(f_a)
+        if refine is None:
+            f_av = self.av_proj(f_av)
         return self.hafe(torch.stack(units_v, dim=2), torch.stack(units_a, dim=2), f_av)

@@ -58,11 +58,13 @@ class EncoderOutput(NamedTuple):
 
 
 class LGILayer(nn.Module):
-    """One improved LGI-Former layer: stages I–IV and the shared MLP."""
+    """One improved LGI-Former layer: stages I–IV and the shared MLP (``stage_iv=False``: the vanilla
+    LGI block of MAE-DFER, stages I–III, Table 4's middle row)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, eps: float = 1e-6) -> None:
+                 drop_path: float = 0.0, eps: float = 1e-6, stage_iv: bool = True) -> None:
         super().__init__()
+        self.stage_iv = stage_iv
         self.local_norm = LayerNorm(dim, eps)                   # I
         self.local_attn = Attention(dim, num_heads, qkv_bias)
         self.region_norm = LayerNorm(dim, eps)                  # II
@@ -70,9 +72,10 @@ class LGILayer(nn.Module):
         self.l2r_norm_q = LayerNorm(dim, eps)                   # III
         self.l2r_norm_kv = LayerNorm(dim, eps)
         self.l2r_attn = CrossAttention(dim, num_heads, qkv_bias)
-        self.r2l_norm_q = LayerNorm(dim, eps)                   # IV
-        self.r2l_norm_kv = LayerNorm(dim, eps)
-        self.r2l_attn = CrossAttention(dim, num_heads, qkv_bias)
+        if stage_iv:
+            self.r2l_norm_q = LayerNorm(dim, eps)               # IV
+            self.r2l_norm_kv = LayerNorm(dim, eps)
+            self.r2l_attn = CrossAttention(dim, num_heads, qkv_bias)
         self.mlp_norm = LayerNorm(dim, eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
@@ -100,7 +103,8 @@ class LGILayer(nn.Module):
             x = x + dp(self.mlp(self.mlp_norm(x)))
             return rearrange(x, "b 1 (k z) c -> b k z c", k=K), s[:, 0]
         # IV: region tokens read every local token (holistic view)
-        s = s + dp(self.r2l_attn(self.r2l_norm_q(s), self.r2l_norm_kv(x)))
+        if self.stage_iv:
+            s = s + dp(self.r2l_attn(self.r2l_norm_q(s), self.r2l_norm_kv(x)))
         # shared MLP over local and region tokens                                      [B, 1, K*Z+K, C]
         h = torch.cat([x, s], dim=2)
         h = h + dp(self.mlp(self.mlp_norm(h)))
@@ -138,7 +142,8 @@ class LGIEncoder(Checkpointed, nn.Module):
         self.region_tokens = LearnedTokens(self.num_regions, cfg.embed_dim)
         rates = stochastic_depth(cfg.drop_path, cfg.depth)
         self.layers = nn.ModuleList(
-            LGILayer(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, rates[i], cfg.norm_eps)
+            LGILayer(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, rates[i], cfg.norm_eps,
+                     stage_iv=cfg.lgi == "improved")
             for i in range(cfg.depth))
         self.norm = LayerNorm(cfg.embed_dim, cfg.norm_eps)
 

@@ -38,7 +38,10 @@ from .losses import hcmcl_loss, reconstruction_loss
 from .masking import PretrainMasks, complement, contains, sample_pretrain_masks
 
 ENCODER_PREFIXES = ("video_encoder.", "audio_encoder.")
+CLASSIFIER_PREFIXES = ("video_layer_weights.", "audio_layer_weights.", "fc_norm.")  # PSI carries them over
 _LAYER = re.compile(r"^(?:video|audio)_encoder\.layers\.(\d+)\.")
+# cross-modal fusion layers that take part in layer-wise lr decay (IAV-CL's DiER units, HiCMAE's blocks)
+_FUSION_LAYER = re.compile(r"^fusion\.(?:units|video_blocks|audio_blocks)\.(\d+)\.")
 
 
 # --- shared helpers ---------------------------------------------------------------------------------
@@ -61,26 +64,37 @@ class TrainingMixin:
                 if len(_full_shape(p)) <= 1 or name.endswith("region_tokens.weight")}
 
     @property
+    def num_fusion_layers(self) -> int:
+        """Fusion layers in the layer-decay chain: the model's fusion depth, 0 without a fusion module."""
+        return self.cfg.fusion_depth if isinstance(getattr(self, "fusion", None), nn.Module) else 0
+
+    @property
     def num_layer_ids(self) -> int:
-        """Layer ids run from 0 (embeddings, region tokens) to depth + 1 (everything after the encoders)."""
-        return self.cfg.depth + 2
+        """Layer ids run from 0 (embeddings) to depth + fusion layers + 1 (everything else)."""
+        return self.cfg.depth + self.num_fusion_layers + 2
 
     def layer_id(self, name: str) -> int:
-        """Layer-wise lr decay id of a parameter: 0 for the encoders' embeddings and region tokens,
-        i + 1 for encoder layer i (both modalities share ids), depth + 1 for the rest (encoder
-        norms, fusion, decoders, head)."""
+        """Layer-wise lr decay id of a parameter, as the reference assigns them (AVF-MAE
+        ``optim_factory.get_num_layer_for_avit`` with ``get_num_layers() = depth + fusion_depth``):
+        0 for the encoders' embeddings; i + 1 for encoder layer i (both modalities share ids);
+        depth + j + 1 for fusion layer j (DiER unit j, or HiCMAE's fusion block j); the top id for the
+        rest (region tokens, encoder norms, ER layer, HAFE, layer weights, fc_norm, head), whose lr is
+        not decayed."""
         match = _LAYER.match(name)
         if match:
             return int(match.group(1)) + 1
-        if name.startswith(ENCODER_PREFIXES) and (".embed." in name or name.endswith("region_tokens.weight")):
+        match = _FUSION_LAYER.match(name)
+        if match and self.num_fusion_layers:
+            return self.cfg.depth + int(match.group(1)) + 1
+        if name.startswith(ENCODER_PREFIXES) and ".embed." in name:
             return 0
-        return self.cfg.depth + 1
+        return self.num_layer_ids - 1
 
     def param_groups(self, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
         """Optimizer parameter groups: ``{"params", "weight_decay", "lr_scale", "name"}``.
 
         Parameters in ``no_weight_decay()`` get weight decay 0; ``lr_scale`` is
-        ``layer_decay ** (depth + 1 - layer_id)`` (1.0 everywhere when layer_decay is 1). The
+        ``layer_decay ** (num_layer_ids - 1 - layer_id)`` (1.0 everywhere when layer_decay is 1). The
         training loop multiplies its learning rate by ``lr_scale`` per group.
         """
         if not 0 < layer_decay <= 1:
@@ -127,6 +141,16 @@ def _check_masks(masks: object, batch: int) -> PretrainMasks:
             raise ValueError(f"masks.{f.name} must be an int64 tensor [B={batch}, M], got "
                              f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
     return masks
+
+
+def build_fusion(cfg: ModelConfig) -> nn.Module:
+    """The cross-modal fusion module ``cfg.fusion`` names: IAV-CL (and Table 5's variants without DiER
+    units or without HAFE) or HiCMAE's fusion encoder; stochastic depth at ``cfg.drop_path``."""
+    args = (cfg.embed_dim, cfg.num_heads, cfg.fusion_depth, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps)
+    if cfg.fusion == "hicmae":
+        return HiCMAEFusion(*args, drop_path=cfg.drop_path)
+    return IAVCL(*args, drop_path=cfg.drop_path, dier=cfg.fusion != "iavcl_no_dier",
+                 hafe=cfg.fusion != "iavcl_no_hafe")
 
 
 class _PretrainBase(TrainingMixin, nn.Module):
@@ -238,12 +262,7 @@ class AVFMAEPretrain(_PretrainBase):
         self.cfg = cfg
         self.video_encoder = LGIEncoder(cfg, "video")
         self.audio_encoder = LGIEncoder(cfg, "audio")
-        if cfg.fusion == "iavcl":
-            self.fusion: nn.Module = IAVCL(cfg.embed_dim, cfg.num_heads, cfg.fusion_depth, cfg.mlp_ratio,
-                                           cfg.qkv_bias, cfg.norm_eps)
-        else:
-            self.fusion = HiCMAEFusion(cfg.embed_dim, cfg.num_heads, cfg.fusion_depth, cfg.mlp_ratio,
-                                       cfg.qkv_bias, cfg.norm_eps)
+        self.fusion = build_fusion(cfg)
         self._build_decoders(cfg)
 
 
@@ -293,12 +312,17 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
         self.video_only = video_only
         self.label_smoothing = label_smoothing
         C = cfg.embed_dim
+        # F_av^0 (eq. 8, the layer-weighted sums) feeds IAV-CL's ER/HAFE; Table 5's variants without HAFE
+        # (and HiCMAE's fusion) never read it, so they have no layer weights
+        self.reads_layer_weights = video_only or cfg.fusion in ("iavcl", "iavcl_no_dier")
         self.video_encoder = LGIEncoder(cfg, "video")
-        self.video_layer_weights = LearnedTokens(cfg.depth, fill=1.0 / cfg.depth)
+        if self.reads_layer_weights:
+            self.video_layer_weights = LearnedTokens(cfg.depth, fill=1.0 / cfg.depth)
         if not video_only:
             self.audio_encoder = LGIEncoder(cfg, "audio")
-            self.audio_layer_weights = LearnedTokens(cfg.depth, fill=1.0 / cfg.depth)
-            self.fusion = IAVCL(C, cfg.num_heads, cfg.fusion_depth, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps)
+            if self.reads_layer_weights:
+                self.audio_layer_weights = LearnedTokens(cfg.depth, fill=1.0 / cfg.depth)
+            self.fusion = build_fusion(cfg)
         features = C if video_only else 2 * C
         self.fc_norm = LayerNorm(features, cfg.norm_eps)
         self.head = _Head(features, num_outputs)
@@ -308,8 +332,8 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
         c = self.cfg
         _check_input("video", video, (3, c.num_frames, c.image_size, c.image_size))
         f_v = self.video_encoder(video, return_regions=True).regions                  # [B, K, L, C]
-        w_v = torch.softmax(self.video_layer_weights(), dim=0).to(f_v.dtype)
         if self.video_only:
+            w_v = torch.softmax(self.video_layer_weights(), dim=0).to(f_v.dtype)
             if audio is not None:
                 raise ValueError("this classifier is video-only; pass audio=None")
             feature = torch.einsum("bklc,l->bkc", f_v, w_v).mean(dim=1)                # [B, C]
@@ -319,10 +343,15 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
                              "video_only=True for video-only datasets)")
         _check_input("audio", audio, (1, c.audio_frames, c.audio_bins))
         f_a = self.audio_encoder(audio, return_regions=True).regions                  # [B, K, L, C]
-        w_a = torch.softmax(self.audio_layer_weights(), dim=0).to(f_a.dtype)
-        f_av = torch.cat([torch.einsum("bklc,l->bkc", f_v, w_v),
-                          torch.einsum("bklc,l->bkc", f_a, w_a)], dim=-1)             # [B, K, 2C] eq. 8
-        f4_v, f4_a = self.fusion(f_v.mean(dim=2), f_a.mean(dim=2), f_av)             # [B, K, C] each
+        if not self.reads_layer_weights:  # Table 5 rows without HAFE: no F_av
+            args = () if isinstance(self.fusion, HiCMAEFusion) else (None,)
+            f4_v, f4_a = self.fusion(f_v.mean(dim=2), f_a.mean(dim=2), *args)         # [B, K, C] each
+        else:
+            w_v = torch.softmax(self.video_layer_weights(), dim=0).to(f_v.dtype)
+            w_a = torch.softmax(self.audio_layer_weights(), dim=0).to(f_a.dtype)
+            f_av = torch.cat([torch.einsum("bklc,l->bkc", f_v, w_v),
+                              torch.einsum("bklc,l->bkc", f_a, w_a)], dim=-1)         # [B, K, 2C] eq. 8
+            f4_v, f4_a = self.fusion(f_v.mean(dim=2), f_a.mean(dim=2), f_av)         # [B, K, C] each
         feature = torch.cat([f4_v.mean(dim=1), f4_a.mean(dim=1)], dim=-1)            # [B, 2C]
         return self.head(self.fc_norm(feature))
 
@@ -342,17 +371,21 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
         return F.cross_entropy(output.float(), target, label_smoothing=self.label_smoothing)
 
     def load_pretrained_encoders(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-        """Load encoder (and matching fusion) weights from a pre-training or fine-tuning checkpoint.
+        """Load a pre-training checkpoint, or a classifier's (PSI: post-pre-training -> fine-tuning).
 
         Accepts a plain state dict or one wrapped as ``{"model": ...}`` / ``{"module": ...}``, with
-        or without a ``module.`` prefix. Keys under ``video_encoder.``, ``audio_encoder.`` and
-        ``fusion.`` are loaded; decoders and heads of the source are ignored.
+        or without a ``module.`` prefix. Encoder and fusion weights (``video_encoder.``,
+        ``audio_encoder.``, ``fusion.``) must fit; a classifier's layer weights and ``fc_norm`` are
+        loaded too when their shapes fit (the reference's fine-tuning loads everything but a head of a
+        different shape; we never load the head, whose classes differ between PSI stages). Decoders of
+        a pre-training source are ignored.
 
         Returns:
-            (missing, unexpected): this model's parameters/buffers that were not loaded (head,
-            layer weights, fc_norm, ...), and source keys under those prefixes this model lacks.
+            (missing, unexpected): this model's parameters/buffers that were not loaded (head, and
+            from a pre-training source the layer weights and fc_norm), and source keys under the
+            encoder/fusion prefixes this model lacks.
         Raises:
-            ValueError on a shape mismatch, naming the key.
+            ValueError on a shape mismatch of an encoder or fusion weight, naming the key.
         """
         selected = pretrained_encoder_state(state_dict)
         own = self.state_dict()
@@ -362,18 +395,26 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
             if tuple(v.shape) != tuple(own[k].shape):
                 raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)}, model "
                                  f"{tuple(own[k].shape)} (different model size or geometry?)")
+        # a classifier's own trained parts (not the head); skipped when the shapes differ (video-only)
+        source = unwrapped_state(state_dict)
+        loadable.update({k: v for k, v in source.items() if k.startswith(CLASSIFIER_PREFIXES) and k in own
+                         and tuple(v.shape) == tuple(own[k].shape)})
         self.load_state_dict(loadable, strict=False)
         return sorted(k for k in own if k not in loadable), unexpected
 
 
-def pretrained_encoder_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of a checkpoint that :meth:`AVFMAEClassifier.load_pretrained_encoders` loads: unwrapped
-    from ``{"model"|"module"|"state_dict": ...}``, ``module.`` prefix dropped, encoder and fusion keys."""
+def unwrapped_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's state dict unwrapped from ``{"model"|"module"|"state_dict": ...}``, ``module.`` dropped."""
     for wrapper in ("model", "module", "state_dict"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
             state_dict = state_dict[wrapper]
-    source = {str(k).removeprefix("module."): v for k, v in state_dict.items()}
-    return {k: v for k, v in source.items() if k.startswith(ENCODER_PREFIXES + ("fusion.",))}
+    return {str(k).removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def pretrained_encoder_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The encoder and fusion entries of a checkpoint (what :meth:`AVFMAEClassifier.load_pretrained_encoders`
+    requires to fit), unwrapped as :func:`unwrapped_state`."""
+    return {k: v for k, v in unwrapped_state(state_dict).items() if k.startswith(ENCODER_PREFIXES + ("fusion.",))}
 
 
 class _Head(nn.Linear):

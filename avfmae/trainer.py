@@ -31,6 +31,7 @@ from .training import (
     eval_views,
     lr_at,
     mixing,
+    scaled_lrs,
 )
 
 SUPERVISED = ("postpretrain", "finetune")
@@ -94,6 +95,31 @@ def read_init_checkpoint(path: str, model: torch.nn.Module) -> dict:
     return state
 
 
+def model_arguments(cfg: TrainConfig) -> tuple[str, dict]:
+    """(task, keyword arguments) of ``avfmae.build_model`` for a training config: the recipe keys that
+    are model settings (drop-path, masks, targets, geometry, ablation variants) reach the model here."""
+    overrides = dict(drop_path=cfg.drop_path, checkpoint_activations=cfg.activation_checkpointing,
+                     fusion=cfg.fusion, lgi=cfg.lgi)
+    geometry = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, audio_frames=cfg.audio_frames)
+    overrides.update({k: v for k, v in geometry.items() if v is not None})
+    if cfg.stage == "pretrain":
+        overrides.update(video_mask_ratio=cfg.mask.video_ratio, audio_mask_ratio=cfg.mask.audio_ratio,
+                         video_decoder_mask_ratio=cfg.mask.video_decoder_ratio,
+                         audio_decoder_mask_ratio=cfg.mask.audio_decoder_ratio,
+                         frame_diff_target=cfg.frame_diff_target)
+        return "pretrain", overrides
+    return "finetune", dict(num_outputs=cfg.num_outputs, regression=cfg.regression, video_only=cfg.video_only,
+                            label_smoothing=cfg.label_smoothing, **overrides)
+
+
+def clip_augmentations(cfg: TrainConfig) -> dict:
+    """The ``dali_pipelines.ClipSpec`` fields of the training augmentations a config switches on."""
+    from dali_pipelines.augment import RandAugmentSpec
+
+    return dict(rand_augment=RandAugmentSpec.parse(cfg.rand_augment) if cfg.rand_augment else None,
+                erase_prob=float(cfg.random_erase), erase_count=cfg.random_erase_count, audio_gain=cfg.audio_gain)
+
+
 class Trainer:
     def __init__(self, ds_config: dict, cfg: TrainConfig, *, resume: bool, local_rank: int):
         import deepspeed
@@ -141,21 +167,10 @@ class Trainer:
         from . import build_model
 
         cfg = self.cfg
-        overrides = dict(drop_path=cfg.drop_path, checkpoint_activations=cfg.activation_checkpointing)
-        geometry = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, audio_frames=cfg.audio_frames)
-        overrides.update({k: v for k, v in geometry.items() if v is not None})
-        if cfg.stage == "pretrain":
-            overrides.update(video_mask_ratio=cfg.mask.video_ratio, audio_mask_ratio=cfg.mask.audio_ratio,
-                             video_decoder_mask_ratio=cfg.mask.video_decoder_ratio,
-                             audio_decoder_mask_ratio=cfg.mask.audio_decoder_ratio)
-            task, kwargs = "pretrain", {}
-        else:
-            task = "finetune"
-            kwargs = dict(num_outputs=cfg.num_outputs, regression=cfg.regression, video_only=cfg.video_only,
-                          label_smoothing=cfg.label_smoothing)
+        task, kwargs = model_arguments(cfg)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
         with self.deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=_zero_stage(self.ds_config) == 3):
-            model = build_model(cfg.size, task, **kwargs, **overrides)
+            model = build_model(cfg.size, task, **kwargs)
         self.model_config = model.cfg
         return model
 
@@ -196,7 +211,7 @@ class Trainer:
 
     def build_optimizer(self, model: torch.nn.Module, global_batch: int) -> torch.optim.Optimizer:
         cfg = self.cfg
-        self.peak_lr = cfg.lr * global_batch / cfg.lr_batch
+        self.peak_lr, self.min_lr = scaled_lrs(cfg, global_batch)
         layer_decay = cfg.layer_decay if cfg.stage != "pretrain" and cfg.layer_decay is not None else 1.0
         groups = model.param_groups(weight_decay=cfg.weight_decay, layer_decay=layer_decay)
         kwargs = dict(lr=self.peak_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -211,7 +226,7 @@ class Trainer:
 
         cfg, mc = self.cfg, self.model_config
         spec = ClipSpec(num_frames=mc.num_frames, frame_size=mc.image_size, audio_frames=mc.audio_frames,
-                        mel_bins=mc.audio_bins)
+                        mel_bins=mc.audio_bins, **clip_augmentations(cfg))  # evaluation ignores them
         device = cfg.data_device if cfg.data_device != "auto" else ("gpu" if self.cuda else "cpu")
         common = dict(batch_size=self.ds_config["train_micro_batch_size_per_gpu"], device=device,
                       num_threads=cfg.data_threads, seed=cfg.seed, shard_id=self.rank, num_shards=self.world,
@@ -378,7 +393,7 @@ class Trainer:
                 continue
             if state["step"] >= total:
                 break  # max_steps reached mid-epoch
-            self.lr = lr_at(state["step"], total, self.schedule["warmup"], self.peak_lr, self.cfg.min_lr)
+            self.lr = lr_at(state["step"], total, self.schedule["warmup"], self.peak_lr, self.min_lr)
             self.set_lr(self.optimizer, self.lr)
             if i % self.accum == 0:
                 nonfinite = {}  # this rank's non-finite loss terms within the optimizer step

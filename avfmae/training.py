@@ -2,7 +2,8 @@
 
 - ``load_config``: one JSON = DeepSpeed's keys + an ``avfmae`` section; the section is validated into a
   frozen ``TrainConfig`` before any process group does work, and only DeepSpeed's keys go on.
-- ``lr_at``: linear warm-up then per-step cosine decay to ``min_lr`` (the reference recipes).
+- ``scaled_lrs`` / ``lr_at``: the reference's linear lr scaling (lr and min_lr x global_batch / lr_batch),
+  linear warm-up, then per-step cosine decay to the scaled floor.
 - ``CheckpointManager``: DeepSpeed checkpoints that a crash mid-save cannot corrupt — each save goes
   to a new tag directory; only when every rank has finished does rank 0 write the completion marker
   (every file and its size) and atomically repoint ``latest`` (temporary file, fsync, ``os.replace``);
@@ -30,6 +31,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .config import FUSIONS, LGI_LAYERS
 
 STAGES = ("pretrain", "postpretrain", "finetune")
 PATH_KEYS = ("train_manifest", "val_manifest", "init_checkpoint", "output_dir")
@@ -62,17 +65,25 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     lr: float = 1e-3                     # peak learning rate at global batch `lr_batch`
     lr_batch: int = 256                  # linear scaling: actual lr = lr * global_batch / lr_batch
-    min_lr: float = 1e-5
+    min_lr: float = 1e-5                 # cosine floor at global batch `lr_batch` (scaled like lr)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    layer_decay: float | None = None     # fine-tuning: lr * layer_decay ** (depth - layer_id)
+    layer_decay: float | None = None     # fine-tuning: lr * layer_decay ** (top id - layer id), see Model.layer_id
     drop_path: float = 0.0
     label_smoothing: float = 0.0
     mixup: float = 0.0                   # mixup Beta(α, α) of the supervised stages; 0 = off
     cutmix: float = 0.0                  # CutMix Beta(α, α); 0 = off
     mixup_switch_prob: float = 0.5       # chance of CutMix instead of mixup when both are on
-    mixup_audio: bool = True             # mix the audio with the same pairs and λ (reference code: video only)
+    mixup_audio: bool = False            # also mix the audio (same pairs and λ); reference code: video only
     activation_checkpointing: bool = False
+    frame_diff_target: bool = False      # pre-training video target: frame 0, then frame j - frame 0 per tubelet
+    rand_augment: str | None = None      # training video RandAugment, timm's string ("rand-m7-n4-mstd0.5-inc1")
+    random_erase: float = 0.0            # probability of erasing a box (the same in every frame) of a clip
+    random_erase_count: int = 1          # boxes per erased clip
+    random_erase_mode: str = "pixel"     # fill: per-pixel standard-normal noise (the reference's "pixel")
+    audio_gain: bool = False             # waveform x (Beta(10, 10) + 0.5): the reference's roll_mag_aug in effect
+    fusion: str = "iavcl"                # ablations: "hicmae" (Tables 4/5), "iavcl_no_dier", "iavcl_no_hafe" (Table 5)
+    lgi: str = "improved"                # "vanilla": LGI layers without stage IV (Table 4's middle row)
     mask: MaskConfig = field(default_factory=MaskConfig)
     init_checkpoint: str | None = None
     seed: int = 0
@@ -229,12 +240,42 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
         _fail("bad_clips", f"expected 'error' or 'skip', got {cfg.bad_clips!r}")
     if not 0 <= cfg.max_bad_clip_fraction < 1:
         _fail("max_bad_clip_fraction", f"must lie in [0, 1), got {cfg.max_bad_clip_fraction}")
+    _validate_augmentation(cfg)
+    if cfg.fusion not in FUSIONS:
+        _fail("fusion", f"expected one of {FUSIONS}, got {cfg.fusion!r}")
+    if cfg.lgi not in LGI_LAYERS:
+        _fail("lgi", f"expected one of {LGI_LAYERS}, got {cfg.lgi!r}")
+    if not isinstance(cfg.frame_diff_target, bool):
+        _fail("frame_diff_target", f"must be true or false, got {cfg.frame_diff_target!r}")
+    if cfg.frame_diff_target and cfg.stage != "pretrain":
+        _fail("frame_diff_target", "is a pre-training reconstruction target; the supervised stages have none")
     if cfg.data_device not in ("auto", "gpu", "cpu"):
         _fail("data_device", f"expected 'auto', 'gpu' or 'cpu', got {cfg.data_device!r}")
     for key in dataclasses.fields(MaskConfig):
         value = getattr(cfg.mask, key.name)
         if not 0 < value < 1:
             _fail(f"mask.{key.name}", f"must lie in (0, 1), got {value}")
+
+
+def _validate_augmentation(cfg: TrainConfig) -> None:
+    if cfg.rand_augment is not None:
+        from dali_pipelines.augment import RandAugmentSpec
+
+        try:
+            RandAugmentSpec.parse(cfg.rand_augment)
+        except ValueError as err:
+            _fail("rand_augment", str(err).removeprefix("rand_augment: "))
+    erase = cfg.random_erase
+    if isinstance(erase, bool) or not isinstance(erase, (int, float)) or not 0 <= erase <= 1:
+        _fail("random_erase", f"must be a probability in [0, 1], got {erase!r}")
+    count = cfg.random_erase_count
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        _fail("random_erase_count", f"must be a positive integer, got {count!r}")
+    if cfg.random_erase_mode != "pixel":
+        _fail("random_erase_mode", f"only 'pixel' (per-pixel normal noise, the reference's) is implemented, "
+                                   f"got {cfg.random_erase_mode!r}")
+    if not isinstance(cfg.audio_gain, bool):
+        _fail("audio_gain", f"must be true or false, got {cfg.audio_gain!r}")
 
 
 def mixing(cfg: TrainConfig) -> bool:
@@ -442,6 +483,17 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 # --- learning rate ----------------------------------------------------------------------------------
+
+
+def scaled_lrs(cfg: TrainConfig, global_batch: int) -> tuple[float, float]:
+    """(peak, floor) of the lr schedule at ``global_batch``: ``lr`` and ``min_lr`` both scale by
+    ``global_batch / lr_batch``. This is the reference's rule (AVF-MAE ``run_mae_pretraining_av.py`` and
+    ``run_class_finetuning_av.py`` multiply lr, min_lr and warmup_lr by total_batch / 256; their warm-up
+    starts at 0 all the same, since warmup_lr never reaches the scheduler)."""
+    if not (isinstance(global_batch, int) and global_batch >= 1):
+        raise ValueError(f"global_batch must be a positive integer, got {global_batch!r}")
+    scale = global_batch / cfg.lr_batch
+    return cfg.lr * scale, cfg.min_lr * scale
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, minimum: float) -> float:

@@ -4,7 +4,8 @@ Video rows show two frames of each clip (un-normalised with the data pipeline's 
 show the log-mel spectrogram (time on x). Masked-out patches are drawn grey; in the reconstruction
 the decoder's predictions replace the patches it was asked for (``masks.*_decode``), mapped back from
 norm-pix space with each true patch's own mean and std (the MAE visualisation convention), and the
-encoder-visible patches are shown as they were.
+encoder-visible patches are shown as they were. The frames shown open their tubelets, whose target is
+the frame itself also with frame-difference targets (``frame_diff_target``), so the pictures hold then.
 """
 
 from __future__ import annotations

@@ -52,8 +52,8 @@ METRICS = {
     "compile_s": ("compile (s)", "{:.0f}"),
 }
 PAPER_NOTE = ("Paper (Table 4): dual masking + improved LGI-Former pre-trains 1.46x faster than HiCMAE "
-              "(Base, 100 epochs on VoxCeleb2-dev: 115.45 h vs 79.07 h); the comparable case is "
-              "`avfmae-table4` against `hicmae`.")
+              "(Base, 100 epochs on VoxCeleb2-dev: 115.45 h vs 79.07 h), dual masking + vanilla LGI-Former "
+              "1.49x (77.45 h); the comparable cases are `avfmae-table4` and `avfmae-vanilla` against `hicmae`.")
 CPU_NOTE = ("CPU run: without CUDA the kernel cases run the torch reference (the Triton interpreter is "
             "never timed), so `avfmae` and `avfmae-torch` are the same computation and their ratio is "
             "noise; kernel-vs-peer ratios only check the harness. Model-level ratios (AVF-MAE++ vs "

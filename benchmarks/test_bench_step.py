@@ -10,6 +10,7 @@ case                model                                                       
 ==================  =========================================================================  =========
 ``avfmae``          AVFMAEPretrain (IAV-CL fusion), mae_kernels backend "auto"                 ours
 ``avfmae-table4``   AVFMAEPretrain with HiCMAE's fusion: the paper's Table-4 model (1.46x)     ours
+``avfmae-vanilla``  the same with vanilla LGI layers (no stage IV): Table 4's middle row (1.49x) ours
 ``avfmae-torch``    AVFMAEPretrain with ``mae_kernels.backend("torch")``: the kernels' share   reference
 ``hicmae``          HiCMAEBaseline (vanilla ViT, encoder-only masking), torch backend           baseline
 ``hicmae-kernels``  HiCMAEBaseline on mae_kernels: the kernels as a drop-in (CUDA only)        ours
@@ -82,6 +83,7 @@ TABLE4 = (("fusion", "hicmae"),)
 CASES = {
     "avfmae": Case("avfmae", "pretrain", KERNELS, "ours"),
     "avfmae-table4": Case("avfmae-table4", "pretrain", KERNELS, "ours", TABLE4),
+    "avfmae-vanilla": Case("avfmae-vanilla", "pretrain", KERNELS, "ours", (("fusion", "hicmae"), ("lgi", "vanilla"))),
     "avfmae-torch": Case("avfmae", "pretrain", "torch", "reference"),
     "hicmae": Case("hicmae", "hicmae_pretrain", "torch", "baseline"),
     "hicmae-kernels": Case("hicmae", "hicmae_pretrain", KERNELS, "ours", cuda_only=True),

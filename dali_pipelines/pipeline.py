@@ -10,10 +10,12 @@ on CPU threads)::
                │                                                                      → [1, 256, 128]
                ├ label, index ──────────────────────────────────────────────────────────→ as fed
 
-Every random choice (frames, crop window, flip, audio position) comes from the source, drawn per
-``(seed, epoch, manifest row)`` (:func:`dali_pipelines.source.sample_clip`), and reaches the operators
-as CPU argument inputs; the graph itself has no random operator. So do evaluation's choices: the
-frames and the crop position of the test view (:class:`dali_pipelines.source.EvalView`).
+Every random choice (frames, crop window, flip, audio position; RandAugment steps, erased boxes and
+audio gain when the spec switches them on, see :mod:`dali_pipelines.augment`) comes from the source,
+drawn per ``(seed, epoch, manifest row)`` (:func:`dali_pipelines.source.sample_clip`), and reaches the
+operators as CPU argument inputs; the graph's one random operator is the noise that fills erased boxes.
+So do evaluation's choices: the frames and the crop position of the test view
+(:class:`dali_pipelines.source.EvalView`).
 
 Audio features follow HiCMAE's Kaldi fbank (see :mod:`dali_pipelines.fbank`) as far as DALI's operators
 allow: a symmetric Hann window (Kaldi "hanning"), 512-point FFT, frames only where they fit (Kaldi
@@ -40,6 +42,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from .augment import RandAugmentSpec, apply_audio_gain, apply_rand_augment, apply_random_erasing
 from .fbank import LOG_FLOOR, kaldi_window
 from .manifest import Manifest, read_manifest
 from .source import CENTRE_VIEW, ClipSource, EvalView
@@ -80,6 +83,11 @@ class ClipSpec:
     crop_area: tuple[float, float] = (0.44, 1.0)
     crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
+    # training augmentations beyond crop/flip (all off by default; see dali_pipelines.augment)
+    rand_augment: RandAugmentSpec | None = None
+    erase_prob: float = 0.0
+    erase_count: int = 1
+    audio_gain: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_frames", "frame_stride", "frame_size", "audio_frames", "mel_bins", "sample_rate"):
@@ -96,6 +104,13 @@ class ClipSpec:
             raise ValueError(f"ClipSpec.crop_area must satisfy 0 < low <= high <= 1, got {self.crop_area}")
         if not 0 < self.crop_aspect[0] <= self.crop_aspect[1]:
             raise ValueError(f"ClipSpec.crop_aspect must satisfy 0 < low <= high, got {self.crop_aspect}")
+        if self.rand_augment is not None and not isinstance(self.rand_augment, RandAugmentSpec):
+            raise ValueError(f"ClipSpec.rand_augment must be a RandAugmentSpec or None (see "
+                             f"RandAugmentSpec.parse), got {self.rand_augment!r}")
+        if not 0 <= self.erase_prob <= 1:
+            raise ValueError(f"ClipSpec.erase_prob must lie in [0, 1], got {self.erase_prob}")
+        if not isinstance(self.erase_count, int) or isinstance(self.erase_count, bool) or self.erase_count < 1:
+            raise ValueError(f"ClipSpec.erase_count must be a positive int, got {self.erase_count!r}")
 
     @property
     def window_length(self) -> int:
@@ -106,10 +121,13 @@ class ClipSpec:
         return self.sample_rate * 10 // 1000
 
 
-def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, flip=None, crop_position=0.5):
-    """Decode, then crop window ``crop`` = ((top, left), (h, w)) resized to S x S and mirrored by ``flip``
-    (training), or (evaluation, ``crop`` None) resize of the shorter side to S and the S x S crop at
-    ``crop_position`` along the longer side (a fraction of the pixels left over; 0.5 = centre)."""
+def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, flip=None, crop_position=0.5,
+                 rand_augment=None, erase=None):
+    """Decode, then crop window ``crop`` = ((top, left), (h, w)) resized to S x S, RandAugment (the ops
+    of ``rand_augment``, the same for every frame), normalised and mirrored by ``flip``, random erasing
+    (``erase`` = (anchors, shapes)) (training), or (evaluation, ``crop`` None) resize of the shorter side
+    to S and the S x S crop at ``crop_position`` along the longer side (a fraction of the pixels left
+    over; 0.5 = centre)."""
     frames = fn.decoders.video(
         encoded, device="mixed" if device == "gpu" else "cpu", frames=frame_idx, pad_mode="edge"
     )  # [T, H, W, 3] uint8
@@ -121,9 +139,12 @@ def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, fli
         # trim, not fail, should the decoder's frame be smaller than the container's stated size
         frames = fn.slice(frames, start=start, shape=shape, axis_names="HW", out_of_bounds_policy="trim_to_shape")
         frames = fn.resize(frames, size=[size, size], antialias=True)
-        return fn.crop_mirror_normalize(
+        if spec.rand_augment is not None:
+            frames = apply_rand_augment(frames, rand_augment, spec.rand_augment, size)
+        video = fn.crop_mirror_normalize(
             frames, mirror=flip, mean=mean, std=std, dtype=types.FLOAT, output_layout="CFHW"
         )
+        return apply_random_erasing(video, *erase) if spec.erase_prob > 0 else video
     frames = fn.resize(frames, resize_shorter=size, antialias=True)
     # the same fraction on both axes: the shorter side has no pixels left over, so only the longer moves
     return fn.crop_mirror_normalize(
@@ -132,11 +153,13 @@ def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, fli
     )  # [3, T, S, S]
 
 
-def _audio_graph(encoded, spec: ClipSpec, device: str, position=0.5):
+def _audio_graph(encoded, spec: ClipSpec, device: str, position=0.5, gain=None):
     """Kaldi-style normalised fbank [1, audio_frames, F]; the window starts at ``position`` (a fraction
     of the frames beyond ``audio_frames``; a CPU input in training, the centre in evaluation)."""
     wave, _ = fn.decoders.audio(encoded, sample_rate=spec.sample_rate, downmix=True, dtype=types.FLOAT)
     wave = fn.pad(wave, shape=[spec.window_length])  # at least one frame, even for a tiny file
+    if gain is not None:
+        wave = apply_audio_gain(wave, gain)
     if device == "gpu":
         wave = wave.gpu()
     wave = wave - fn.reductions.mean(wave)  # HiCMAE: waveform - waveform.mean()
@@ -270,19 +293,28 @@ def build_pipeline(
 
     @pipeline_def(
         batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
-        # no random operator is left in the graph (the source draws everything); seeded all the same
+        # the source draws every choice; the graph's only random operator is the erasing noise
         seed=seed % 2**31, prefetch_queue_depth=prefetch_queue_depth,
+        # RandAugment picks each sample's operation with DALI conditionals
+        enable_conditionals=train and spec.rand_augment is not None,
     )
     def av_pipeline():
-        augment = [types.INT32, types.INT32, types.INT32, types.FLOAT] if train else [types.FLOAT]
+        # crop start, crop shape, flip, audio position, then the augmentations the spec switches on
+        optional = {"rand_augment": types.INT32, "erase_anchor": types.FLOAT, "erase_shape": types.FLOAT,
+                    "audio_gain": types.FLOAT}
+        augment = [types.INT32, types.INT32, types.INT32, types.FLOAT,
+                   *(optional[name] for name in source.augment_outputs)] if train else [types.FLOAT]
         video_bytes, audio_bytes, frame_idx, *choices, label, index = fn.external_source(
             source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
             dtype=[types.UINT8, types.UINT8, types.INT32, *augment, _label_type(manifest), types.INT64],
         )
         if train:
-            crop_start, crop_shape, flip, position = choices
-            video = _video_graph(video_bytes, frame_idx, spec, device, (crop_start, crop_shape), flip)
-            audio = _audio_graph(audio_bytes, spec, device, position)
+            crop_start, crop_shape, flip, position, *extra = choices
+            extra = {name: extra[i] for i, name in enumerate(source.augment_outputs)}  # (AutoGraph: no zip)
+            video = _video_graph(video_bytes, frame_idx, spec, device, (crop_start, crop_shape), flip,
+                                 rand_augment=extra.get("rand_augment"),
+                                 erase=(extra.get("erase_anchor"), extra.get("erase_shape")))
+            audio = _audio_graph(audio_bytes, spec, device, position, extra.get("audio_gain"))
         else:
             (crop_position,) = choices
             video = _video_graph(video_bytes, frame_idx, spec, device, crop_position=crop_position)

@@ -43,6 +43,7 @@ import numpy as np
 import soundfile as sf
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
+from .augment import sample_audio_gain, sample_erase_boxes, sample_rand_augment
 from .manifest import Manifest
 
 if TYPE_CHECKING:  # pipeline.py imports this module
@@ -337,6 +338,10 @@ class ClipAugmentation:
     flip: bool
     audio_position: float
     crop_position: float = 0.5
+    # training augmentations of dali_pipelines.augment (their neutral values when off)
+    rand_augment: np.ndarray | None = None           # int32 [3, n]: op, sign, magnitude bin per step
+    erase: np.ndarray | None = None                  # int32 [count, 4]: (top, left, h, w), 0-sized = none
+    audio_gain: float = 1.0
 
 
 def clip_rng(seed: int, epoch: int, row: int) -> np.random.Generator:
@@ -359,7 +364,15 @@ def sample_clip(
     flip = bool(rng.random() < 0.5)  # drawn even when spec.flip is off, so the audio draw does not move
     # float32: the precision DALI computes the window start in (see baseline.audio_tensor)
     position = float(np.float32(rng.random()))
-    return ClipAugmentation(frames, crop, flip and spec.flip, position)
+    # later augmentations draw from child generators: the choices above stay what they were, and each
+    # augmentation's choices do not depend on which others are switched on
+    ra_rng, erase_rng, gain_rng = rng.spawn(3)
+    ra = sample_rand_augment(spec.rand_augment, ra_rng) if spec.rand_augment is not None else None
+    erase = sample_erase_boxes(spec.erase_prob, spec.erase_count, spec.frame_size, erase_rng) \
+        if spec.erase_prob > 0 else None
+    gain = sample_audio_gain(gain_rng) if spec.audio_gain else 1.0
+    return ClipAugmentation(frames, crop, flip and spec.flip, position, rand_augment=ra, erase=erase,
+                            audio_gain=gain)
 
 
 def epoch_order(num_clips: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
@@ -411,7 +424,10 @@ class ClipSource:
 
     Outputs, each a list with one entry per sample: video bytes (uint8 [n]), audio bytes (uint8 [n]),
     frame indices (int32 [num_frames]); in training also the crop window's (top, left) and (h, w)
-    (int32 [2] each), the flip (int32 []) and the audio window position (float32 []), in evaluation
+    (int32 [2] each), the flip (int32 []), the audio window position (float32 []), the RandAugment
+    steps (int32 [3, n]), the erased boxes' anchors and shapes (float32 [2k] each, (y, x) pairs) and the
+    audio gain (float32 []), those three only when the spec switches them on (:attr:`augment_outputs`,
+    :mod:`dali_pipelines.augment`), in evaluation
     the crop position along the longer side (float32 [], see :class:`EvalView`); then label
     (int64 [] class, float32 [L] regression, int64 [] -1 unlabelled) and manifest row (int64 [], -1 for
     padding). Raises StopIteration at the end of an epoch. DALI counts epochs from 0 for every new
@@ -456,8 +472,17 @@ class ClipSource:
         self._batches: list[tuple[np.ndarray, np.ndarray]] = []
 
     @property
+    def augment_outputs(self) -> tuple[str, ...]:
+        """The optional training outputs the spec switches on, in output order (after the audio position)."""
+        if not self.train:
+            return ()
+        spec = self.spec
+        return (("rand_augment",) * (spec.rand_augment is not None) + ("erase_anchor", "erase_shape")
+                * (spec.erase_prob > 0) + ("audio_gain",) * spec.audio_gain)
+
+    @property
     def num_outputs(self) -> int:
-        return 9 if self.train else 6
+        return (9 if self.train else 6) + len(self.augment_outputs)
 
     def __len__(self) -> int:
         n = len(self.manifest)
@@ -481,8 +506,13 @@ class ClipSource:
         if not self.train:
             return [video, audio, aug.frames, np.asarray(aug.crop_position, np.float32)]
         top, left, h, w = aug.crop
+        extra = {"rand_augment": aug.rand_augment, "audio_gain": np.asarray(aug.audio_gain, np.float32)}
+        if aug.erase is not None:
+            extra.update(erase_anchor=aug.erase[:, :2].reshape(-1).astype(np.float32),
+                         erase_shape=aug.erase[:, 2:].reshape(-1).astype(np.float32))
         return [video, audio, aug.frames, np.array([top, left], np.int32), np.array([h, w], np.int32),
-                np.asarray(aug.flip, np.int32), np.asarray(aug.audio_position, np.float32)]
+                np.asarray(aug.flip, np.int32), np.asarray(aug.audio_position, np.float32),
+                *(extra[name] for name in self.augment_outputs)]
 
     def _usable_inputs(self, row: int, epoch: int) -> tuple[int, list[np.ndarray]]:
         """(row, inputs) of ``row``; under ``bad_clips="skip"`` a bad clip is logged once and the next

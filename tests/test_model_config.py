@@ -45,12 +45,23 @@ def test_default_geometry_matches_design():
     ("huge", "finetune", {"num_outputs": 7}, 521),
     # Table 4: dual masking + improved LGI-Former with HiCMAE's fusion (see config.py docstring)
     ("base", "pretrain", {"fusion": "hicmae"}, 163),
+    # Table 4's middle row: dual masking + vanilla LGI-Former (no stage IV), HiCMAE's fusion
+    ("base", "pretrain", {"fusion": "hicmae", "lgi": "vanilla"}, 142),
     # HiCMAE's own pre-training model: 99.6M in its public code (Table 4 rounds to 99M)
     ("base", "hicmae_pretrain", {}, 99.6),
 ])
 def test_parameter_counts_match_paper(size, task, kwargs, paper_millions):
     n = count_params(size, task, **kwargs)
     assert abs(n / 1e6 - paper_millions) / paper_millions < 0.05, f"{n / 1e6:.2f}M vs {paper_millions}M"
+
+
+def test_vanilla_lgi_drops_exactly_the_stage_iv_attention():
+    # stage IV per layer: fused q / kv projections + output projection (4 C^2 + q, v, proj biases) and 2 norms
+    c = get_config("base")
+    C, layers = c.embed_dim, 2 * c.depth
+    diff = count_params("base", "pretrain", fusion="hicmae") - count_params("base", "pretrain", fusion="hicmae",
+                                                                            lgi="vanilla")
+    assert diff == layers * (4 * C * C + 3 * C + 4 * C)
 
 
 def test_pretrain_model_is_table4_model_plus_iavcl_instead_of_hicmae_fusion():
@@ -62,6 +73,7 @@ def test_pretrain_model_is_table4_model_plus_iavcl_instead_of_hicmae_fusion():
 
 @pytest.mark.parametrize("bad,match", [
     ({"num_heads": 7}, "multiple of its head count"),
+    ({"lgi": "plain"}, "lgi must be one of"),
     ({"decoder_dim": 48, "decoder_heads": 2}, "head dim 24"),
     ({"hcmcl_layers": (1, 2)}, "decoder_depth - 1"),
     ({"hcmcl_layers": (3,)}, "below depth"),

@@ -106,20 +106,23 @@ def test_no_weight_decay_and_layer_ids(classifier):
     assert {"video_encoder.region_tokens.weight", "audio_encoder.region_tokens.weight", "video_layer_weights.weight",
             "fc_norm.weight", "head.bias", "video_encoder.layers.0.local_attn.q_bias"} <= skip
     assert "video_encoder.layers.0.local_attn.qkv_weight" not in skip and "head.weight" not in skip
-    depth = classifier.cfg.depth
+    depth, top = classifier.cfg.depth, classifier.cfg.depth + classifier.cfg.fusion_depth + 1
+    assert classifier.num_layer_ids == top + 1
     assert classifier.layer_id("video_encoder.embed.proj.weight") == 0
-    assert classifier.layer_id("audio_encoder.region_tokens.weight") == 0
+    assert classifier.layer_id("audio_encoder.region_tokens.weight") == top  # reference: full rate
     assert classifier.layer_id("audio_encoder.layers.1.mlp.fc1.weight") == 2
-    assert classifier.layer_id("video_encoder.norm.weight") == depth + 1
+    assert classifier.layer_id("video_encoder.norm.weight") == top
     assert classifier.layer_id("fusion.units.0.video.gate_self.weight") == depth + 1
-    assert classifier.layer_id("head.weight") == depth + 1
+    assert classifier.layer_id("fusion.units.1.audio.cross_block.attn.q_bias") == depth + 2
+    assert classifier.layer_id("fusion.refine.in_proj.weight") == top
+    assert classifier.layer_id("head.weight") == top
 
 
 def test_param_groups_cover_every_parameter_once(classifier):
     groups = classifier.param_groups(weight_decay=0.05, layer_decay=0.75)
     params = [p for g in groups for p in g["params"]]
     assert len(params) == len(list(classifier.parameters())) == len({id(p) for p in params})
-    depth = classifier.cfg.depth
+    depth = classifier.cfg.depth + classifier.cfg.fusion_depth  # the reference's get_num_layers()
     by_param = {id(p): g for g in groups for p in g["params"]}
     named = dict(classifier.named_parameters())
     g = by_param[id(named["video_encoder.layers.0.mlp.fc1.weight"])]
@@ -131,3 +134,56 @@ def test_param_groups_cover_every_parameter_once(classifier):
     assert {g["lr_scale"] for g in flat} == {1.0} and len(flat) == 2
     with pytest.raises(ValueError, match="layer_decay"):
         classifier.param_groups(0.05, layer_decay=0.0)
+
+
+@pytest.mark.parametrize("fusion", ["hicmae", "iavcl_no_dier", "iavcl_no_hafe", "iavcl"])
+def test_table5_fusion_variants_build_and_train_a_step(fusion):
+    # Table 5's rows: (no DiER, no HAFE) = HiCMAE's fusion, DiER only, HAFE only, both (IAV-CL)
+    torch.manual_seed(0)
+    model = avfmae.build_model("tiny", "finetune", num_outputs=3, drop_path=0.0, fusion=fusion)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    video, audio = inputs(B=4, seed=3)
+    target = torch.tensor([0, 1, 2, 1])
+    before = model.compute_loss(model(video, audio), target)
+    before.backward()
+    assert_gradients(model)
+    opt.step()
+    model.zero_grad()
+    assert model.compute_loss(model(video, audio), target) < before
+    names = {n.split(".")[1] for n, _ in model.named_parameters() if n.startswith("fusion.")}
+    expected = {"hicmae": {"video_blocks", "audio_blocks", "video_norm", "audio_norm"},
+                "iavcl_no_dier": {"units", "av_proj", "hafe"},
+                "iavcl_no_hafe": {"units", "video_norm", "audio_norm"},
+                "iavcl": {"units", "refine", "hafe"}}[fusion]
+    assert names == expected
+
+
+def test_iavcl_drop_path_follows_the_reference():
+    # DiER unit i: drop_path * i / (N_c - 1); HAFE: drop_path / 2; none in the ER layer
+    model = avfmae.build_model("tiny", "finetune", num_outputs=3, drop_path=0.1)
+    rates = {n: m.p for n, m in model.named_modules() if n.startswith("fusion.") and hasattr(m, "p")}
+    assert {rates["fusion.units.0.video.self_block.drop_path"], rates["fusion.units.0.audio.cross_block.drop_path"]} \
+        == {0.0}
+    assert rates["fusion.units.1.video.cross_block.drop_path"] == pytest.approx(0.1)
+    assert rates["fusion.hafe.drop_path"] == rates["fusion.hafe.video_units.drop_path"] == pytest.approx(0.05)
+    assert not any(n.startswith("fusion.refine") for n in rates)
+
+
+def test_psi_transfer_keeps_everything_but_the_head():
+    torch.manual_seed(0)
+    post = avfmae.build_model("tiny", "finetune", num_outputs=13)
+    with torch.no_grad():
+        for name in ("video_layer_weights.weight", "audio_layer_weights.weight", "fc_norm.weight", "fc_norm.bias"):
+            dict(post.named_parameters())[name].normal_()
+    torch.manual_seed(1)
+    ft = avfmae.build_model("tiny", "finetune", num_outputs=7)
+    missing, unexpected = ft.load_pretrained_encoders({"model": post.state_dict()})
+    assert (missing, unexpected) == (["head.bias", "head.weight"], [])
+    source = post.state_dict()
+    for k, v in ft.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(v, source[k]), k
+    # video-only fine-tuning from an audio-visual classifier: fc_norm's width differs, so it starts fresh
+    vo = avfmae.build_model("tiny", "finetune", num_outputs=7, video_only=True)
+    missing, _ = vo.load_pretrained_encoders(post.state_dict())
+    assert set(missing) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}

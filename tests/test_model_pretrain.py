@@ -165,8 +165,18 @@ def test_hicmae_baseline_decodes_every_masked_token():
     assert_gradients(model)
 
 
-@pytest.mark.parametrize("fusion", ["hicmae"])
-def test_table4_variant_trains(fusion):
+@pytest.mark.parametrize("lgi", ["improved", "vanilla"])
+def test_table4_variant_trains(lgi):
+    torch.manual_seed(0)
+    model = avfmae.build_model("tiny", "pretrain", fusion="hicmae", lgi=lgi)
+    video, audio, masks = batch(seed=7)
+    model(video, audio, masks)["loss"].backward()
+    assert_gradients(model, stage_iv_of_last_layer(model))
+    assert bool(stage_iv_of_last_layer(model)) == (lgi == "improved")
+
+
+@pytest.mark.parametrize("fusion", ["iavcl_no_dier", "iavcl_no_hafe"])
+def test_table5_fusion_variants_pretrain(fusion):
     torch.manual_seed(0)
     model = avfmae.build_model("tiny", "pretrain", fusion=fusion)
     video, audio, masks = batch(seed=7)
