@@ -213,6 +213,7 @@ def build_pipeline(
     start_epoch: int = 0,
     prefetch_queue_depth: int = 2,
     view: EvalView | tuple[int, int, int, int] | None = None,
+    start_batch: int = 0,
 ) -> tuple[Pipeline, ClipSource]:
     """Build (not yet started) the DALI pipeline for one rank and the external source that feeds it.
 
@@ -235,11 +236,15 @@ def build_pipeline(
         view: evaluation only: the test view (:class:`EvalView` or (clip_index, num_clips, crop_index,
             num_crops)) — which of ``num_clips`` evenly spaced temporal windows and ``num_crops`` crops
             along the longer side; audio stays the centred window. None: centred window, centre crop.
+        start_batch: resuming mid-epoch: the first pass starts at this batch of ``start_epoch`` (the
+            batches before it are neither read nor decoded); later epochs are whole. 0 <= start_batch
+            < ``len(source)``.
 
     Returns:
         (pipeline, source): the pipeline's outputs are video float32 [3, T, S, S], audio float32
         [1, audio_frames, mel_bins], label (int64 [] or float32 [L]) and index (int64 []); ``len(source)``
-        is the number of batches per epoch. Running past the epoch raises StopIteration.
+        is the number of batches per epoch (the first pass has ``start_batch`` fewer). Running past the
+        epoch raises StopIteration.
     """
     _check_args(batch_size, device, num_threads, shard_id, num_shards, seed, start_epoch)
     view = _check_view(view, train)
@@ -252,12 +257,15 @@ def build_pipeline(
     if not isinstance(policy, LastBatchPolicy):
         raise TypeError(f"last_batch_policy must be a nvidia.dali LastBatchPolicy, got {policy!r}")
     source = ClipSource(manifest, batch_size, train, device, spec, seed, shard_id, num_shards, policy,
-                        start_epoch, view)
+                        start_epoch, view, start_batch)
     if len(source) == 0:
         raise ValueError(
             f"shard {shard_id}/{num_shards} of {manifest.path} ({len(manifest)} clips) yields no batch of "
             f"{batch_size} under {policy.name}; lower batch_size or num_shards"
         )
+    if not isinstance(start_batch, int) or isinstance(start_batch, bool) or not 0 <= start_batch < len(source):
+        raise ValueError(f"start_batch must be an int in [0, {len(source)}) (batches per epoch of shard "
+                         f"{shard_id}), got {start_batch!r}")
     if device == "gpu" and device_id is None:
         device_id = torch.cuda.current_device()
 
@@ -325,6 +333,7 @@ def build_loader(
     device_id: int | None = None,
     start_epoch: int = 0,
     view: EvalView | tuple[int, int, int, int] | None = None,
+    start_batch: int = 0,
 ) -> AVLoader:
     """Build the pipeline (:func:`build_pipeline`, same arguments) and wrap it in an :class:`AVLoader`.
 
@@ -335,7 +344,8 @@ def build_loader(
     """
     threads = min(4, os.cpu_count() or 1) if num_threads is None else num_threads
     pipe, source = build_pipeline(manifest, batch_size, train, device, threads, seed, shard_id, num_shards,
-                                  spec, last_batch_policy, device_id, start_epoch, view=view)
+                                  spec, last_batch_policy, device_id, start_epoch, view=view,
+                                  start_batch=start_batch)
     return AVLoader(pipe, source)
 
 

@@ -323,7 +323,8 @@ class ClipSource:
     the crop position along the longer side (float32 [], see :class:`EvalView`); then label
     (int64 [] class, float32 [L] regression, int64 [] -1 unlabelled) and manifest row (int64 [], -1 for
     padding). Raises StopIteration at the end of an epoch. DALI counts epochs from 0 for every new
-    pipeline; ``start_epoch`` is added (resuming training).
+    pipeline; ``start_epoch`` is added (resuming training), and the first epoch starts at its batch
+    ``start_batch`` (resuming mid-epoch: the batches before it are never read nor decoded).
     """
 
     def __init__(
@@ -339,6 +340,7 @@ class ClipSource:
         policy: LastBatchPolicy,
         start_epoch: int = 0,
         view: EvalView = CENTRE_VIEW,
+        start_batch: int = 0,
     ) -> None:
         self.manifest = manifest
         self.batch_size = batch_size
@@ -350,6 +352,7 @@ class ClipSource:
         self.num_shards = num_shards
         self.policy = policy
         self.start_epoch = start_epoch
+        self.start_batch = start_batch
         self.view = view
         self.labels = manifest.labels()
         self._infos: dict[int, VideoInfo] = {}
@@ -390,9 +393,10 @@ class ClipSource:
         if self.start_epoch + info.epoch_idx != self._epoch:
             self._epoch = self.start_epoch + info.epoch_idx
             self._batches = self.epoch_batches(self._epoch)
-        if info.iteration >= len(self._batches):
+        batch = info.iteration + (self.start_batch if info.epoch_idx == 0 else 0)
+        if batch >= len(self._batches):
             raise StopIteration
-        rows, padding = self._batches[info.iteration]
+        rows, padding = self._batches[batch]
         outputs: list[list[np.ndarray]] = [[] for _ in range(self.num_outputs)]
         for row, is_pad in zip(rows.tolist(), padding.tolist(), strict=True):
             sample = self._clip_inputs(row, self._epoch)

@@ -33,6 +33,7 @@ from dali_pipelines import (
     sample_frame_indices,
 )
 from dali_pipelines.source import (
+    ClipSource,
     EvalView,
     batches_per_epoch,
     clip_rng,
@@ -153,6 +154,35 @@ def test_resumed_run_sees_exactly_the_uninterrupted_epochs(dataset: Path) -> Non
         for x, y in zip(got, expected, strict=True):
             for key in ("video", "audio", "label", "index"):
                 torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_mid_epoch_resume_starts_at_the_batch_without_decoding_the_skipped_ones(dataset: Path, monkeypatch) -> None:
+    uninterrupted = load(dataset, batch_size=2, train=True, seed=3)
+    epochs = [epoch(uninterrupted) for _ in range(3)]
+    fed: list[tuple[int, int]] = []  # (epoch, row) of every clip the source reads and hands DALI to decode
+    read = ClipSource._clip_inputs
+
+    def counting(self, row: int, epoch_: int):
+        fed.append((epoch_, row))
+        return read(self, row, epoch_)
+
+    monkeypatch.setattr(ClipSource, "_clip_inputs", counting)
+    skip = 3  # of 4 batches
+    resumed = load(dataset, batch_size=2, train=True, seed=3, start_epoch=1, start_batch=skip)
+    got = [epoch(resumed), epoch(resumed)]
+    assert [len(e) for e in got] == [len(epochs[1]) - skip, len(epochs[2])]
+    for x, y in zip(got[0] + got[1], epochs[1][skip:] + epochs[2], strict=True):
+        for key in ("video", "audio", "label", "index"):
+            torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-6, msg=key)
+    # epoch 1 (resumed at batch 3) fed only the rows of its last batch; the skipped rows were never read
+    assert [row for e, row in fed if e == 1] == epochs[1][skip]["index"].tolist()
+    assert sorted(row for e, row in fed if e == 2) == sorted(torch.cat([b["index"] for b in epochs[2]]).tolist())
+
+
+@pytest.mark.parametrize("start_batch", [-1, 4, 1.0])
+def test_start_batch_outside_the_epoch_is_an_error(dataset: Path, start_batch) -> None:
+    with pytest.raises(ValueError, match="start_batch"):
+        load(dataset, batch_size=2, train=True, start_batch=start_batch)
 
 
 def test_augmentation_of_a_row_ignores_sharding_batch_size_and_threads(dataset: Path) -> None:
