@@ -153,7 +153,8 @@ class Trainer:
         device = cfg.data_device if cfg.data_device != "auto" else ("gpu" if self.cuda else "cpu")
         common = dict(batch_size=self.ds_config["train_micro_batch_size_per_gpu"], device=device,
                       num_threads=cfg.data_threads, seed=cfg.seed, shard_id=self.rank, num_shards=self.world,
-                      spec=spec, device_id=self.device.index if self.cuda else None)
+                      spec=spec, device_id=self.device.index if self.cuda else None,
+                      video_decoder=cfg.data_video_decoder)
         self._loader_args = common
         return build_loader(cfg.train_manifest, train=True, start_epoch=start_epoch, start_batch=start_batch,
                             **common)

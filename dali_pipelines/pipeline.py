@@ -53,6 +53,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OUTPUT_NAMES = ("video", "audio", "label", "index")
 DEVICES = ("gpu", "cpu")
+VIDEO_DECODERS = ("dali", "torchcodec")
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,13 @@ class ClipSpec:
         return self.sample_rate * 10 // 1000
 
 
-def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, flip=None, crop_position=0.5):
-    """Decode, then crop window ``crop`` = ((top, left), (h, w)) resized to S x S and mirrored by ``flip``
+def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, flip=None, crop_position=0.5,
+                 decoded: bool = False):
+    """Decode (unless ``decoded``: the source gave the frames, FHWC uint8), then crop window ``crop`` =
+    ((top, left), (h, w)) resized to S x S and mirrored by ``flip``
     (training), or (evaluation, ``crop`` None) resize of the shorter side to S and the S x S crop at
     ``crop_position`` along the longer side (a fraction of the pixels left over; 0.5 = centre)."""
-    frames = fn.decoders.video(
+    frames = encoded if decoded else fn.decoders.video(
         encoded, device="mixed" if device == "gpu" else "cpu", frames=frame_idx, pad_mode="edge"
     )  # [T, H, W, 3] uint8
     size = spec.frame_size
@@ -191,6 +194,20 @@ def _check_args(batch_size, device, num_threads, shard_id, num_shards, seed, sta
                          "(VP8/VP9/MJPEG videos; see python -m dali_pipelines.transcode)")
 
 
+def _check_video_decoder(video_decoder: str, device: str) -> None:
+    if video_decoder not in VIDEO_DECODERS:
+        raise ValueError(f"video_decoder must be one of {VIDEO_DECODERS}, got {video_decoder!r}")
+    if video_decoder == "torchcodec":
+        if device != "cpu":
+            raise ValueError("video_decoder='torchcodec' is the CPU path (device='cpu'); with device='gpu' "
+                             "DALI decodes on NVDEC")
+        from .decoders import torchcodec_missing
+
+        if why := torchcodec_missing():
+            raise ValueError(f"video_decoder='torchcodec': {why}. Install torchcodec for this torch and "
+                             "FFmpeg's shared libraries (see dali_pipelines.decoders)")
+
+
 def default_policy(train: bool, num_shards: int) -> LastBatchPolicy:
     """DROP for training, FILL (padding marked index -1) for multi-rank evaluation, else PARTIAL."""
     if train:
@@ -214,6 +231,7 @@ def build_pipeline(
     prefetch_queue_depth: int = 2,
     view: EvalView | tuple[int, int, int, int] | None = None,
     start_batch: int = 0,
+    video_decoder: str = "dali",
 ) -> tuple[Pipeline, ClipSource]:
     """Build (not yet started) the DALI pipeline for one rank and the external source that feeds it.
 
@@ -236,6 +254,9 @@ def build_pipeline(
         view: evaluation only: the test view (:class:`EvalView` or (clip_index, num_clips, crop_index,
             num_crops)) — which of ``num_clips`` evenly spaced temporal windows and ``num_crops`` crops
             along the longer side; audio stays the centred window. None: centred window, centre crop.
+        video_decoder: "dali" (DALI's decoder: NVDEC with device="gpu", VP8/VP9/MJPEG with "cpu") or, with
+            device="cpu", "torchcodec": the external source decodes the frames with torchcodec (any codec
+            FFmpeg has, e.g. an H.264 dataset as shipped) and DALI does the rest; see docs/design-notes.md.
         start_batch: resuming mid-epoch: the first pass starts at this batch of ``start_epoch`` (the
             batches before it are neither read nor decoded); later epochs are whole. 0 <= start_batch
             < ``len(source)``.
@@ -247,6 +268,7 @@ def build_pipeline(
         epoch raises StopIteration.
     """
     _check_args(batch_size, device, num_threads, shard_id, num_shards, seed, start_epoch)
+    _check_video_decoder(video_decoder, device)
     view = _check_view(view, train)
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
@@ -257,7 +279,7 @@ def build_pipeline(
     if not isinstance(policy, LastBatchPolicy):
         raise TypeError(f"last_batch_policy must be a nvidia.dali LastBatchPolicy, got {policy!r}")
     source = ClipSource(manifest, batch_size, train, device, spec, seed, shard_id, num_shards, policy,
-                        start_epoch, view, start_batch)
+                        start_epoch, view, start_batch, video_decoder, num_threads)
     if len(source) == 0:
         raise ValueError(
             f"shard {shard_id}/{num_shards} of {manifest.path} ({len(manifest)} clips) yields no batch of "
@@ -276,17 +298,23 @@ def build_pipeline(
     )
     def av_pipeline():
         augment = [types.INT32, types.INT32, types.INT32, types.FLOAT] if train else [types.FLOAT]
-        video_bytes, audio_bytes, frame_idx, *choices, label, index = fn.external_source(
+        decoded = video_decoder == "torchcodec"  # the source gives frames, not bytes + frame indices
+        indices = [] if decoded else [types.INT32]
+        video_bytes, audio_bytes, *rest = fn.external_source(
             source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
-            dtype=[types.UINT8, types.UINT8, types.INT32, *augment, _label_type(manifest), types.INT64],
+            dtype=[types.UINT8, types.UINT8, *indices, *augment, _label_type(manifest), types.INT64],
+            layout=["FHWC" if decoded else ""] + [""] * (source.num_outputs - 1),
         )
+        frame_idx = None if decoded else rest.pop(0)
+        *choices, label, index = rest
         if train:
             crop_start, crop_shape, flip, position = choices
-            video = _video_graph(video_bytes, frame_idx, spec, device, (crop_start, crop_shape), flip)
+            video = _video_graph(video_bytes, frame_idx, spec, device, (crop_start, crop_shape), flip,
+                                 decoded=decoded)
             audio = _audio_graph(audio_bytes, spec, device, position)
         else:
             (crop_position,) = choices
-            video = _video_graph(video_bytes, frame_idx, spec, device, crop_position=crop_position)
+            video = _video_graph(video_bytes, frame_idx, spec, device, crop_position=crop_position, decoded=decoded)
             audio = _audio_graph(audio_bytes, spec, device)
         return video, audio, label, index
 
@@ -334,6 +362,7 @@ def build_loader(
     start_epoch: int = 0,
     view: EvalView | tuple[int, int, int, int] | None = None,
     start_batch: int = 0,
+    video_decoder: str = "dali",
 ) -> AVLoader:
     """Build the pipeline (:func:`build_pipeline`, same arguments) and wrap it in an :class:`AVLoader`.
 
@@ -345,7 +374,7 @@ def build_loader(
     threads = min(4, os.cpu_count() or 1) if num_threads is None else num_threads
     pipe, source = build_pipeline(manifest, batch_size, train, device, threads, seed, shard_id, num_shards,
                                   spec, last_batch_policy, device_id, start_epoch, view=view,
-                                  start_batch=start_batch)
+                                  start_batch=start_batch, video_decoder=video_decoder)
     return AVLoader(pipe, source)
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -114,8 +115,9 @@ def check_codec(info: VideoInfo, path: str | Path, device: str, manifest: str | 
     if device == "cpu" and info.codec in GPU_VIDEO_CODECS:
         raise UnsupportedCodecError(
             f"{path}: codec {info.codec!r} cannot be decoded by DALI's CPU video decoder, which takes only "
-            f"VP8, VP9 and MJPEG. Either load with device='gpu' (NVDEC decodes {info.codec}) or re-encode "
-            f"the dataset once: `{command}` (writes VP9 + 16 kHz wav and a new manifest "
+            f"VP8, VP9 and MJPEG. Either load with device='gpu' (NVDEC decodes {info.codec}), or decode on "
+            "the CPU with video_decoder='torchcodec' (train.py: avfmae.data_video_decoder; needs torchcodec), "
+            f"or re-encode the dataset once: `{command}` (writes VP9 + 16 kHz wav and a new manifest "
             "OUT_DIR/manifest.csv)."
         )
     decodable = "VP8, VP9, MJPEG" if device == "cpu" else "VP8, VP9, MJPEG, AV1, MPEG-4, H.264, HEVC"
@@ -322,8 +324,10 @@ class ClipSource:
     (int32 [2] each), the flip (int32 []) and the audio window position (float32 []), in evaluation
     the crop position along the longer side (float32 [], see :class:`EvalView`); then label
     (int64 [] class, float32 [L] regression, int64 [] -1 unlabelled) and manifest row (int64 [], -1 for
-    padding). Raises StopIteration at the end of an epoch. DALI counts epochs from 0 for every new
-    pipeline; ``start_epoch`` is added (resuming training), and the first epoch starts at its batch
+    padding). With ``video_decoder="torchcodec"`` the first output is the clip's decoded frames instead
+    (uint8 [num_frames, H, W, 3]) and the frame indices are not output: torchcodec decodes them, on a
+    pool of ``decode_threads`` threads. Raises StopIteration at the end of an epoch. DALI counts epochs
+    from 0 for every new pipeline; ``start_epoch`` is added (resuming training), and the first epoch starts at its batch
     ``start_batch`` (resuming mid-epoch: the batches before it are never read nor decoded).
     """
 
@@ -341,6 +345,8 @@ class ClipSource:
         start_epoch: int = 0,
         view: EvalView = CENTRE_VIEW,
         start_batch: int = 0,
+        video_decoder: str = "dali",
+        decode_threads: int = 1,
     ) -> None:
         self.manifest = manifest
         self.batch_size = batch_size
@@ -355,13 +361,17 @@ class ClipSource:
         self.start_batch = start_batch
         self.view = view
         self.labels = manifest.labels()
+        self.video_decoder = video_decoder
+        # torchcodec's decoding releases the GIL: decode a batch's clips in parallel
+        self._pool = ThreadPoolExecutor(decode_threads) if video_decoder == "torchcodec" else None
         self._infos: dict[int, VideoInfo] = {}
+        self._checked: set[int] = set()  # rows whose audio passed check_audio (torchcodec path)
         self._epoch = -1
         self._batches: list[tuple[np.ndarray, np.ndarray]] = []
 
     @property
     def num_outputs(self) -> int:
-        return 9 if self.train else 6
+        return (9 if self.train else 6) - (self.video_decoder == "torchcodec")
 
     def __len__(self) -> int:
         n = len(self.manifest)
@@ -376,18 +386,27 @@ class ClipSource:
         clip = self.manifest.clips[row]
         video = np.fromfile(clip.video, dtype=np.uint8)
         audio = np.fromfile(clip.audio, dtype=np.uint8)
-        if row not in self._infos:  # probe once per clip; later epochs reuse the checks and the info
+        decoder = None
+        if self.video_decoder == "torchcodec":  # any codec FFmpeg decodes; its scan gives the info
+            from .decoders import torchcodec_frames, torchcodec_video
+
+            decoder, self._infos[row] = torchcodec_video(video, clip.video)
+            if row not in self._checked:
+                check_audio(audio, clip.audio, self.manifest.path)
+                self._checked.add(row)
+        elif row not in self._infos:  # probe once per clip; later epochs reuse the checks and the info
             info = probe_video(video, clip.video)
             check_codec(info, clip.video, self.device, self.manifest.path)
             check_audio(audio, clip.audio, self.manifest.path)
             self._infos[row] = info
         rng = clip_rng(self.seed, epoch, row) if self.train else None
         aug = sample_clip(self._infos[row], self.spec, rng, self.view)
+        media = [video, audio, aug.frames] if decoder is None else [torchcodec_frames(decoder, aug.frames), audio]
         if not self.train:
-            return [video, audio, aug.frames, np.asarray(aug.crop_position, np.float32)]
+            return media + [np.asarray(aug.crop_position, np.float32)]
         top, left, h, w = aug.crop
-        return [video, audio, aug.frames, np.array([top, left], np.int32), np.array([h, w], np.int32),
-                np.asarray(aug.flip, np.int32), np.asarray(aug.audio_position, np.float32)]
+        return media + [np.array([top, left], np.int32), np.array([h, w], np.int32),
+                        np.asarray(aug.flip, np.int32), np.asarray(aug.audio_position, np.float32)]
 
     def __call__(self, info) -> tuple[list[np.ndarray], ...]:
         if self.start_epoch + info.epoch_idx != self._epoch:
@@ -397,9 +416,13 @@ class ClipSource:
         if batch >= len(self._batches):
             raise StopIteration
         rows, padding = self._batches[batch]
+        epoch = self._epoch
+        if self._pool is None:
+            samples = [self._clip_inputs(row, epoch) for row in rows.tolist()]
+        else:
+            samples = list(self._pool.map(lambda row: self._clip_inputs(row, epoch), rows.tolist()))
         outputs: list[list[np.ndarray]] = [[] for _ in range(self.num_outputs)]
-        for row, is_pad in zip(rows.tolist(), padding.tolist(), strict=True):
-            sample = self._clip_inputs(row, self._epoch)
+        for sample, row, is_pad in zip(samples, rows.tolist(), padding.tolist(), strict=True):
             sample += [np.asarray(self.labels[row]), np.asarray(PAD_INDEX if is_pad else row, dtype=np.int64)]
             for out, value in zip(outputs, sample, strict=True):
                 out.append(value)
