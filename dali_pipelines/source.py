@@ -41,11 +41,12 @@ from typing import TYPE_CHECKING
 import av
 import numpy as np
 import soundfile as sf
-from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
 from .manifest import Manifest
 
-if TYPE_CHECKING:  # pipeline.py imports this module
+if TYPE_CHECKING:  # pipeline.py imports this module; DALI is imported only where the pipeline is built
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+
     from .pipeline import ClipSpec
 
 # What DALI's fn.decoders.video decodes (its docstring): CPU backend VP8/VP9/MJPEG; the mixed (NVDEC)
@@ -285,7 +286,7 @@ def shard_batches(
     """Split one epoch's order into this shard's batches: a list of (rows int64 [b], is_padding bool [b])."""
     n = len(order)
     per_shard = -(-n // num_shards)
-    if policy is LastBatchPolicy.PARTIAL:
+    if policy.name == "PARTIAL":
         rows = order[shard_id::num_shards]
         padding = np.zeros(len(rows), dtype=bool)
     else:
@@ -293,7 +294,7 @@ def shard_batches(
         padded = np.resize(order, per_shard * num_shards)
         rows = padded[shard_id::num_shards]
         padding = np.arange(len(padded))[shard_id::num_shards] >= n
-        if policy is LastBatchPolicy.DROP:
+        if policy.name == "DROP":
             padding[:] = False
             keep = (len(rows) // batch_size) * batch_size
             rows, padding = rows[:keep], padding[:keep]
@@ -308,10 +309,10 @@ def batches_per_epoch(
     num_clips: int, shard_id: int, num_shards: int, batch_size: int, policy: LastBatchPolicy
 ) -> int:
     """Steps per epoch of shard ``shard_id`` (the same on every shard except, maybe, under PARTIAL)."""
-    if policy is LastBatchPolicy.PARTIAL:
+    if policy.name == "PARTIAL":
         return -(-len(range(shard_id, num_clips, num_shards)) // batch_size)
     per_shard = -(-num_clips // num_shards)
-    if policy is LastBatchPolicy.DROP:
+    if policy.name == "DROP":
         return per_shard // batch_size
     return -(-per_shard // batch_size)
 
