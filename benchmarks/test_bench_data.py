@@ -8,7 +8,9 @@ number of CPU threads: DALI worker threads, or DataLoader worker processes of on
 
 * ``dali-cpu`` (ours): DALI's CPU pipeline, DALI's video decoder (VP8/VP9/MJPEG only).
 * ``dali-torchcodec`` (ours): the same DALI CPU pipeline, with torchcodec decoding the frames inside
-  its external source (``video_decoder="torchcodec"``; any codec FFmpeg has, H.264 included).
+  its external source (``video_decoder="torchcodec"``; any codec FFmpeg has, H.264 included). Its
+  decoding runs on a pool of as many threads beside DALI's workers, so where cores are free its wall
+  clock has up to twice the threads of the others; clips per CPU-second compares it fairly.
 * ``dali-nvdec`` (ours, CUDA only): decoding on NVDEC, everything after it on the GPU.
 * ``pyav`` (the baseline): :mod:`dali_pipelines.baseline`, PyAV + torch in DataLoader workers.
 * ``torchcodec`` (peer): the same DataLoader and transforms with torchcodec's decoders (CPU).
