@@ -119,5 +119,7 @@ def build_hicmae_loader(root: Path, manifest: Manifest, work_dir: Path, batch_si
     return torch.utils.data.DataLoader(
         dataset, sampler=torch.utils.data.RandomSampler(dataset, generator=generator), batch_size=batch_size,
         num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
-        persistent_workers=num_workers > 0)
+        persistent_workers=num_workers > 0,
+        # forked workers inherit HiCMAE's modules; spawned ones would re-import them without its path
+        multiprocessing_context="fork" if num_workers > 0 else None)
 
