@@ -573,6 +573,16 @@ def test_torchcodec_decoding_feeds_the_same_graph(dataset: Path, train: bool) ->
 
 
 @needs_torchcodec
+def test_torchcodec_decoding_threads_run_torch_single_threaded(dataset: Path) -> None:
+    # torch's intra-op threads belong to the calling thread: left at the default, each decoding thread's
+    # OpenMP workers spin beside DALI's (5x the CPU time per clip); the trainer's own setting stays
+    threads = torch.get_num_threads()
+    loader = load(dataset, batch_size=4, train=True, video_decoder="torchcodec")  # 2 threads
+    assert {loader.source._pool.submit(torch.get_num_threads).result() for _ in range(4)} == {1}
+    assert torch.get_num_threads() == threads
+
+
+@needs_torchcodec
 def test_h264_manifest_loads_on_cpu_through_torchcodec(tmp_path: Path, monkeypatch) -> None:
     manifest = generate_dataset(tmp_path, clips=4, classes=4, num_frames=24, size=64, codec="h264")
     batches = epoch(load(manifest, batch_size=2, train=True, seed=1, video_decoder="torchcodec"))
