@@ -2,8 +2,8 @@
 
 Reproducible by construction: every step seeds its own RNG from (seed, step, rank), so masks,
 drop-path and mixup/CutMix (supervised stages) do not depend on whether the run was resumed; the
-data order is a function of (seed, epoch), and a resumed run skips the batches of the interrupted
-epoch it already consumed.
+data order is a function of (seed, epoch), and a resumed run's loader starts at the first batch of the
+interrupted epoch it had not consumed (the ones before it are not decoded again).
 """
 
 from __future__ import annotations
@@ -219,9 +219,9 @@ class Trainer:
             kwargs["fused"] = True
         return torch.optim.AdamW(groups, **kwargs)
 
-    def build_loaders(self, start_epoch: int):
-        """The train loader for this rank (its first pass is ``start_epoch``); keeps the arguments the
-        validation loaders share with it (:meth:`val_loaders`)."""
+    def build_loaders(self, start_epoch: int, start_batch: int = 0):
+        """The train loader for this rank (its first pass is ``start_epoch`` from micro-batch
+        ``start_batch``); keeps the arguments the validation loaders share with it (:meth:`val_loaders`)."""
         from dali_pipelines import ClipSpec, build_loader
 
         cfg, mc = self.cfg, self.model_config
@@ -231,9 +231,10 @@ class Trainer:
         common = dict(batch_size=self.ds_config["train_micro_batch_size_per_gpu"], device=device,
                       num_threads=cfg.data_threads, seed=cfg.seed, shard_id=self.rank, num_shards=self.world,
                       spec=spec, device_id=self.device.index if self.cuda else None, bad_clips=cfg.bad_clips,
-                      max_bad_clip_fraction=cfg.max_bad_clip_fraction)
+                      max_bad_clip_fraction=cfg.max_bad_clip_fraction, video_decoder=cfg.data_video_decoder)
         self._loader_args = common
-        return build_loader(self.manifests["train_manifest"], train=True, start_epoch=start_epoch, **common)
+        return build_loader(self.manifests["train_manifest"], train=True, start_epoch=start_epoch,
+                            start_batch=start_batch, **common)
 
     def val_loaders(self) -> list:
         """One validation loader per test view (``test_clips`` x ``test_crops``), built once, on first use:
@@ -314,7 +315,8 @@ class Trainer:
             state = self.load_resume(state)
         self.skipped_steps = int(getattr(self.engine, "skipped_steps", 0))  # a checkpoint restores DeepSpeed's count
         steps_per_epoch, total = self.plan(self.micro_batches_per_epoch())
-        train_loader = self.build_loaders(start_epoch=state["step"] // steps_per_epoch)
+        train_loader = self.build_loaders(start_epoch=state["step"] // steps_per_epoch,
+                                          start_batch=self.consumed_micro_batches(state, steps_per_epoch))
         self.progress = self.progress_bar(total, state["step"])
         stopped = None
         while state["step"] < total and stopped is None:
@@ -380,17 +382,19 @@ class Trainer:
         micro = self.ds_config["train_micro_batch_size_per_gpu"]
         return batches_per_epoch(clips, self.rank, self.world, micro, LastBatchPolicy.DROP)
 
+    def consumed_micro_batches(self, state: dict, steps_per_epoch: int) -> int:
+        """Micro-batches of the current epoch already trained on (non-zero only when resuming mid-epoch)."""
+        return (state["step"] % steps_per_epoch) * self.accum
+
     def train_epoch(self, loader, state: dict, steps_per_epoch: int, total: int) -> str | None:
-        """One pass of ``loader`` (the rest of it when resuming mid-epoch).
+        """One pass of ``loader``: a whole epoch, or, resuming mid-epoch, the rest of it (the loader was
+        built to start there, so ``i`` counts micro-batches from the epoch's start either way).
 
         Returns None, or why the run stops here ("signal" or "stop_at_step"; the caller checkpoints).
         """
-        skip = (state["step"] % steps_per_epoch) * self.accum  # micro-batches a resumed epoch already saw
         self.engine.train()
         clock, samples = time.time(), 0
-        for i, batch in enumerate(loader):
-            if i < skip:
-                continue
+        for i, batch in enumerate(loader, start=self.consumed_micro_batches(state, steps_per_epoch)):
             if state["step"] >= total:
                 break  # max_steps reached mid-epoch
             self.lr = lr_at(state["step"], total, self.schedule["warmup"], self.peak_lr, self.min_lr)

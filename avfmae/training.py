@@ -95,6 +95,7 @@ class TrainConfig:
     test_crops: int = 1                  # evaluation: spatial crops per window (reference recipe: 2)
     data_threads: int = 2
     data_device: str = "auto"            # "gpu" | "cpu" | "auto" (gpu when CUDA is available)
+    data_video_decoder: str = "dali"     # "dali" | "torchcodec" (CPU: any FFmpeg codec, e.g. H.264 as shipped)
     num_frames: int | None = None        # input geometry overrides (None: the model config's)
     image_size: int | None = None
     audio_frames: int | None = None
@@ -251,6 +252,11 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
         _fail("frame_diff_target", "is a pre-training reconstruction target; the supervised stages have none")
     if cfg.data_device not in ("auto", "gpu", "cpu"):
         _fail("data_device", f"expected 'auto', 'gpu' or 'cpu', got {cfg.data_device!r}")
+    if cfg.data_video_decoder not in ("dali", "torchcodec"):
+        _fail("data_video_decoder", f"expected 'dali' or 'torchcodec' (CPU only), got {cfg.data_video_decoder!r}")
+    if cfg.data_video_decoder == "torchcodec" and cfg.data_device == "gpu":
+        _fail("data_video_decoder", "'torchcodec' decodes on the CPU (data_device 'cpu'); on the GPU DALI decodes "
+                                    "with NVDEC")
     for key in dataclasses.fields(MaskConfig):
         value = getattr(cfg.mask, key.name)
         if not 0 < value < 1:

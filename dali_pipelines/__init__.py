@@ -8,25 +8,11 @@ a PyAV baseline loader (``dali_pipelines.baseline``), synthetic data (``python -
 dali_pipelines.synthetic``) and a transcoder to CPU-decodable VP9 (``python -m dali_pipelines.transcode``).
 """
 
-from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+import importlib
+from typing import TYPE_CHECKING
 
 from .fbank import kaldi_fbank, kaldi_mel_banks, kaldi_window
 from .manifest import Clip, Manifest, ManifestError, read_manifest, write_manifest
-from .pipeline import (
-    AUDIO_MEAN,
-    AUDIO_STD,
-    HICMAE_FBANK_MEAN,
-    HICMAE_FBANK_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    AVLoader,
-    ClipSpec,
-    build_loader,
-    build_pipeline,
-    default_policy,
-    denormalize_video,
-    normalize_fbank,
-)
 from .source import (
     CPU_VIDEO_CODECS,
     GPU_VIDEO_CODECS,
@@ -37,6 +23,45 @@ from .source import (
     probe_video,
     sample_frame_indices,
 )
+
+# DALI is imported on first use of a name that needs it, so the manifest tools, the transcoder and the
+# synthetic data (python -m dali_pipelines.transcode / .synthetic) work where DALI is not installed.
+_LAZY = {name: ".pipeline" for name in (
+    "AUDIO_MEAN", "AUDIO_STD", "HICMAE_FBANK_MEAN", "HICMAE_FBANK_STD", "IMAGENET_MEAN", "IMAGENET_STD", "AVLoader",
+    "ClipSpec", "build_loader", "build_pipeline", "default_policy", "denormalize_video", "normalize_fbank")}
+_LAZY["LastBatchPolicy"] = "nvidia.dali.plugin.base_iterator"
+
+if TYPE_CHECKING:
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+
+    from .pipeline import (
+        AUDIO_MEAN,
+        AUDIO_STD,
+        HICMAE_FBANK_MEAN,
+        HICMAE_FBANK_STD,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        AVLoader,
+        ClipSpec,
+        build_loader,
+        build_pipeline,
+        default_policy,
+        denormalize_video,
+        normalize_fbank,
+    )
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__ if module.startswith(".") else None), name)
+    globals()[name] = value  # import once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "build_loader", "build_pipeline", "AVLoader", "ClipSpec", "LastBatchPolicy", "default_policy",

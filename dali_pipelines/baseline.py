@@ -8,6 +8,10 @@ normalisation; decode the audio, resample to 16 kHz mono, Kaldi fbank
 and yields the same dict. It also serves as a readable reference of what the DALI graph computes.
 The one deliberate difference in decoding: PyAV's ``rgb24`` conversion (swscale) upsamples chroma
 more coarsely than DALI, which costs a few dB of PSNR on sharp colour edges.
+
+``decoder="torchcodec"`` swaps the decoders for torchcodec's (:mod:`dali_pipelines.decoders`: frames
+by index from one ``VideoDecoder``, whose frame count and size replace the PyAV probe; audio resampled
+by its ``AudioDecoder``) and keeps every transform: the torchcodec peer of the data benchmark.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .decoders import torchcodec_audio, torchcodec_frames, torchcodec_missing, torchcodec_video
 from .fbank import kaldi_fbank
 from .manifest import Manifest, read_manifest
 from .pipeline import ClipSpec
 from .source import ClipAugmentation, clip_rng, epoch_order, probe_video, sample_clip
+
+DECODERS = ("pyav", "torchcodec")
 
 
 def decode_frames(data: bytes, indices: np.ndarray) -> np.ndarray:
@@ -95,11 +102,16 @@ class PyAVClipDataset(Dataset):
 
     Items are ``(row, epoch)`` pairs (a plain ``row`` means epoch 0): with the seed they pick the
     training augmentation, the same as the DALI loader's, and the epoch travels with the item so
-    persistent workers see it.
+    persistent workers see it. ``decoder``: "pyav" or "torchcodec" (see the module docstring).
     """
 
     def __init__(self, manifest: Manifest | str | Path, train: bool, spec: ClipSpec | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, decoder: str = "pyav") -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        if decoder == "torchcodec" and (why := torchcodec_missing()):
+            raise ValueError(f"decoder='torchcodec': {why}")  # here, not in a DataLoader worker
+        self.decoder = decoder
         self.manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
         self.train = train
         self.spec = spec or ClipSpec()
@@ -114,11 +126,18 @@ class PyAVClipDataset(Dataset):
         clip = self.manifest.clips[row]
         video_bytes, audio_bytes = clip.video.read_bytes(), clip.audio.read_bytes()
         rng = clip_rng(self.seed, epoch, row) if self.train else None
-        aug = sample_clip(probe_video(video_bytes, clip.video), self.spec, rng)
+        if self.decoder == "torchcodec":
+            decoder, info = torchcodec_video(video_bytes, clip.video)
+            aug = sample_clip(info, self.spec, rng)
+            frames = torchcodec_frames(decoder, aug.frames)
+            wave = torchcodec_audio(audio_bytes, self.spec.sample_rate)
+        else:
+            aug = sample_clip(probe_video(video_bytes, clip.video), self.spec, rng)
+            frames = decode_frames(video_bytes, aug.frames)
+            wave = decode_audio(audio_bytes, self.spec.sample_rate)
         return {
-            "video": video_tensor(decode_frames(video_bytes, aug.frames), self.spec, aug),
-            "audio": audio_tensor(decode_audio(audio_bytes, self.spec.sample_rate), self.spec,
-                                  aug.audio_position),
+            "video": video_tensor(frames, self.spec, aug),
+            "audio": audio_tensor(wave, self.spec, aug.audio_position),
             "label": torch.as_tensor(self.labels[row]),
             "index": torch.tensor(row, dtype=torch.int64),
         }
@@ -142,10 +161,10 @@ class EpochOrder(torch.utils.data.Sampler):
 
 def build_baseline_loader(
     manifest: Manifest | str | Path, batch_size: int, train: bool, num_workers: int = 2,
-    seed: int = 0, spec: ClipSpec | None = None,
+    seed: int = 0, spec: ClipSpec | None = None, decoder: str = "pyav",
 ) -> DataLoader:
     """A torch DataLoader over :class:`PyAVClipDataset`: ``num_workers`` persistent worker processes,
     the DALI loader's epoch order, incomplete last batch dropped in training."""
-    dataset = PyAVClipDataset(manifest, train, spec, seed)
+    dataset = PyAVClipDataset(manifest, train, spec, seed, decoder)
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochOrder(len(dataset), seed, train),
                       num_workers=num_workers, drop_last=train, persistent_workers=num_workers > 0)

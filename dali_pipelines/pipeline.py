@@ -56,6 +56,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OUTPUT_NAMES = ("video", "audio", "label", "index")
 DEVICES = ("gpu", "cpu")
+VIDEO_DECODERS = ("dali", "torchcodec")
 
 
 @dataclass(frozen=True)
@@ -122,13 +123,13 @@ class ClipSpec:
 
 
 def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, flip=None, crop_position=0.5,
-                 rand_augment=None, erase=None):
-    """Decode, then crop window ``crop`` = ((top, left), (h, w)) resized to S x S, RandAugment (the ops
-    of ``rand_augment``, the same for every frame), normalised and mirrored by ``flip``, random erasing
-    (``erase`` = (anchors, shapes)) (training), or (evaluation, ``crop`` None) resize of the shorter side
-    to S and the S x S crop at ``crop_position`` along the longer side (a fraction of the pixels left
-    over; 0.5 = centre)."""
-    frames = fn.decoders.video(
+                 rand_augment=None, erase=None, decoded: bool = False):
+    """Decode (unless ``decoded``: the source gave the frames, FHWC uint8), then crop window ``crop`` =
+    ((top, left), (h, w)) resized to S x S, RandAugment (the ops of ``rand_augment``, the same for every
+    frame), normalised and mirrored by ``flip``, random erasing (``erase`` = (anchors, shapes))
+    (training), or (evaluation, ``crop`` None) resize of the shorter side to S and the S x S crop at
+    ``crop_position`` along the longer side (a fraction of the pixels left over; 0.5 = centre)."""
+    frames = encoded if decoded else fn.decoders.video(
         encoded, device="mixed" if device == "gpu" else "cpu", frames=frame_idx, pad_mode="edge"
     )  # [T, H, W, 3] uint8
     size = spec.frame_size
@@ -214,6 +215,20 @@ def _check_args(batch_size, device, num_threads, shard_id, num_shards, seed, sta
                          "(VP8/VP9/MJPEG videos; see python -m dali_pipelines.transcode)")
 
 
+def _check_video_decoder(video_decoder: str, device: str) -> None:
+    if video_decoder not in VIDEO_DECODERS:
+        raise ValueError(f"video_decoder must be one of {VIDEO_DECODERS}, got {video_decoder!r}")
+    if video_decoder == "torchcodec":
+        if device != "cpu":
+            raise ValueError("video_decoder='torchcodec' is the CPU path (device='cpu'); with device='gpu' "
+                             "DALI decodes on NVDEC")
+        from .decoders import torchcodec_missing
+
+        if why := torchcodec_missing():
+            raise ValueError(f"video_decoder='torchcodec': {why}. Install torchcodec for this torch and "
+                             "FFmpeg's shared libraries (see dali_pipelines.decoders)")
+
+
 def default_policy(train: bool, num_shards: int) -> LastBatchPolicy:
     """DROP for training, FILL (padding marked index -1) for multi-rank evaluation, else PARTIAL."""
     if train:
@@ -238,6 +253,8 @@ def build_pipeline(
     view: EvalView | tuple[int, int, int, int] | None = None,
     bad_clips: str = "error",
     max_bad_clip_fraction: float = 0.0,
+    start_batch: int = 0,
+    video_decoder: str = "dali",
 ) -> tuple[Pipeline, ClipSource]:
     """Build (not yet started) the DALI pipeline for one rank and the external source that feeds it.
 
@@ -265,13 +282,21 @@ def build_pipeline(
             :class:`source.BadClipError` naming the file, the reason and the fix; "skip": it is logged
             and the next usable row stands in, until more than ``max_bad_clip_fraction`` of this rank's
             share is bad.
+        video_decoder: "dali" (DALI's decoder: NVDEC with device="gpu", VP8/VP9/MJPEG with "cpu") or, with
+            device="cpu", "torchcodec": the external source decodes the frames with torchcodec (any codec
+            FFmpeg has, e.g. an H.264 dataset as shipped) and DALI does the rest; see docs/design-notes.md.
+        start_batch: resuming mid-epoch: the first pass starts at this batch of ``start_epoch`` (the
+            batches before it are neither read nor decoded); later epochs are whole. 0 <= start_batch
+            < ``len(source)``.
 
     Returns:
         (pipeline, source): the pipeline's outputs are video float32 [3, T, S, S], audio float32
         [1, audio_frames, mel_bins], label (int64 [] or float32 [L]) and index (int64 []); ``len(source)``
-        is the number of batches per epoch. Running past the epoch raises StopIteration.
+        is the number of batches per epoch (the first pass has ``start_batch`` fewer). Running past the
+        epoch raises StopIteration.
     """
     _check_args(batch_size, device, num_threads, shard_id, num_shards, seed, start_epoch)
+    _check_video_decoder(video_decoder, device)
     view = _check_view(view, train)
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
@@ -282,12 +307,16 @@ def build_pipeline(
     if not isinstance(policy, LastBatchPolicy):
         raise TypeError(f"last_batch_policy must be a nvidia.dali LastBatchPolicy, got {policy!r}")
     source = ClipSource(manifest, batch_size, train, device, spec, seed, shard_id, num_shards, policy,
-                        start_epoch, view, bad_clips=bad_clips, max_bad_clip_fraction=max_bad_clip_fraction)
+                        start_epoch, view, bad_clips=bad_clips, max_bad_clip_fraction=max_bad_clip_fraction,
+                        start_batch=start_batch, video_decoder=video_decoder, decode_threads=num_threads)
     if len(source) == 0:
         raise ValueError(
             f"shard {shard_id}/{num_shards} of {manifest.path} ({len(manifest)} clips) yields no batch of "
             f"{batch_size} under {policy.name}; lower batch_size or num_shards"
         )
+    if not isinstance(start_batch, int) or isinstance(start_batch, bool) or not 0 <= start_batch < len(source):
+        raise ValueError(f"start_batch must be an int in [0, {len(source)}) (batches per epoch of shard "
+                         f"{shard_id}), got {start_batch!r}")
     if device == "gpu" and device_id is None:
         device_id = torch.cuda.current_device()
 
@@ -304,20 +333,25 @@ def build_pipeline(
                     "audio_gain": types.FLOAT}
         augment = [types.INT32, types.INT32, types.INT32, types.FLOAT,
                    *(optional[name] for name in source.augment_outputs)] if train else [types.FLOAT]
-        video_bytes, audio_bytes, frame_idx, *choices, label, index = fn.external_source(
+        decoded = video_decoder == "torchcodec"  # the source gives frames, not bytes + frame indices
+        indices = [] if decoded else [types.INT32]
+        video_bytes, audio_bytes, *rest = fn.external_source(
             source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
-            dtype=[types.UINT8, types.UINT8, types.INT32, *augment, _label_type(manifest), types.INT64],
+            dtype=[types.UINT8, types.UINT8, *indices, *augment, _label_type(manifest), types.INT64],
+            layout=["FHWC" if decoded else ""] + [""] * (source.num_outputs - 1),
         )
+        frame_idx = None if decoded else rest.pop(0)
+        *choices, label, index = rest
         if train:
             crop_start, crop_shape, flip, position, *extra = choices
             extra = {name: extra[i] for i, name in enumerate(source.augment_outputs)}  # (AutoGraph: no zip)
             video = _video_graph(video_bytes, frame_idx, spec, device, (crop_start, crop_shape), flip,
                                  rand_augment=extra.get("rand_augment"),
-                                 erase=(extra.get("erase_anchor"), extra.get("erase_shape")))
+                                 erase=(extra.get("erase_anchor"), extra.get("erase_shape")), decoded=decoded)
             audio = _audio_graph(audio_bytes, spec, device, position, extra.get("audio_gain"))
         else:
             (crop_position,) = choices
-            video = _video_graph(video_bytes, frame_idx, spec, device, crop_position=crop_position)
+            video = _video_graph(video_bytes, frame_idx, spec, device, crop_position=crop_position, decoded=decoded)
             audio = _audio_graph(audio_bytes, spec, device)
         return video, audio, label, index
 
@@ -366,6 +400,8 @@ def build_loader(
     view: EvalView | tuple[int, int, int, int] | None = None,
     bad_clips: str = "error",
     max_bad_clip_fraction: float = 0.0,
+    start_batch: int = 0,
+    video_decoder: str = "dali",
 ) -> AVLoader:
     """Build the pipeline (:func:`build_pipeline`, same arguments) and wrap it in an :class:`AVLoader`.
 
@@ -377,7 +413,8 @@ def build_loader(
     threads = min(4, os.cpu_count() or 1) if num_threads is None else num_threads
     pipe, source = build_pipeline(manifest, batch_size, train, device, threads, seed, shard_id, num_shards,
                                   spec, last_batch_policy, device_id, start_epoch, view=view, bad_clips=bad_clips,
-                                  max_bad_clip_fraction=max_bad_clip_fraction)
+                                  max_bad_clip_fraction=max_bad_clip_fraction, start_batch=start_batch,
+                                  video_decoder=video_decoder)
     return AVLoader(pipe, source)
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,12 +42,14 @@ from typing import TYPE_CHECKING
 import av
 import numpy as np
 import soundfile as sf
-from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+import torch
 
 from .augment import sample_audio_gain, sample_erase_boxes, sample_rand_augment
 from .manifest import Manifest
 
-if TYPE_CHECKING:  # pipeline.py imports this module
+if TYPE_CHECKING:  # pipeline.py imports this module; DALI is imported only where the pipeline is built
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+
     from .pipeline import ClipSpec
 
 # What DALI's fn.decoders.video decodes (its docstring): CPU backend VP8/VP9/MJPEG; the mixed (NVDEC)
@@ -207,8 +210,9 @@ def check_codec(info: VideoInfo, path: str | Path, device: str, manifest: str | 
     if device == "cpu" and info.codec in GPU_VIDEO_CODECS:
         raise UnsupportedCodecError(
             f"{path}: codec {info.codec!r} cannot be decoded by DALI's CPU video decoder, which takes only "
-            f"VP8, VP9 and MJPEG. Either load with device='gpu' (NVDEC decodes {info.codec}) or re-encode "
-            f"the dataset once: `{command}` (writes VP9 + 16 kHz wav and a new manifest "
+            f"VP8, VP9 and MJPEG. Either load with device='gpu' (NVDEC decodes {info.codec}), or decode on "
+            "the CPU with video_decoder='torchcodec' (train.py: avfmae.data_video_decoder; needs torchcodec), "
+            f"or re-encode the dataset once: `{command}` (writes VP9 + 16 kHz wav and a new manifest "
             "OUT_DIR/manifest.csv)."
         )
     decodable = "VP8, VP9, MJPEG" if device == "cpu" else "VP8, VP9, MJPEG, AV1, MPEG-4, H.264, HEVC"
@@ -388,7 +392,7 @@ def shard_batches(
     """Split one epoch's order into this shard's batches: a list of (rows int64 [b], is_padding bool [b])."""
     n = len(order)
     per_shard = -(-n // num_shards)
-    if policy is LastBatchPolicy.PARTIAL:
+    if policy.name == "PARTIAL":
         rows = order[shard_id::num_shards]
         padding = np.zeros(len(rows), dtype=bool)
     else:
@@ -396,7 +400,7 @@ def shard_batches(
         padded = np.resize(order, per_shard * num_shards)
         rows = padded[shard_id::num_shards]
         padding = np.arange(len(padded))[shard_id::num_shards] >= n
-        if policy is LastBatchPolicy.DROP:
+        if policy.name == "DROP":
             padding[:] = False
             keep = (len(rows) // batch_size) * batch_size
             rows, padding = rows[:keep], padding[:keep]
@@ -411,10 +415,10 @@ def batches_per_epoch(
     num_clips: int, shard_id: int, num_shards: int, batch_size: int, policy: LastBatchPolicy
 ) -> int:
     """Steps per epoch of shard ``shard_id`` (the same on every shard except, maybe, under PARTIAL)."""
-    if policy is LastBatchPolicy.PARTIAL:
+    if policy.name == "PARTIAL":
         return -(-len(range(shard_id, num_clips, num_shards)) // batch_size)
     per_shard = -(-num_clips // num_shards)
-    if policy is LastBatchPolicy.DROP:
+    if policy.name == "DROP":
         return per_shard // batch_size
     return -(-per_shard // batch_size)
 
@@ -430,8 +434,11 @@ class ClipSource:
     :mod:`dali_pipelines.augment`), in evaluation
     the crop position along the longer side (float32 [], see :class:`EvalView`); then label
     (int64 [] class, float32 [L] regression, int64 [] -1 unlabelled) and manifest row (int64 [], -1 for
-    padding). Raises StopIteration at the end of an epoch. DALI counts epochs from 0 for every new
-    pipeline; ``start_epoch`` is added (resuming training).
+    padding). With ``video_decoder="torchcodec"`` the first output is the clip's decoded frames instead
+    (uint8 [num_frames, H, W, 3]) and the frame indices are not output: torchcodec decodes them, on a
+    pool of ``decode_threads`` threads. Raises StopIteration at the end of an epoch. DALI counts epochs
+    from 0 for every new pipeline; ``start_epoch`` is added (resuming training), and the first epoch starts at its batch
+    ``start_batch`` (resuming mid-epoch: the batches before it are never read nor decoded).
     """
 
     def __init__(
@@ -449,6 +456,9 @@ class ClipSource:
         view: EvalView = CENTRE_VIEW,
         bad_clips: str = "error",
         max_bad_clip_fraction: float = 0.0,
+        start_batch: int = 0,
+        video_decoder: str = "dali",
+        decode_threads: int = 1,
     ) -> None:
         self.manifest = manifest
         self.batch_size = batch_size
@@ -460,6 +470,7 @@ class ClipSource:
         self.num_shards = num_shards
         self.policy = policy
         self.start_epoch = start_epoch
+        self.start_batch = start_batch
         self.view = view
         if bad_clips not in BAD_CLIP_POLICIES:
             raise ValueError(f"bad_clips must be one of {BAD_CLIP_POLICIES}, got {bad_clips!r}")
@@ -467,7 +478,14 @@ class ClipSource:
         self.max_bad_clip_fraction = max_bad_clip_fraction
         self.skipped: dict[int, str] = {}  # manifest row -> why it is left out (bad_clips="skip")
         self.labels = manifest.labels()
+        self.video_decoder = video_decoder
+        # torchcodec's decoding releases the GIL: decode a batch's clips in parallel. One torch thread per
+        # decoding thread (torch's intra-op threads are per calling thread): with the default, torch's
+        # OpenMP workers of each decoding thread spin beside DALI's and cost 5x the CPU time per clip.
+        self._pool = (ThreadPoolExecutor(decode_threads, initializer=torch.set_num_threads, initargs=(1,))
+                      if video_decoder == "torchcodec" else None)
         self._infos: dict[int, VideoInfo] = {}
+        self._checked: set[int] = set()  # rows whose media passed check_clip
         self._epoch = -1
         self._batches: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -482,7 +500,7 @@ class ClipSource:
 
     @property
     def num_outputs(self) -> int:
-        return (9 if self.train else 6) + len(self.augment_outputs)
+        return (9 if self.train else 6) + len(self.augment_outputs) - (self.video_decoder == "torchcodec")
 
     def __len__(self) -> int:
         n = len(self.manifest)
@@ -497,22 +515,29 @@ class ClipSource:
         clip = self.manifest.clips[row]
         video = np.fromfile(clip.video, dtype=np.uint8)
         audio = np.fromfile(clip.audio, dtype=np.uint8)
-        if row not in self._infos:  # check once per clip; later epochs reuse the checks and the info
-            info = check_clip(video, audio, clip, self.spec, self.manifest.path)
-            check_codec(info, clip.video, self.device, self.manifest.path)
-            self._infos[row] = info
+        decoder = None
+        if row not in self._checked:  # the full media checks once per clip; later epochs reuse them
+            self._infos[row] = check_clip(video, audio, clip, self.spec, self.manifest.path)
+            if self.video_decoder == "dali":
+                check_codec(self._infos[row], clip.video, self.device, self.manifest.path)
+            self._checked.add(row)
+        if self.video_decoder == "torchcodec":  # any codec FFmpeg decodes; its scan gives the info
+            from .decoders import torchcodec_frames, torchcodec_video
+
+            decoder, self._infos[row] = torchcodec_video(video, clip.video)
         rng = clip_rng(self.seed, epoch, row) if self.train else None
         aug = sample_clip(self._infos[row], self.spec, rng, self.view)
+        media = [video, audio, aug.frames] if decoder is None else [torchcodec_frames(decoder, aug.frames), audio]
         if not self.train:
-            return [video, audio, aug.frames, np.asarray(aug.crop_position, np.float32)]
+            return media + [np.asarray(aug.crop_position, np.float32)]
         top, left, h, w = aug.crop
         extra = {"rand_augment": aug.rand_augment, "audio_gain": np.asarray(aug.audio_gain, np.float32)}
         if aug.erase is not None:
             extra.update(erase_anchor=aug.erase[:, :2].reshape(-1).astype(np.float32),
                          erase_shape=aug.erase[:, 2:].reshape(-1).astype(np.float32))
-        return [video, audio, aug.frames, np.array([top, left], np.int32), np.array([h, w], np.int32),
-                np.asarray(aug.flip, np.int32), np.asarray(aug.audio_position, np.float32),
-                *(extra[name] for name in self.augment_outputs)]
+        return media + [np.array([top, left], np.int32), np.array([h, w], np.int32),
+                        np.asarray(aug.flip, np.int32), np.asarray(aug.audio_position, np.float32),
+                        *(extra[name] for name in self.augment_outputs)]
 
     def _usable_inputs(self, row: int, epoch: int) -> tuple[int, list[np.ndarray]]:
         """(row, inputs) of ``row``; under ``bad_clips="skip"`` a bad clip is logged once and the next
@@ -542,12 +567,17 @@ class ClipSource:
         if self.start_epoch + info.epoch_idx != self._epoch:
             self._epoch = self.start_epoch + info.epoch_idx
             self._batches = self.epoch_batches(self._epoch)
-        if info.iteration >= len(self._batches):
+        batch = info.iteration + (self.start_batch if info.epoch_idx == 0 else 0)
+        if batch >= len(self._batches):
             raise StopIteration
-        rows, padding = self._batches[info.iteration]
+        rows, padding = self._batches[batch]
+        epoch = self._epoch
+        if self._pool is None:
+            samples = [self._usable_inputs(row, epoch) for row in rows.tolist()]
+        else:
+            samples = list(self._pool.map(lambda row: self._usable_inputs(row, epoch), rows.tolist()))
         outputs: list[list[np.ndarray]] = [[] for _ in range(self.num_outputs)]
-        for row, is_pad in zip(rows.tolist(), padding.tolist(), strict=True):
-            row, sample = self._usable_inputs(row, self._epoch)
+        for (row, sample), is_pad in zip(samples, padding.tolist(), strict=True):
             sample += [np.asarray(self.labels[row]), np.asarray(PAD_INDEX if is_pad else row, dtype=np.int64)]
             for out, value in zip(outputs, sample, strict=True):
                 out.append(value)

@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=32, help="frames per clip (25 fps)")
     parser.add_argument("--size", type=int, default=160, help="frame width and height in pixels")
     parser.add_argument("--codec", choices=sorted(VIDEO_CODECS), default="vp9",
-                        help="vp9 (decodable on CPU and GPU) or h264/mpeg4 (GPU only; tests the transcoder)")
+                        help="vp9 (decodable on CPU and GPU) or h264/mpeg4 (NVDEC, or the CPU with "
+                             "video_decoder='torchcodec'; also tests the transcoder)")
     parser.add_argument("--val-clips", type=int, default=0,
                         help="also split the clips: the last VAL_CLIPS rows go to val.csv, the rest to train.csv")
     args = parser.parse_args(argv)

@@ -71,6 +71,27 @@ def test_step_group_ratios_headline_and_files(tmp_path):
     assert "Paper (Table 4)" in md and "| torch | 2.13.0 |" in md and "0123456789ab on main" in md
 
 
+def data_case(loader, codec, clips_per_s, clips_per_cpu_s, role):
+    return bench(f"data loading {codec}", f"{loader}-{codec}", 32 / clips_per_s, role, loader=loader, codec=codec,
+                 decoder=loader.upper(), clips_per_s=clips_per_s, clips_per_cpu_s=clips_per_cpu_s, threads=2)
+
+
+def test_data_loading_table_names_the_winner_per_codec_and_ours_vs_hicmae(tmp_path):
+    cases = [data_case("dali-cpu", "vp9", 10.0, 40.0, "ours"), data_case("dali-torchcodec", "vp9", 12.0, 36.0, "ours"),
+             data_case("pyav", "vp9", 9.0, 20.0, "baseline"), data_case("hicmae", "vp9", 6.0, 16.0, "peer"),
+             data_case("dali-torchcodec", "h264", 20.0, 50.0, "ours"), data_case("pyav", "h264", 8.0, 24.0, "baseline"),
+             data_case("hicmae", "h264", 8.0, 25.0, "peer")]
+    md = report.write_report(run(cases, device="cpu"), tmp_path)[0].read_text()
+    assert "## Data loading: which decoder wins where" in md
+    assert row(md, "dali-cpu")[1:] == ["DALI-CPU", "ours", "10.0", "40.0", "–", "–"]  # DALI's CPU decoder: no H.264
+    assert row(md, "dali-torchcodec")[3:] == ["12.0", "36.0", "20.0", "50.0"]
+    assert row(md, "hicmae")[3:] == ["6.0", "16.0", "8.0", "25.0"]
+    assert ("- **vp9**: fastest `dali-torchcodec` (12.0 clips/s); cheapest per CPU-second `dali-cpu` (40.0); "
+            "ours (`dali-cpu`) vs HiCMAE's loader per CPU-second: 2.50x (goal >= 2x).") in md
+    assert "- **h264**: fastest `dali-torchcodec` (20.0 clips/s)" in md and "per CPU-second: 2.00x" in md
+    assert "Data loading" not in report.render_markdown(run(STEP_CASES))  # only where data cases ran
+
+
 def test_untagged_group_uses_its_fastest_peer_and_a_group_without_peers_gets_no_ratio(tmp_path):
     attention = "attention L=100"  # written without roles, like a new benchmark file would be
     cases = [bench(attention, "mae_kernels", 1e-3), bench(attention, "sdpa", 2e-3), bench(attention, "flex", 4e-3),

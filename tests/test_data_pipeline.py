@@ -26,13 +26,17 @@ from dali_pipelines import (
     ManifestError,
     UnsupportedCodecError,
     build_loader,
+    decoders,
     denormalize_video,
     kaldi_fbank,
     probe_video,
     read_manifest,
     sample_frame_indices,
 )
+from dali_pipelines.baseline import build_baseline_loader
+from dali_pipelines.decoders import torchcodec_missing
 from dali_pipelines.source import (
+    ClipSource,
     EvalView,
     batches_per_epoch,
     clip_rng,
@@ -45,6 +49,7 @@ from dali_pipelines.synthetic import class_background, encode_video, generate_da
 
 ROWS = 8
 SMALL = ClipSpec(num_frames=8, frame_stride=2, frame_size=64)
+needs_torchcodec = pytest.mark.skipif(torchcodec_missing() is not None, reason=str(torchcodec_missing()))
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs CUDA: DALI's mixed (NVDEC) video decoder has no CPU fallback")
 
@@ -153,6 +158,35 @@ def test_resumed_run_sees_exactly_the_uninterrupted_epochs(dataset: Path) -> Non
         for x, y in zip(got, expected, strict=True):
             for key in ("video", "audio", "label", "index"):
                 torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_mid_epoch_resume_starts_at_the_batch_without_decoding_the_skipped_ones(dataset: Path, monkeypatch) -> None:
+    uninterrupted = load(dataset, batch_size=2, train=True, seed=3)
+    epochs = [epoch(uninterrupted) for _ in range(3)]
+    fed: list[tuple[int, int]] = []  # (epoch, row) of every clip the source reads and hands DALI to decode
+    read = ClipSource._clip_inputs
+
+    def counting(self, row: int, epoch_: int):
+        fed.append((epoch_, row))
+        return read(self, row, epoch_)
+
+    monkeypatch.setattr(ClipSource, "_clip_inputs", counting)
+    skip = 3  # of 4 batches
+    resumed = load(dataset, batch_size=2, train=True, seed=3, start_epoch=1, start_batch=skip)
+    got = [epoch(resumed), epoch(resumed)]
+    assert [len(e) for e in got] == [len(epochs[1]) - skip, len(epochs[2])]
+    for x, y in zip(got[0] + got[1], epochs[1][skip:] + epochs[2], strict=True):
+        for key in ("video", "audio", "label", "index"):
+            torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-6, msg=key)
+    # epoch 1 (resumed at batch 3) fed only the rows of its last batch; the skipped rows were never read
+    assert [row for e, row in fed if e == 1] == epochs[1][skip]["index"].tolist()
+    assert sorted(row for e, row in fed if e == 2) == sorted(torch.cat([b["index"] for b in epochs[2]]).tolist())
+
+
+@pytest.mark.parametrize("start_batch", [-1, 4, 1.0])
+def test_start_batch_outside_the_epoch_is_an_error(dataset: Path, start_batch) -> None:
+    with pytest.raises(ValueError, match="start_batch"):
+        load(dataset, batch_size=2, train=True, start_batch=start_batch)
 
 
 def test_augmentation_of_a_row_ignores_sharding_batch_size_and_threads(dataset: Path) -> None:
@@ -489,7 +523,8 @@ def test_regression_and_unlabelled_labels(dataset: Path, tmp_path: Path) -> None
      ({"view": (0, 0, 0, 1)}, ValueError, "view: .*num_clips"),
      ({"view": (0, 1, -1, 2)}, ValueError, "view: .*crop_index"),
      ({"view": (0, 1, 0.5, 2)}, ValueError, "view.crop_index must be an int"),
-     ({"view": (0, 1)}, ValueError, "view must be")],
+     ({"view": (0, 1)}, ValueError, "view must be"),
+     ({"video_decoder": "decord"}, ValueError, "video_decoder must be one of")],
 )
 def test_bad_arguments(dataset: Path, kwargs, error, match) -> None:
     args = {"batch_size": 2, "train": False, "device": "cpu", "num_threads": 2, "spec": SMALL} | kwargs
@@ -517,6 +552,55 @@ def test_h264_on_cpu_names_the_file_and_the_fix(tmp_path: Path) -> None:
     message = str(info.value)
     assert "clip_0000.mp4" in message and "'h264'" in message
     assert f"python -m dali_pipelines.transcode {manifest}" in message and "device='gpu'" in message
+    assert "video_decoder='torchcodec'" in message
+
+
+@needs_torchcodec
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_torchcodec_decoding_feeds_the_same_graph(dataset: Path, train: bool) -> None:
+    # VP9, which both decode: the same clips, frames, crops, flips and audio, to the decoders' rounding
+    # (FFmpeg's swscale and DALI convert YUV to RGB differently: about 2 levels on average, more at chroma
+    # edges; another clip differs by > 25 levels, a mirrored one by > 4)
+    dali = epoch(load(dataset, batch_size=4, train=train, seed=2))
+    codec = epoch(load(dataset, batch_size=4, train=train, seed=2, video_decoder="torchcodec"))
+    assert len(dali) == len(codec) == 2
+    for x, y in zip(dali, codec, strict=True):
+        assert torch.equal(x["index"], y["index"]) and torch.equal(x["label"], y["label"])
+        assert torch.equal(x["audio"], y["audio"])
+        ours, theirs = denormalize_video(x["video"], SMALL), denormalize_video(y["video"], SMALL)
+        for a, b in zip(ours, theirs, strict=True):
+            assert (a - b).abs().mean() < 3.5 and (a - b).abs().mean() < (a.flip(-1) - b).abs().mean()
+
+
+@needs_torchcodec
+def test_torchcodec_decoding_threads_run_torch_single_threaded(dataset: Path) -> None:
+    # torch's intra-op threads belong to the calling thread: left at the default, each decoding thread's
+    # OpenMP workers spin beside DALI's (5x the CPU time per clip); the trainer's own setting stays
+    threads = torch.get_num_threads()
+    loader = load(dataset, batch_size=4, train=True, video_decoder="torchcodec")  # 2 threads
+    assert {loader.source._pool.submit(torch.get_num_threads).result() for _ in range(4)} == {1}
+    assert torch.get_num_threads() == threads
+
+
+@needs_torchcodec
+def test_h264_manifest_loads_on_cpu_through_torchcodec(tmp_path: Path, monkeypatch) -> None:
+    manifest = generate_dataset(tmp_path, clips=4, classes=4, num_frames=24, size=64, codec="h264")
+    batches = epoch(load(manifest, batch_size=2, train=True, seed=1, video_decoder="torchcodec"))
+    reference = list(build_baseline_loader(manifest, 2, True, num_workers=0, seed=1, spec=SMALL))  # PyAV
+    assert len(batches) == len(reference) == 2
+    for x, y in zip(batches, reference, strict=True):
+        assert torch.equal(x["index"], y["index"]) and torch.equal(x["label"], x["index"])
+        assert psnr(denormalize_video(x["video"], SMALL), denormalize_video(y["video"], SMALL)) > 35
+    # resuming at the second batch decodes only its clips (here the decoder calls are torchcodec's own)
+    decoded = []
+    frames = decoders.torchcodec_frames
+    monkeypatch.setattr(decoders, "torchcodec_frames", lambda d, idx: decoded.append(idx.tolist()) or frames(d, idx))
+    resumed = epoch(load(manifest, batch_size=2, train=True, seed=1, video_decoder="torchcodec", start_batch=1))
+    assert len(resumed) == 1 and torch.equal(resumed[0]["video"], batches[1]["video"])
+    clips = read_manifest(manifest).clips
+    wanted = [sample_clip(probe_video(clips[row].video.read_bytes()), SMALL, clip_rng(1, 0, row)).frames.tolist()
+              for row in batches[1]["index"].tolist()]
+    assert sorted(decoded[:2]) == sorted(wanted)  # first decodes: the resumed batch (later: the next epoch)
 
 
 @pytest.mark.parametrize("kind", ["video", "audio"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -19,7 +21,7 @@ from dali_pipelines import (
     probe_video,
     read_manifest,
 )
-from dali_pipelines.baseline import build_baseline_loader, decode_audio
+from dali_pipelines.baseline import build_baseline_loader, decode_audio, torchcodec_missing
 from dali_pipelines.synthetic import class_pitch, generate_dataset
 from dali_pipelines.synthetic import main as synthetic_main
 from dali_pipelines.transcode import main as transcode_main
@@ -35,6 +37,27 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def decode_all(path: Path) -> np.ndarray:
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_manifest_tools_synthetic_data_and_transcoder_work_without_dali(tmp_path: Path) -> None:
+    code = """if True:
+        import sys
+        sys.modules["nvidia.dali"] = None  # as if DALI were not installed: importing it fails
+        from dali_pipelines.synthetic import main
+        main([sys.argv[1], "--clips", "2", "--frames", "8", "--size", "32"])
+        from dali_pipelines import probe_video, read_manifest
+        from dali_pipelines.transcode import transcode_manifest
+        manifest = read_manifest(sys.argv[1] + "/manifest.csv")
+        print(len(manifest), probe_video(manifest.clips[0].video.read_bytes()).codec)
+        import dali_pipelines
+        try:
+            dali_pipelines.build_loader
+        except ImportError:
+            print("the loader needs DALI")
+    """
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-2:] == ["2 vp9", "the loader needs DALI"]
 
 
 def test_synthetic_cli_is_deterministic_and_class_dependent(tmp_path: Path) -> None:
@@ -137,6 +160,27 @@ def test_baseline_training_order_and_augmentation_are_dalis(dataset: Path) -> No
             for i in range(2):
                 assert psnr(base_pixels[i], dali_pixels[i]) > 35 > psnr(base_pixels[i].flip(-1), dali_pixels[i])
             assert (b["audio"] - d["audio"])[..., 16:].abs().max() < 0.01  # bins above ~300 Hz
+
+
+@pytest.mark.skipif(torchcodec_missing() is not None, reason=str(torchcodec_missing()))
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+def test_torchcodec_decoder_feeds_the_same_transforms(tmp_path: Path, codec: str) -> None:
+    manifest = generate_dataset(tmp_path, clips=2, classes=2, num_frames=20, size=80, codec=codec,
+                                audio_seconds=3.0)
+    pyav = list(build_baseline_loader(manifest, 2, True, num_workers=0, seed=5, spec=SMALL))
+    codec_batches = list(build_baseline_loader(manifest, 2, True, num_workers=0, seed=5, spec=SMALL,
+                                               decoder="torchcodec"))
+    assert len(pyav) == len(codec_batches) == 1
+    p, t = pyav[0], codec_batches[0]
+    assert torch.equal(p["index"], t["index"]) and torch.equal(p["label"], t["label"])
+    # both are FFmpeg underneath: the same frames (same indices, crop, flip) to within rounding
+    assert psnr(denormalize_video(p["video"], SMALL), denormalize_video(t["video"], SMALL)) > 45
+    torch.testing.assert_close(t["audio"], p["audio"], rtol=0, atol=1e-4)
+
+
+def test_unknown_baseline_decoder_is_an_error(dataset: Path) -> None:
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        build_baseline_loader(dataset, 2, True, num_workers=0, decoder="decord")
 
 
 def test_decode_audio_resamples_to_16k(tmp_path: Path) -> None:

@@ -56,6 +56,8 @@ def test_config_splits_deepspeed_keys_and_resolves_paths(tmp_path):
     ({"test_crops": 1.5}, "avfmae.test_crops: must be an integer, got 1.5"),
     ({"test_crops": True}, "avfmae.test_crops: must be an integer, got True"),
     ({"test_clips": "2"}, "avfmae.test_clips: must be an integer, got '2'"),
+    ({"data_video_decoder": "decord"}, "avfmae.data_video_decoder: expected 'dali' or 'torchcodec'"),
+    ({"data_video_decoder": "torchcodec", "data_device": "gpu"}, "avfmae.data_video_decoder: 'torchcodec' decodes"),
 ])
 def test_bad_configs_name_the_key(tmp_path, section, message):
     with pytest.raises(ConfigError, match=message):

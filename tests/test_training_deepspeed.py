@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import avfmae
+from dali_pipelines.decoders import torchcodec_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
@@ -158,3 +159,15 @@ def test_a_bad_config_fails_fast_under_the_launcher(dataset, tmp_path):
     assert "bad config: config key avfmae.mask.video_ratio: must lie in (0, 1), got 1.5" in result.stderr
     assert "Traceback" not in result.stderr
     assert time.time() - start < 60
+
+
+@pytest.mark.skipif(torchcodec_missing() is not None, reason=str(torchcodec_missing()))
+def test_an_h264_dataset_trains_on_cpu_through_torchcodec(tmp_path):
+    data = tmp_path / "h264"
+    subprocess.run([sys.executable, "-m", "dali_pipelines.synthetic", str(data), "--clips", "8", "--classes", "4",
+                    "--frames", "20", "--codec", "h264", "--val-clips", "2"], check=True, capture_output=True,
+                   timeout=120)
+    out = tmp_path / "run"
+    launch(config(data, out, data_device="cpu", data_video_decoder="torchcodec", reconstruction_png=False))
+    assert sorted(losses(out)) == [1, 2]  # 6 clips / (2 ranks x 2) = 1 step x 2 epochs, on H.264 as shipped
+    assert (out / "model_fp32.pt").is_file()
