@@ -35,9 +35,8 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from nvidia.dali import fn, types
-from nvidia.dali.auto_aug import rand_augment
-from nvidia.dali.auto_aug.core import select, signed_bin
+
+# DALI is imported where a suite or graph is built: the manifest tools import this module without it
 
 ERASE_AREA = (0.02, 1 / 3)
 ERASE_ASPECT = (0.3, 1 / 0.3)
@@ -84,6 +83,8 @@ class RandAugmentSpec:
 
     def suite(self, shape: bool = True) -> list:
         """DALI's RandAugment operations (translations relative to the frame when ``shape``)."""
+        from nvidia.dali.auto_aug import rand_augment
+
         if self.increasing:
             return rand_augment.get_rand_augment_suite(use_shape=shape)
         return rand_augment.get_rand_augment_non_monotonic_suite(use_shape=shape)
@@ -131,6 +132,8 @@ def apply_rand_augment(frames, choices, spec: RandAugmentSpec, size: int):
     """RandAugment on uint8 frames [T, S, S, 3] (layout FHWC): step i applies operation ``choices[0, i]``
     at the signed magnitude bin (``choices[2, i]``, negated when ``choices[1, i]``) to every frame.
     Needs a pipeline with ``enable_conditionals=True``."""
+    from nvidia.dali.auto_aug.core import select, signed_bin
+
     suite = spec.suite()
     for i in range(spec.n):
         magnitude = signed_bin(choices[2, i], random_sign=choices[1, i])
@@ -142,6 +145,8 @@ def apply_rand_augment(frames, choices, spec: RandAugmentSpec, size: int):
 def apply_random_erasing(video, anchors, shapes):
     """Replace the boxes (``anchors``/``shapes``: float [2k] (y, x) pairs, in pixels) of every frame of
     normalised ``video`` [3, T, S, S] (CFHW) with standard-normal noise."""
+    from nvidia.dali import fn, types
+
     keep = fn.erase(video * 0.0 + 1.0, anchor=anchors, shape=shapes, axis_names="HW", fill_value=0.0)
     noise = fn.random.normal(video, dtype=types.FLOAT)
     return video * keep + noise * (1.0 - keep)
