@@ -15,6 +15,7 @@ demo:
 
 test:
 	@scripts/setup_env.sh $(TEST_EXTRAS)
+	.venv/bin/python -m ruff check .
 	.venv/bin/python -m pytest tests -q -p no:cacheprovider --durations=15
 
 bench:
