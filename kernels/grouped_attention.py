@@ -283,12 +283,13 @@ def _looped_side_fits(block: int, length: int, floor: int) -> bool:
 
 
 def precision_fits(config, named_args) -> bool:
-    """fp32 inputs take IEEE dots on the FMA units, every tile held in registers: a 128-wide tile spills
-    already at BLOCK_D 16 (tests/helpers/kernel_resources.py measured it) and more columns only need more
-    registers, so fp32 tiles stay within 64 rows and 64 x 64 values per row block; these configs are
-    neither measured nor tuned."""
+    """fp32 inputs take IEEE dots on the FMA units with every tile in registers: they spill on 128-wide
+    tiles at any head dim, on 64-wide ones from BLOCK_D 64, with 2 warps from 16 x 16 x 64
+    (tests/helpers/kernel_resources.py measured it; more columns only need more registers). So fp32 keeps
+    4+ warps and at most 2048 values per tile row block; other configs are neither measured nor tuned."""
     side = max(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
-    return named_args["DOT_PREC"] != "ieee" or (side <= 64 and side * named_args["BLOCK_D"] <= 64 * 64)
+    return named_args["DOT_PREC"] != "ieee" or (
+        config.num_warps >= 4 and side <= 64 and side * named_args["BLOCK_D"] <= 32 * 64)
 
 
 def _resource_pruned(kernel: str, configs, named_args, preferred: list, correct: list):

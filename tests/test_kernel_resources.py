@@ -13,7 +13,8 @@ tests/test_kernels_compile.py recompiles the launches the ops make and checks th
 measured cubins (fp16 included), so a table that lies fails there.
 """
 
-import mae_kernels.grouped_attention as ga
+import importlib
+
 import pytest
 import torch
 import triton
@@ -21,8 +22,9 @@ from mae_kernels import resources
 from mae_kernels._resource_table import FINGERPRINT, RESOURCES
 
 from tests.helpers.compile_kernels import ATTENTION_SHAPES
-from tests.helpers.kernel_resources import TABLE_HEAD_DIMS, fingerprint
+from tests.helpers.kernel_resources import TABLE_HEAD_DIMS, fingerprint, measured_here
 
+ga = importlib.import_module("mae_kernels.grouped_attention")  # the package re-exports a function of that name
 TUNERS = {  # autotuner -> (kernel, PACK argument or None)
     "fwd_packed": (ga._fwd_packed, "_attn_fwd_kernel", True),
     "fwd_looped": (ga._fwd_looped, "_attn_fwd_kernel", False),
@@ -44,16 +46,23 @@ def test_table_matches_the_kernels_it_was_measured_on():
 
 
 @pytest.mark.parametrize("name", TUNERS)
-def test_table_covers_every_config_of_the_static_space(name):
+def test_table_covers_the_measurement_plan(name):
+    """Every config the plan measures (all at BLOCK_D 64, a few elsewhere) compiled for sm_80 and sm_90."""
     tuner, kernel, pack = TUNERS[name]
+    measured = 0
     for bd in TABLE_HEAD_DIMS:
-        for dtype_class in ("16bit", "fp32"):
+        for dtype_class, prec in (("16bit", "tf32"), ("fp32", "ieee")):
+            named = {"BLOCK_D": bd, "DOT_PREC": prec, "PACK": pack if pack is not None else name == "bwd_packed"}
             for c in tuner.configs:
                 key = (kernel, pack, dtype_class, bd, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                        c.num_stages)
+                if not measured_here(c, named):
+                    continue
+                measured += 1
                 assert key in RESOURCES, key
                 for arch in resources.MEASURED_ARCHS:
                     assert RESOURCES[key].get(arch) is not None, f"{key} did not compile for {arch}"
+    assert measured >= len(tuner.configs)  # at least the whole static list at BLOCK_D 64 (16-bit)
 
 
 def _named_args(tuner, G, Lq, Lk, D, dtype, pack):
@@ -92,8 +101,10 @@ def test_pruned_configs_at_stage_shapes_launch_without_spilling(arch, monkeypatc
 
 def test_prune_keeps_shape_rule_off_cuda():
     """Without a device (CPU tensors, or an architecture not measured) only the shape rules apply."""
+    assert not ga.precision_fits(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4),
+                                 {"DOT_PREC": "ieee", "BLOCK_D": 64})
     tuner, _, pack = TUNERS["fwd_looped"]
-    args = _named_args(tuner, 1, 101, 101, 64, torch.float32, pack)
+    args = _named_args(tuner, 1, 101, 101, 64, torch.bfloat16, pack)
     pruned = tuner.early_config_prune(tuner.configs, args)
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in pruned} == {
         (m, n) for m in (64, 128) for n in (32, 64, 128)}

@@ -49,6 +49,9 @@ TABLE_PATH = ROOT / "kernels" / "_resource_table.py"
 REPORT_JSON = ROOT / "benchmarks" / "results" / "kernel-resources.json"
 TABLE_HEAD_DIMS = (16, 32, 64, 128)  # one per BLOCK_D the op uses (SUPPORTED_HEAD_DIMS padded to a power of 2)
 TABLE_DTYPES = (torch.bfloat16, torch.float32)
+FULL_SPACE_BLOCK_D = (64,)
+SMALL_SPACE = {"packed": {(16, 16, 4), (32, 32, 4), (64, 64, 8)},  # (BLOCK_M, BLOCK_N, num_warps)
+               "looped": {(16, 16), (32, 32), (64, 32), (64, 64)}}  # (BLOCK_M, BLOCK_N)
 FIELDS = ("regs", "spill_stores", "spill_loads", "shared")  # order of the values in the table
 
 
@@ -111,13 +114,27 @@ def fingerprint() -> dict:
 # --- recording every config ----------------------------------------------------------------------------
 
 
-def _record_all_configs(self: Autotuner, *args, **kwargs):
-    """Stands in for Autotuner.run: one launch per config of the static list the precision allows
-    (no shape pruning)."""
+def measured_here(config, named_args: dict) -> bool:
+    """The measurement plan: every config of the static lists at BLOCK_D 64 (head dims 40 and 64, the
+    LGI-Former's), a few at the other BLOCK_D; all within what the precision allows. What is not measured
+    is not tuned (the prune keeps only measured, usable configs), so this plan is the autotune space."""
     ga = importlib.import_module("mae_kernels.grouped_attention")
+    if not ga.precision_fits(config, named_args):
+        return False
+    if named_args["BLOCK_D"] in FULL_SPACE_BLOCK_D:
+        return True
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    small = SMALL_SPACE["packed" if named_args["PACK"] else "looped"]
+    return (bm, bn, config.num_warps) in small or (bm, bn) in small
+
+
+def _record_all_configs(self: Autotuner, *args, **kwargs):
+    """Stands in for Autotuner.run: one launch per config of the measurement plan (no shape pruning)."""
     named = {**dict(zip(self.arg_names, args)), **kwargs}
+    if "PACK" not in named:  # the backward kernels: packed has its own kernel, dq/dkdv are looped
+        named["PACK"] = "packed" in self.fn.fn.__name__
     for config in self.configs:
-        if ga.precision_fits(config, named):
+        if measured_here(config, named):
             self.fn.run(*args, **kwargs, **config.all_kwargs())
 
 
