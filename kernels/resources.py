@@ -86,11 +86,15 @@ def parse_ptxas_log(log: str) -> dict:
 
 
 def assess(res: dict, num_warps: int, arch: str) -> dict:
-    """res (regs, spills, shared) + occupancy on arch, and whether it is usable: launches and never spills."""
+    """res (regs, spills, shared) + occupancy on arch, and whether it is usable: it launches, never spills,
+    keeps MIN_OCCUPANCY and stays under the register cap (at the cap a config is one specialisation away
+    from spilling: dK/dV 64 x 32 at BLOCK_D 128 on sm_80 used 255 registers and no spill at head dim 128,
+    and spilled at head dim 80)."""
     occ = occupancy(res["regs"], res["shared"], num_warps, arch)
     spills = res["spill_stores"] + res["spill_loads"]
     return {**res, **occ, "spills": spills > 0, "launchable": occ["blocks"] > 0,
-            "usable": occ["blocks"] > 0 and spills == 0 and occ["occupancy"] >= MIN_OCCUPANCY}
+            "usable": occ["blocks"] > 0 and spills == 0 and occ["occupancy"] >= MIN_OCCUPANCY
+            and res["regs"] < ARCH_LIMITS[arch].regs_per_thread}
 
 
 # --- autotune pruning with the measured table -------------------------------------------------------
