@@ -6,8 +6,9 @@ Here, without compiling:
 - the table is current: its fingerprint (kernel sources, triton version) matches the code, and it
   covers every config of the static lists at every BLOCK_D the op uses, in 16-bit and fp32;
 - the prune functions, run as on an sm_80 / sm_86 / sm_89 / sm_90 device, keep only configs the table
-  says launch, never spill and keep the minimum occupancy, at every LGI-Former stage shape, every
-  supported head dim and dtype;
+  says launch, never spill, stay under the register cap and keep the minimum occupancy, at every
+  LGI-Former stage shape, every supported head dim and dtype (the table holds the worst over the
+  layouts those stages launch with);
 - the occupancy arithmetic and the ptxas log parser give the CUDA occupancy calculator's numbers.
 tests/test_kernels_compile.py recompiles the launches the ops make and checks the same on the
 measured cubins (fp16 included), so a table that lies fails there.
@@ -93,6 +94,7 @@ def test_pruned_configs_at_stage_shapes_launch_without_spilling(arch, monkeypatc
                         assert m is not None and m["launchable"], where
                         assert not m["spills"], where
                         assert m["occupancy"] >= resources.MIN_OCCUPANCY, where
+                        assert m["regs"] < resources.ARCH_LIMITS[arch].regs_per_thread, where
                         if pack:
                             assert ga.groups_per_tile(Lq, Lk, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= 1
                         checked += 1
@@ -144,3 +146,24 @@ def test_parse_ptxas_log():
     assert resources.parse_ptxas_log(log) == {"regs": 255, "stack": 48, "spill_stores": 40, "spill_loads": 48}
     with pytest.raises(ValueError, match="ptxas"):
         resources.parse_ptxas_log("ptxas fatal   : Unresolved extern function")
+
+
+def test_a_config_at_the_register_cap_is_not_usable():
+    res = {"regs": 255, "spill_stores": 0, "spill_loads": 0, "shared": 0}
+    assert resources.assess(res, 8, "sm_90")["launchable"] and not resources.assess(res, 8, "sm_90")["usable"]
+    assert resources.assess({**res, "regs": 254}, 8, "sm_90")["usable"]
+
+
+def test_table_entry_is_the_worst_over_the_measured_layouts():
+    def result(regs, spills, shared, target="sm_90", ok=True, attrs=()):
+        job = {"kernel": "mae_kernels.grouped_attention._attn_bwd_dq_kernel", "attrs": list(attrs),
+               "signature": {"q_ptr": "*bf16", "BLOCK_D": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+               "constexprs": [[[1], 64], [[2], 64], [[3], 32]], "options": {"num_warps": 4, "num_stages": 2}}
+        return {"job": job, "target": target, "ok": ok, "regs": regs, "spill_stores": spills, "spill_loads": spills,
+                "shared": shared}
+
+    from tests.helpers.kernel_resources import table_rows
+    key = ("_attn_bwd_dq_kernel", None, "16bit", 64, 64, 32, 4, 2)
+    rows = table_rows([result(200, 0, 4096), result(180, 8, 8192, attrs=[[[5], [["tt.divisibility", 16]]]]),
+                       result(100, 0, 1024, target="sm_80"), result(0, 0, 0, target="sm_80", ok=False)])
+    assert rows == {key: {"sm_90": (200, 8, 8, 8192), "sm_80": None}}
