@@ -323,8 +323,9 @@ def resources_section(res: dict[str, Any]) -> list[str]:
     lines = ["## Kernel resources (static, sm_80 / sm_90 cubins)", "",
              "Measured without a GPU by `tests/helpers/kernel_resources.py`: registers and spills from `ptxas -v`, "
              "shared memory from Triton's metadata, occupancy = resident warps / 64 from registers, shared memory "
-             "and warps per block (`mae_kernels.resources`). The autotuners only launch *usable* configs: they "
-             "launch, never spill and keep the minimum occupancy. Kernel sources measured: "
+             "and warps per block (`mae_kernels.resources`); each config's worst over the LGI stage layouts. The "
+             "autotuners only launch *usable* configs: they launch, never spill, stay under the register cap "
+             "and keep the minimum occupancy. Kernel sources measured: "
              + ", ".join(f"`{k}` {v}" for k, v in res.get("fingerprint", {}).get("kernels", {}).items()) + ".", "",
              "| kernel | dtype | BLOCK_D | arch | configs | usable | spill | cannot launch | registers "
              "| max smem (KB) | best usable occupancy |", "|---|---|---|---|---|---|---|---|---|---|---|"]

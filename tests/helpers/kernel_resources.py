@@ -50,10 +50,9 @@ REPORT_JSON = ROOT / "benchmarks" / "results" / "kernel-resources.json"
 TABLE_HEAD_DIMS = (16, 32, 64, 128)  # one per BLOCK_D the op uses (SUPPORTED_HEAD_DIMS padded to a power of 2)
 TABLE_DTYPES = (torch.bfloat16, torch.float32)
 FULL_SPACE_BLOCK_D = (64,)
-# The layouts the LGI stages launch with (fused-qkv self-attention, separate cross-attention tensors,
-# lengths that are and are not multiples of 16 specialise differently); a config's entry is the worst
-# over them: packed stage I-style groups, looped stage III/IV (80 <-> 8 tokens) and fine-tuning (101)
-TABLE_SHAPES = ((8, 11, 11), (1, 101, 101), (1, 80, 8), (1, 8, 80))
+# The LGI stage shapes and layouts the compile test launches (fused-qkv self-attention, separate
+# cross-attention tensors; lengths that are multiples of 16 and G == 1 specialise differently); a
+# config's entry is the worst over them
 SMALL_SPACE = {"packed": {(16, 16, 4), (32, 32, 4), (64, 64, 8)},  # (BLOCK_M, BLOCK_N, num_warps)
                "looped": {(16, 16), (32, 32), (64, 32), (64, 64)}}  # (BLOCK_M, BLOCK_N)
 FIELDS = ("regs", "spill_stores", "spill_loads", "shared")  # order of the values in the table
@@ -152,7 +151,7 @@ def record_table_jobs() -> list[dict]:
     ga.use_triton = lambda *tensors: True
     for D in sorted(TABLE_HEAD_DIMS, key=lambda d: d != 64):  # the LGI-Former's head dim first
         for dtype in TABLE_DTYPES:
-            for G, Lq, Lk in TABLE_SHAPES:
+            for G, Lq, Lk in c.ATTENTION_SHAPES:
                 q, k, v = c._attention_inputs(G, Lq, Lk, D, dtype)
                 mk.grouped_attention(q, k, v).backward(torch.ones(2, G, Lq, 2, D, dtype=dtype))
     return list(c._jobs.values())
