@@ -332,6 +332,8 @@ _PACKED_CONFIGS = [
 _LOOPED_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=8 if max(bm, bn) == 128 else 4, num_stages=2)
     for bm in TILE_SIZES for bn in TILE_SIZES
+] + [  # fp32 at BLOCK_D 128 fits only 16-wide tiles, and dQ's spilled 4 B with 4 warps at 101 tokens (sm_90)
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=2)
 ]
 _TUNING_KEY = ["Lq", "Lk", "BLOCK_D", "DOT_PREC"]
 
