@@ -294,7 +294,8 @@ def precision_fits(config, named_args) -> bool:
 
 def _resource_pruned(kernel: str, configs, named_args, preferred: list, correct: list):
     """The preferred configs that the resource table says are usable on this device (launch, no spills,
-    enough occupancy: mae_kernels.resources); else the usable ones of every correct config; else the
+    under the register cap, enough occupancy: mae_kernels.resources); else the usable ones of every
+    correct config (a smaller tile: fewer groups per pack, more key blocks); else the
     first preferred (only when no correct config is usable, which tests/test_kernel_resources.py rules
     out for every shape, head dim and dtype it checks)."""
     arch = resources.device_arch(named_args["q_ptr"])
@@ -320,7 +321,8 @@ def _prune_looped(configs, named_args, kernel: str, **kwargs):
     return _resource_pruned(kernel, configs, named_args, tight, list(configs))
 
 
-# Static spaces, every config of which is measured into _resource_table.py (tests/helpers/kernel_resources.py):
+# Static spaces; the autotuners try only what _resource_table.py measured usable (the plan of
+# tests/helpers/kernel_resources.py: every config at BLOCK_D 64, a few at the other head dims):
 # packed tiles at most 2:1 (a pack of groups is as wide in queries as in keys; other shapes still find a
 # correct tile), 8 warps on a tile of at most 32x32 would leave threads without a row, 2 warps on a
 # 64-wide tile spill; looped loops are short at these lengths (a few key blocks), so one pipeline depth.
