@@ -1,23 +1,26 @@
-"""Measure registers, spills and shared memory of every autotune config of the attention kernels.
+"""Measure registers, spills and shared memory of the attention kernels' autotune configs.
 
     python tests/helpers/kernel_resources.py [--workers 2] [--cache /tmp/kernel-resources.jsonl]
 
-Writes ``kernels/_resource_table.py``, the table the autotuner's prune functions read
-(``mae_kernels.resources``), and ``benchmarks/results/kernel-resources.json`` (every compiled config
-and launch with its occupancy on sm_80 and sm_90, for the benchmark report).
+Writes ``kernels/_resource_table.py``, the table the autotuners' prune functions read
+(``mae_kernels.resources``), and ``benchmarks/results/kernel-resources.json`` (every measured config
+with its occupancy on sm_80 and sm_90, for the benchmark report).
 
 Why a table and not a compile in the prune function: spills are known only after ptxas, and a
 compile per config at autotune time costs what benchmarking it would. The table is measured here,
-offline, on the cubins of tests/helpers/compile_kernels.py (same recording, same ptxas flags): every
-config of every autotuned kernel (static lists in grouped_attention.py) at each BLOCK_D the op can
-use (head dims 16, 32, 64, 128 stand for their BLOCK_D), in bf16 (fp16 has the same tensor-core code
-and register layout; its launches are checked by the resource test) and fp32, for sm_80 and sm_90.
+offline, on the cubins of tests/helpers/compile_kernels.py (same recording, same ptxas flags), for
+the measurement plan (``measured_here``): every config of the static lists in grouped_attention.py
+at BLOCK_D 64, a few at BLOCK_D 16, 32 and 128 (head dims 16, 32, 64, 128 stand for their BLOCK_D),
+all within ``precision_fits``; in bf16 (fp16 has the same tensor-core code and register layout; its
+launches are checked by tests/test_kernels_compile.py) and fp32; for sm_80 and sm_90. Each entry is
+the worst over the LGI stage shapes of the compile test (their specialisations differ). Configs the
+plan leaves out are never tuned.
+
 The table carries a hash of each kernel's source (with the @triton.jit helpers it calls) and the
 triton version; tests/test_kernel_resources.py fails when they no longer match, i.e. when a kernel
-changed and the table was not regenerated.
-
-Must run with TRITON_INTERPRET unset (see compile_kernels.py). A compile that takes longer than
-``--timeout`` seconds (ptxas on a hopelessly spilling config) is recorded as unusable.
+changed and the table was not regenerated. Must run with TRITON_INTERPRET unset (see
+compile_kernels.py). A compile that takes longer than ``--timeout`` seconds (ptxas on a hopelessly
+spilling config) is recorded as failed, i.e. unusable.
 """
 
 from __future__ import annotations
