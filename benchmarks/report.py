@@ -4,8 +4,9 @@
 
 Without ``--json`` the newest ``*.json`` under ``.benchmarks/`` is used. Writes
 ``<device>-<YYYY-MM-DD>.md`` (machine, versions, commit, one table per benchmark group, headline
-ratios, cases that produced no result) and ``<device>-<YYYY-MM-DD>.png`` (a bar per ratio; only
-when the run has ratios).
+ratios, cases that produced no result, and the kernels' static resources: registers, spills, shared
+memory and occupancy per kernel and config from ``--resources``) and ``<device>-<YYYY-MM-DD>.png`` (a
+bar per ratio; only when the run has ratios).
 
 How ratios are defined:
 
@@ -37,6 +38,7 @@ from typing import Any
 
 ROLES = ("ours", "reference", "baseline", "peer")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_RESOURCES = DEFAULT_OUT / "kernel-resources.json"  # written by tests/helpers/kernel_resources.py
 # extra_info keys shown as table columns, in this order: key -> (header, format)
 METRICS = {
     "samples_per_s": ("samples/s", "{:.2f}"),
@@ -383,15 +385,69 @@ def step_goals(groups: dict[str, list[Case]]) -> list[str]:
     return lines + [""]
 
 
-def render_markdown(data: dict[str, Any], source: str | None = None, chart: str | None = None) -> str:
+def load_resources(path: Path | None) -> dict[str, Any] | None:
+    """The kernel resource table tests/helpers/kernel_resources.py writes (None: no such file)."""
+    if path is None or not Path(path).is_file():
+        return None
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or "fields" not in data or "rows" not in data:
+        raise ValueError(f"{path}: not a kernel-resources JSON (expected 'fields' and 'rows')")
+    return data
+
+
+def _kb(nbytes: int | None) -> str:
+    return "–" if nbytes is None else f"{nbytes / 1024:.1f}"
+
+
+def resources_section(res: dict[str, Any]) -> list[str]:
+    """Registers, spills, shared memory and occupancy per kernel and config (static: ptxas, no GPU run)."""
+    rows = [dict(zip(res["fields"], r)) for r in res["rows"]]
+    lines = ["## Kernel resources (static, sm_80 / sm_90 cubins)", "",
+             "Measured without a GPU by `tests/helpers/kernel_resources.py`: registers and spills from `ptxas -v`, "
+             "shared memory from Triton's metadata, occupancy = resident warps / 64 from registers, shared memory "
+             "and warps per block (`mae_kernels.resources`); each config's worst over the LGI stage layouts. The "
+             "autotuners only launch *usable* configs: they launch, never spill, stay under the register cap "
+             "and keep the minimum occupancy. Kernel sources measured: "
+             + ", ".join(f"`{k}` {v}" for k, v in res.get("fingerprint", {}).get("kernels", {}).items()) + ".", "",
+             "| kernel | dtype | BLOCK_D | arch | configs | usable | spill | cannot launch | registers "
+             "| max smem (KB) | best usable occupancy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    summary: dict[tuple, list[dict]] = {}
+    for r in rows:
+        kernel = r["kernel"] + ("" if r["pack"] is None else (" (packed)" if r["pack"] else " (looped)"))
+        summary.setdefault((kernel, r["dtype"], r["block_d"], r["arch"]), []).append(r)
+    for (kernel, dtype, block_d, arch), rs in summary.items():
+        regs = [r["regs"] for r in rs if r["regs"] is not None]
+        usable = [r for r in rs if r["usable"]]
+        spill = sum(1 for r in rs if (r["spill_stores"] or 0) + (r["spill_loads"] or 0) > 0)
+        no_launch = sum(1 for r in rs if r["blocks"] == 0)
+        best = max((r["occupancy"] for r in usable), default=None)
+        lines.append(f"| `{kernel}` | {dtype} | {block_d} | {arch} | {len(rs)} | {len(usable)} | {spill} | {no_launch} "
+                     f"| {min(regs, default='–')}–{max(regs, default='–')} "
+                     f"| {_kb(max((r['shared'] or 0 for r in rs), default=None))} "
+                     f"| {'–' if best is None else f'{best:.0%}'} |")
+    lines += ["", "<details><summary>Every config</summary>", "",
+              "| kernel | pack | dtype | BLOCK_D | BLOCK_M | BLOCK_N | warps | stages | arch | registers "
+              "| spill stores / loads (B) | smem (KB) | blocks/SM | occupancy | limited by | usable |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| `{r['kernel']}` | {r['pack']} | {r['dtype']} | {r['block_d']} | {r['block_m']} "
+                     f"| {r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['arch']} | {r['regs']} "
+                     f"| {r['spill_stores']} / {r['spill_loads']} | {_kb(r['shared'])} | {r['blocks']} "
+                     f"| {r['occupancy']:.0%} | {r['limiter']} | {'yes' if r['usable'] else '**no**'} |")
+    return lines + ["", "</details>", ""]
+
+
+def render_markdown(data: dict[str, Any], source: str | None = None, chart: str | None = None,
+                    resources: dict[str, Any] | None = None) -> str:
     groups = group_cases(parse_cases(data))
     device = device_name(data)
     lines = [f"# Benchmarks on {device}, {run_date(data)}", ""] + machine_section(data, source) + [""]
     if device == "cpu":
         lines += [f"> {CPU_NOTE}", ""]
+    tail = resources_section(resources) if resources else []
     if not groups:
         lines += ["**No benchmark results** in this file (every case was skipped or failed, or none ran).", ""]
-        return "\n".join(lines + outcomes_section(data))
+        return "\n".join(lines + outcomes_section(data) + tail)
     rows = headline(groups)
     lines += ["## Headline ratios", ""]
     if rows:
@@ -408,7 +464,7 @@ def render_markdown(data: dict[str, Any], source: str | None = None, chart: str 
         lines += [f"![ratios vs each group's baseline]({chart})", ""]
     for group, cases in groups.items():
         lines += [f"## {group}", ""] + group_table(cases) + [""]
-    return "\n".join(lines + outcomes_section(data))
+    return "\n".join(lines + outcomes_section(data) + tail)
 
 
 def chart_bars(groups: dict[str, list[Case]]) -> list[tuple[str, float, str]]:
@@ -465,7 +521,8 @@ def render_chart(groups: dict[str, list[Case]], path: Path, title: str) -> bool:
     return True
 
 
-def write_report(data: dict[str, Any], out_dir: Path, source: str | None = None) -> tuple[Path, Path | None]:
+def write_report(data: dict[str, Any], out_dir: Path, source: str | None = None,
+                 resources: dict[str, Any] | None = None) -> tuple[Path, Path | None]:
     """Write the markdown (and the chart when there are ratios); return their paths."""
     groups = group_cases(parse_cases(data))  # validates before anything is written
     out_dir = Path(out_dir)
@@ -474,7 +531,7 @@ def write_report(data: dict[str, Any], out_dir: Path, source: str | None = None)
     png = out_dir / f"{stem}.png"
     has_chart = render_chart(groups, png, f"{device_name(data)}, {run_date(data)}")
     md = out_dir / f"{stem}.md"
-    md.write_text(render_markdown(data, source, png.name if has_chart else None))
+    md.write_text(render_markdown(data, source, png.name if has_chart else None, resources))
     return md, png if has_chart else None
 
 
@@ -482,6 +539,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="pytest-benchmark JSON (default: newest under .benchmarks/)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"where to write (default {DEFAULT_OUT})")
+    parser.add_argument("--resources", type=Path, default=DEFAULT_RESOURCES,
+                        help=f"kernel resource JSON of tests/helpers/kernel_resources.py (default {DEFAULT_RESOURCES};"
+                             " the section is left out when the file does not exist)")
     args = parser.parse_args(argv)
     source = args.json or newest_json()
     if source is None:
@@ -489,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "`pytest benchmarks --benchmark-only --benchmark-json PATH` first")
     if not Path(source).is_file():
         parser.error(f"--json: {source} does not exist")
-    md, png = write_report(load(source), args.out_dir, str(source))
+    md, png = write_report(load(source), args.out_dir, str(source), load_resources(args.resources))
     print(f"wrote {md}" + (f" and {png}" if png else " (no ratios, no chart)"))
     return 0
 

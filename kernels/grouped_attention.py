@@ -31,6 +31,7 @@ its backward), which saves the log-sum-exp the same way, so the reference backwa
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -39,6 +40,7 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
+from . import resources
 from .dispatch import (
     check_same_device,
     check_same_dtype,
@@ -294,31 +296,66 @@ def _looped_side_fits(block: int, length: int, floor: int) -> bool:
     return min(floor, p2) <= block <= max(MIN_DOT, p2)
 
 
-def _prune_packed(configs, named_args, **kwargs):
+def precision_fits(config, named_args) -> bool:
+    """fp32 inputs take IEEE dots on the FMA units with every tile in registers: they spill on 128-wide
+    tiles at any head dim, on 64-wide ones from BLOCK_D 64, with 2 warps from 16 x 16 x 64
+    (tests/helpers/kernel_resources.py measured it; more columns only need more registers). So fp32 keeps
+    4+ warps and at most 2048 values per tile row block; other configs are neither measured nor tuned."""
+    side = max(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
+    return named_args["DOT_PREC"] != "ieee" or (
+        config.num_warps >= 4 and side <= 64 and side * named_args["BLOCK_D"] <= 32 * 64)
+
+
+def _resource_pruned(kernel: str, configs, named_args, preferred: list, correct: list):
+    """The preferred configs that the resource table says are usable on this device (launch, no spills,
+    under the register cap, enough occupancy: mae_kernels.resources); else the usable ones of every
+    correct config (a smaller tile: fewer groups per pack, more key blocks); else the
+    first preferred (only when no correct config is usable, which tests/test_kernel_resources.py rules
+    out for every shape, head dim and dtype it checks)."""
+    arch = resources.device_arch(named_args["q_ptr"])
+    preferred, correct = ([c for c in cs if precision_fits(c, named_args)] for cs in (preferred, correct))
+    for candidates in (preferred, correct):
+        usable = resources.usable_configs(candidates, kernel, named_args, arch)
+        if usable:
+            return usable
+    return (preferred or correct or configs)[:1]
+
+
+def _prune_packed(configs, named_args, kernel: str, **kwargs):
     Lq, Lk = named_args["Lq"], named_args["Lk"]
-    kept = [c for c in configs if _packed_tile_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], Lq, Lk)]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    correct = [c for c in configs if groups_per_tile(Lq, Lk, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= 1]
+    tight = [c for c in correct if _packed_tile_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], Lq, Lk)]
+    return _resource_pruned(kernel, configs, named_args, tight, correct)
 
 
-def _prune_looped(configs, named_args, **kwargs):
+def _prune_looped(configs, named_args, kernel: str, **kwargs):
     Lq, Lk = named_args["Lq"], named_args["Lk"]
-    kept = [c for c in configs if _looped_side_fits(c.kwargs["BLOCK_M"], Lq, 64)
-            and _looped_side_fits(c.kwargs["BLOCK_N"], Lk, 32)]
-    return kept or configs[:1]
+    tight = [c for c in configs if _looped_side_fits(c.kwargs["BLOCK_M"], Lq, 64)
+             and _looped_side_fits(c.kwargs["BLOCK_N"], Lk, 32)]
+    return _resource_pruned(kernel, configs, named_args, tight, list(configs))
 
 
+# Static spaces; the autotuners try only what _resource_table.py measured usable (the plan of
+# tests/helpers/kernel_resources.py: every config at BLOCK_D 64, a few at the other head dims):
+# packed tiles at most 2:1 (a pack of groups is as wide in queries as in keys; other shapes still find a
+# correct tile), 8 warps on a tile of at most 32x32 would leave threads without a row, 2 warps on a
+# 64-wide tile spill; looped loops are short at these lengths (a few key blocks), so one pipeline depth.
 _PACKED_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=1)
-    for bm in TILE_SIZES for bn in TILE_SIZES for w in (2, 4, 8)
+    for bm in TILE_SIZES for bn in TILE_SIZES if max(bm, bn) <= 2 * min(bm, bn)
+    for w in ((2, 4) if max(bm, bn) <= 32 else (4, 8))
 ]
 _LOOPED_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=8 if max(bm, bn) == 128 else 4, num_stages=s)
-    for bm in TILE_SIZES for bn in TILE_SIZES for s in (2, 3)
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=8 if max(bm, bn) == 128 else 4, num_stages=2)
+    for bm in TILE_SIZES for bn in TILE_SIZES
+] + [  # fp32 at BLOCK_D 128 fits only 16-wide tiles, and dQ's spilled 4 B with 4 warps at 101 tokens (sm_90)
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=2)
 ]
 _TUNING_KEY = ["Lq", "Lk", "BLOCK_D", "DOT_PREC"]
 
 
 def _autotuned(kernel, configs, prune):
+    prune = functools.partial(prune, kernel=kernel.fn.__name__)
     return triton.autotune(configs=configs, key=_TUNING_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
 
 

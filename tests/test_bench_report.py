@@ -196,3 +196,39 @@ def test_plain_benchmark_run_writes_its_own_report(tmp_path):
     assert len(reports) == 1 and f"benchmark report: {reports[0]}" in proc.stdout
     text = reports[0].read_text()
     assert "gather_tokens video C=512" in text and "assemble_decoder_tokens" not in text
+
+
+def test_kernel_resource_section_lists_every_config_and_summarises_per_kernel(tmp_path):
+    fields = ["kernel", "pack", "dtype", "block_d", "block_m", "block_n", "num_warps", "num_stages", "arch", "regs",
+              "spill_stores", "spill_loads", "shared", "blocks", "warps", "occupancy", "limiter", "usable"]
+    rows = [["_attn_fwd_kernel", True, "16bit", 64, 16, 16, 4, 1, "sm_90", 96, 0, 0, 4096, 5, 20, 0.3125,
+             "registers", True],
+            ["_attn_fwd_kernel", True, "16bit", 64, 128, 128, 4, 1, "sm_90", 255, 40, 48, 65536, 2, 8, 0.125,
+             "registers", False],
+            ["_attn_fwd_kernel", True, "16bit", 64, 64, 64, 8, 1, "sm_90", None, None, None, None, 0, 0, 0.0,
+             "compile failed", False]]
+    path = tmp_path / "res.json"
+    path.write_text(json.dumps({"fingerprint": {"kernels": {"_attn_fwd_kernel": "abc"}}, "fields": fields,
+                                "rows": rows}))
+    md_path, _ = report.write_report(run(STEP_CASES), tmp_path, resources=report.load_resources(path))
+    md = md_path.read_text()
+    assert "## Kernel resources" in md and "`_attn_fwd_kernel` abc" in md
+    assert row(md, "`_attn_fwd_kernel (packed)`") == [
+        "`_attn_fwd_kernel (packed)`", "16bit", "64", "sm_90", "3", "1", "1", "1", "96–255", "64.0", "31%"]
+    assert row(md, "`_attn_fwd_kernel`")[:13] == [  # first per-config row
+        "`_attn_fwd_kernel`", "True", "16bit", "64", "16", "16", "4", "1", "sm_90", "96", "0 / 0", "4.0", "5"]
+    assert "| 40 / 48 | 64.0 | 2 | 12% | registers | **no** |" in md
+    assert report.load_resources(tmp_path / "missing.json") is None
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a kernel-resources JSON"):
+        report.load_resources(tmp_path / "bad.json")
+
+
+def test_committed_kernel_resources_render():
+    """The JSON tests/helpers/kernel_resources.py wrote renders, and agrees with the table the kernels use."""
+    from mae_kernels._resource_table import FINGERPRINT
+
+    res = report.load_resources(report.DEFAULT_RESOURCES)
+    assert res is not None and res["fingerprint"] == FINGERPRINT
+    lines = report.resources_section(res)
+    assert sum(1 for line in lines if line.startswith("| `_attn")) > 100

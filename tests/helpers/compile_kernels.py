@@ -13,15 +13,21 @@ ptxas failures) slip through the interpreter tests. This script:
 3. de-duplicates the recorded specialisations and compiles each for sm_80 and sm_90 (ptxas ships
    in the triton wheel), in a pool of worker processes;
 4. prints one line ``RESULT {json}``: launches per kernel, compiles per target, failures with the
-   compiler's error text (MLIR diagnostics included), the launchable kernels found in the package.
+   compiler's error text (MLIR diagnostics included), the launchable kernels found in the package,
+   and per compile its registers and spills (the ptxas -v log Triton prints with
+   TRITON_DUMP_PTXAS_LOG), shared memory (Triton's metadata) and occupancy (mae_kernels.resources).
+
+The ops run once per target, the autotuners pruning as on a device of that architecture
+(``mae_kernels.resources.device_arch`` is patched), and each recorded launch compiles for the
+targets that recorded it.
 
 Covered: every launchable @triton.jit kernel of mae_kernels, at the shapes/dtypes in ``run_ops()``,
 with the exact signature specialisation (divisibility by 16, ints equal to 1) the GPU launcher would
 use for those tensors. Autotuned kernels: of the configs left after ``early_config_prune``, at most
 ``--max-configs`` spread evenly from the smallest to the largest tile, plus the interpreter's tiling
 when it survives pruning, with 4 warps where listed (0 = all configs, the full sweep). Not covered:
-configs beyond the cap, other shapes' specialisations, and launch-time resource limits (shared
-memory / registers are reported, not checked against a device). Must run with TRITON_INTERPRET
+configs beyond the cap (tests/test_kernel_resources.py covers every config through the measured
+table of tests/helpers/kernel_resources.py) and other shapes' specialisations. Must run with TRITON_INTERPRET
 unset: Triton picks interpreter or compiler when ``@triton.jit`` decorates, i.e. at import.
 """
 
@@ -31,18 +37,23 @@ import argparse
 import concurrent.futures
 import contextlib
 import importlib
+import io
 import json
 import multiprocessing
 import os
 import pkgutil
 import re
+import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 import triton
+from mae_kernels import resources
+from mae_kernels.resources import assess, parse_ptxas_log
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -50,12 +61,14 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+RESOURCE_FIELDS = ("regs", "spill_stores", "spill_loads", "shared")
 
 _BACKEND = None  # CUDA backend used to bind arguments exactly as the GPU launcher does
 _jobs: dict[str, dict] = {}  # specialisation key -> job
 _launches: dict[str, int] = {}  # kernel -> launches recorded
 _problems: list[dict] = []
 _max_configs = 4
+_target = "sm_90"  # the architecture the autotuners prune for while recording
 
 
 # --- recording ----------------------------------------------------------------------------------------
@@ -80,7 +93,10 @@ def _record_launch(self: JITFunction, *args, grid, warmup, **kwargs):
            "attrs": [[list(k), v] for k, v in attrs.items()],
            "options": {k: kwargs[k] for k in OPTION_KEYS if kwargs.get(k) is not None}}
     key = json.dumps(job, sort_keys=True, default=str)
-    _jobs.setdefault(key, {**job, "kernel": name, "launches": 0})["launches"] += 1
+    entry = _jobs.setdefault(key, {**job, "kernel": name, "launches": 0, "targets": []})
+    entry["launches"] += 1
+    if _target not in entry["targets"]:
+        entry["targets"].append(_target)
 
 
 def select_configs(pruned: list, max_configs: int, interpreter_tile: tuple[int, int] | None) -> list:
@@ -165,8 +181,9 @@ def run_ops(mk) -> None:
                     mk.masked_mse_loss(pred, patches, idx, valid, norm_pix, norm_groups=groups).backward()
 
 
-def record(max_configs: int) -> None:
-    global _BACKEND, _max_configs
+def record(max_configs: int, targets: list[str]) -> None:
+    """Run the ops once per target, the autotuners pruning as on a device of that architecture."""
+    global _BACKEND, _max_configs, _target
     _BACKEND, _max_configs = make_backend(TARGETS["sm_90"]), max_configs
     mk = importlib.import_module("mae_kernels")
     JITFunction.run = _record_launch
@@ -174,7 +191,9 @@ def record(max_configs: int) -> None:
     for mod in _kernel_modules(mk):
         if hasattr(mod, "use_triton"):
             mod.use_triton = lambda *tensors: True  # Triton path for CPU tensors: nothing is launched
-    run_ops(mk)
+    for _target in targets:
+        resources.device_arch = lambda t, arch=_target: arch
+        run_ops(mk)
 
 
 # --- the kernels the package defines -----------------------------------------------------------------
@@ -211,6 +230,20 @@ def _stderr_to(path):
             os.close(saved)
 
 
+def ptxas_resources(compiled, log: str) -> dict:
+    """Registers and spills from the ptxas -v log Triton printed; on a cache hit (no log) rerun ptxas -v
+    on the kernel's PTX with the flags Triton uses (the log is not cached)."""
+    if "Used " not in log:
+        arch = sm_arch_from_capability(compiled.metadata.target.arch)
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+            ptx.write(compiled.asm["ptx"])
+            ptx.flush()
+            cmd = [get_ptxas(compiled.metadata.target.arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                   f"--gpu-name={arch}", ptx.name, "-o", os.devnull]
+            log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    return parse_ptxas_log(log)
+
+
 def compile_job(job: dict, target_name: str) -> dict:
     fn = getattr(importlib.import_module(job["module"]), job["name"])
     src = ASTSource(fn=fn, signature=job["signature"], constexprs={tuple(k): v for k, v in job["constexprs"]},
@@ -220,9 +253,11 @@ def compile_job(job: dict, target_name: str) -> dict:
     start = time.perf_counter()
     with tempfile.NamedTemporaryFile(suffix=".log") as log, _stderr_to(log.name) as captured:
         try:
-            compiled = triton.compile(src, target=TARGETS[target_name], options=dict(job["options"]))
+            with contextlib.redirect_stdout(io.StringIO()) as ptxas_log:  # make_cubin prints ptxas -v there
+                compiled = triton.compile(src, target=TARGETS[target_name], options=dict(job["options"]))
             result.update(ok=True, cubin_bytes=len(compiled.asm.get("cubin", b"")),
-                          shared=compiled.metadata.shared)
+                          shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
+                          **ptxas_resources(compiled, ptxas_log.getvalue()))
         except Exception as exc:  # every compiler failure is a finding to report, not a crash
             captured.seek(0)
             result.update(ok=False, signature=job["signature"],
@@ -231,8 +266,8 @@ def compile_job(job: dict, target_name: str) -> dict:
     return result
 
 
-def compile_all(jobs: list[dict], targets: list[str], workers: int) -> list[dict]:
-    tasks = [(job, t) for t in targets for job in jobs]
+def compile_all(jobs: list[dict], workers: int) -> list[dict]:
+    tasks = [(job, t) for job in jobs for t in job["targets"]]
     if workers <= 1:
         return [compile_job(*task) for task in tasks]
     ctx = multiprocessing.get_context("fork")  # workers reuse the parent's imports; they run no torch ops
@@ -249,10 +284,16 @@ def summarise(results: list[dict], jobs: list[dict], entries: list[str]) -> dict
             k["max_shared"] = max(k.get("max_shared", 0), r["shared"])
             k["min_cubin_bytes"] = min(k.get("min_cubin_bytes", r["cubin_bytes"]), r["cubin_bytes"])
     for job in jobs:
-        per_kernel.setdefault(job["kernel"], {"launches": _launches.get(job["kernel"], 0), "signatures": 0})
-        per_kernel[job["kernel"]]["signatures"] += 1
+        k = per_kernel.setdefault(job["kernel"], {"launches": _launches.get(job["kernel"], 0), "signatures": 0})
+        k["signatures"] += 1
+        for t in job["targets"]:
+            k[f"signatures_{t}"] = k.get(f"signatures_{t}", 0) + 1
+    assessed = [{**{k: r[k] for k in ("kernel", "target", "options", "constexprs")},
+                 **assess({f: r[f] for f in RESOURCE_FIELDS}, r["num_warps"], r["target"])}
+                for r in results if r["ok"]]
     return {"entry_points": entries, "recorded": sorted(_launches), "kernels": per_kernel,
             "compiles": len(results), "failures": [r for r in results if not r["ok"]] + _problems,
+            "resources": assessed,
             "compile_seconds": round(sum(r["seconds"] for r in results), 1),
             "slowest": sorted(results, key=lambda r: -r["seconds"])[:8]}
 
@@ -266,9 +307,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET must be unset: interpreted kernels cannot be compiled")
-    record(args.max_configs)
+    triton.knobs.nvidia.dump_ptxas_log = True  # make_cubin prints its ptxas -v log: parsed per compile
+    record(args.max_configs, args.targets.split(","))
     jobs = list(_jobs.values())
-    results = compile_all(jobs, args.targets.split(","), args.workers)
+    results = compile_all(jobs, args.workers)
     return summarise(results, jobs, entry_points(importlib.import_module("mae_kernels")))
 
 
