@@ -74,14 +74,20 @@ def count_ops(step: Callable[[], object]) -> OpCounts:
 
 
 COMPILED_GRAPH_EVENT = "## Call CompiledFxGraph"  # the profiler scope of one inductor graph call
+# ops that only make a new view or an uninitialised buffer: no kernel runs
+NO_KERNEL_OPS = frozenset(f"aten::{name}" for name in (
+    "detach", "view", "_unsafe_view", "alias", "as_strided", "t", "transpose", "permute", "expand", "unsqueeze",
+    "squeeze", "slice", "select", "split", "split_with_sizes", "unbind", "chunk", "reshape", "resolve_conj",
+    "resolve_neg", "empty", "empty_strided", "empty_like", "lift_fresh", "unflatten", "flatten", "narrow",
+))
 
 
 def count_launches(step: Callable[[], object]) -> int:
     """Kernels one call of ``step`` launches, read from the profiler.
 
-    On CUDA: every device kernel. On CPU: the outermost aten ops (what eager code dispatches), and
-    inside a compiled graph each kernel inductor generated and each extern call it makes (matmuls,
-    custom ops) — with ``torch._inductor.config.cpp.enable_kernel_profile`` set before compiling, so
+    On CUDA: every device kernel. On CPU: the outermost aten ops (what eager code dispatches) that run
+    a kernel (views and empty buffers do not count), and inside a compiled graph each kernel inductor
+    generated and each extern call it makes (matmuls, custom ops) — with ``torch._inductor.config.cpp.enable_kernel_profile`` set before compiling, so
     generated CPU kernels show up as profiler events.
     """
     from torch.autograd import DeviceType
@@ -98,6 +104,8 @@ def count_launches(step: Callable[[], object]) -> int:
 
 
 def _is_launch(event) -> bool:
+    if event.name in NO_KERNEL_OPS:
+        return False
     parent = event.cpu_parent
     if parent is not None and parent.name.startswith(COMPILED_GRAPH_EVENT):
         return True
