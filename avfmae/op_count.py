@@ -87,8 +87,9 @@ def count_launches(step: Callable[[], object]) -> int:
 
     On CUDA: every device kernel. On CPU: the outermost aten ops (what eager code dispatches) that run
     a kernel (views and empty buffers do not count), and inside a compiled graph each kernel inductor
-    generated and each extern call it makes (matmuls, custom ops) — with ``torch._inductor.config.cpp.enable_kernel_profile`` set before compiling, so
-    generated CPU kernels show up as profiler events.
+    generated and each extern call it makes (matmuls, custom ops) — with
+    ``torch._inductor.config.cpp.enable_kernel_profile`` set before compiling, so generated CPU kernels
+    show up as profiler events.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
