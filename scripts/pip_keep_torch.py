@@ -91,9 +91,11 @@ def culprits(pip_log: str) -> list[str]:
             on = True
         elif on and not line.startswith(" "):
             on = False
-        elif on and re.search(r"depends on (torch|torchvision|torchaudio)\b", line):
+        elif on and (found := re.search(r"depends on (torch|torchvision|torchaudio)\b", line)):
             package = line.split()[0]
-            if package not in seen and not package.startswith("avfmae"):
+            # the project's own extras may name torchvision/torchaudio directly; its torch floor is no news
+            own_torch = package.startswith("avfmae") and found.group(1) == "torch"
+            if package not in seen and not own_torch:
                 seen.add(package)
                 lines.append(line.strip())
     return lines

@@ -59,7 +59,7 @@ def test_hicmae_extra_keeps_torch(tmp_path):
         # No torchvision built for this torch (e.g. a +cpu torch and only CUDA torchvision wheels on the
         # indexes): nothing fits, and the message says who wanted what instead of installing a broken build.
         assert done.returncode != 0
-        assert "depends on torchvision" in done.stderr and "timm" in done.stderr, done.stderr
+        assert "depends on torchvision" in done.stderr, done.stderr
         assert f"keeps torch=={torch_before}" in done.stderr and "TORCH_INDEX_URL=" in done.stderr
         return
 
