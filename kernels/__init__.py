@@ -11,6 +11,9 @@ from .dispatch import backend
 from .gather_tokens import gather_tokens
 from .grouped_attention import grouped_attention
 from .masked_mse_loss import masked_mse_loss
+from .masks import mask_to_indices
 
-__all__ = ["grouped_attention", "gather_tokens", "assemble_decoder_tokens", "masked_mse_loss", "backend"]
+__all__ = [
+    "grouped_attention", "gather_tokens", "assemble_decoder_tokens", "masked_mse_loss", "mask_to_indices", "backend",
+]
 __version__ = "0.1.0"

@@ -77,7 +77,8 @@ def _op_steps():
         "gather_tokens": lambda: mae_kernels.gather_tokens(x, idx, pos).sum().backward(),
         "assemble_decoder_tokens": lambda: mae_kernels.assemble_decoder_tokens(x[:, :M], token, pos, idx,
                                                                                dec).sum().backward(),
-        "masked_mse_loss": lambda: mae_kernels.masked_mse_loss(x[:, :M], x.detach(), idx, valid).backward(),
+        "masked_mse_loss": lambda: mae_kernels.masked_mse_loss(x[:, :M], x.detach(), idx, valid,
+                                                               norm_pix=True).backward(),
         "grouped_attention": lambda: mae_kernels.grouped_attention(q, q, q).sum().backward(),
     }
 
