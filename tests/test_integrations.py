@@ -78,16 +78,12 @@ class TinyMAE(nn.Module):
         return (loss * mask).sum() / mask.sum(), pred
 
     def patched(self, imgs, noise, mask_ratio, norm_pix_loss):
-        x = self.embed(mae.patchify(imgs, self.patch))
-        L = x.shape[1]
-        len_keep = int(L * (1 - mask_ratio))
-        ids_shuffle = torch.argsort(noise, dim=1)
-        x = mae.encoder_tokens(x, self.pos_embed, self.cls_token, ids_shuffle, len_keep)
+        x, mask, ids_restore = mae.random_masking(self.embed(mae.patchify(imgs, self.patch)), mask_ratio,
+                                                  self.pos_embed, self.cls_token, noise)
         x = self.decoder_embed(self.enc(x))
-        x = mae.decoder_tokens(x, self.mask_token, self.decoder_pos_embed, ids_shuffle)
-        pred = self.pred(self.dec(x))[:, 1:]  # shuffle order
-        loss = mae.loss(pred, mae.patchify(imgs, self.patch), ids_shuffle, len_keep, norm_pix_loss)
-        return loss, mae.unshuffle(pred, torch.argsort(ids_shuffle, dim=1))
+        x = mae.decoder_tokens(x, self.mask_token, self.decoder_pos_embed, ids_restore)
+        pred = mae.unshuffle(self.pred(self.dec(x))[:, 1:], ids_restore)
+        return mae.loss(pred, mae.patchify(imgs, self.patch), mask, norm_pix_loss), pred
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -113,12 +109,15 @@ def test_mae_norm_pix_uses_the_unbiased_variance():
     """The biased variance would differ by P/(P-1): the adapter must not."""
     gen = torch.Generator().manual_seed(1)
     pred, target = torch.randn(2, 6, 12, generator=gen), torch.rand(2, 6, 12, generator=gen)
-    ids_shuffle = torch.argsort(torch.rand(2, 6, generator=gen), dim=1)
-    masked = ids_shuffle[:, 2:]
-    t = target[torch.arange(2)[:, None], masked]
-    t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, unbiased=True, keepdim=True) + 1e-6) ** 0.5
-    want = F.mse_loss(pred[:, 2:], t)
-    torch.testing.assert_close(mae.loss(pred, target, ids_shuffle, 2, norm_pix_loss=True), want)
+    mask = (torch.rand(2, 6, generator=gen).argsort(dim=1) < 4).float()
+    t = (target - target.mean(-1, keepdim=True)) / (target.var(-1, unbiased=True, keepdim=True) + 1e-6) ** 0.5
+    want = (((pred - t) ** 2).mean(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(mae.loss(pred, target, mask, norm_pix_loss=True), want)
+
+
+def test_mae_shuffle_of_inverts_ids_restore():
+    ids_shuffle = torch.rand(3, 10).argsort(dim=1)
+    torch.testing.assert_close(mae.shuffle_of(ids_shuffle.argsort(dim=1)), ids_shuffle)
 
 
 # --- VideoMAE / HiCMAE ------------------------------------------------------------------------------------
@@ -164,6 +163,7 @@ class TinyVideoMAE(nn.Module):
     def patched(self, videos, mask, num_masked, normalize_target, mean, std):
         x = self.embed(videos).flatten(2).transpose(1, 2)
         visible, masked = videomae.mask_indices(mask, num_masked)
+        assert all(torch.equal(a, b) for a, b in zip(videomae.mask_indices(mask), (visible, masked)))
         x_vis = self.encoder_to_decoder(self.enc(videomae.encoder_tokens(x, self.pos_enc, visible)))
         x_full = videomae.decoder_tokens(x_vis, self.mask_token, self.pos_dec, visible, masked)
         outputs = self.head(self.dec(x_full)[:, -num_masked:])

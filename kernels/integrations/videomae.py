@@ -24,11 +24,18 @@ IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
-def mask_indices(bool_masked_pos: torch.Tensor, num_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_indices(bool_masked_pos: torch.Tensor, num_masked: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(visible [B, N - num_masked], masked [B, num_masked]) positions, each in raster order -- the rows
-    ``x[~mask]`` and ``x[mask]`` select -- without a host sync. ``num_masked`` is the sampler's count."""
-    N = bool_masked_pos.shape[1]
+    ``x[~mask]`` and ``x[mask]`` select.
+
+    ``num_masked``: the sampler's count per row (``int(mask_ratio * N)`` for tube masking): no host
+    sync. VideoMAE's model is not told its mask ratio; left None, the count is read from the first row
+    (one host sync, where the boolean indexing it replaces makes one per indexing).
+    """
     mask = bool_masked_pos.flatten(1).to(torch.bool)
+    N = mask.shape[1]
+    if num_masked is None:
+        num_masked = int(mask[0].sum())
     return mask_to_indices(~mask, N - num_masked), mask_to_indices(mask, num_masked)
 
 
