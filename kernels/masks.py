@@ -20,7 +20,9 @@ def mask_to_indices(mask: torch.Tensor, count: int, validate: bool = False) -> t
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
         raise TypeError(f"mask must be a bool tensor [B, N], got "
                         f"{getattr(mask, 'dtype', type(mask).__name__)} of shape {tuple(getattr(mask, 'shape', ()))}")
-    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= mask.shape[1]:
+    if isinstance(count, bool) or not isinstance(count, (int, torch.SymInt)):
+        raise ValueError(f"count must be an int in [0, N={mask.shape[1]}] (True entries per row), got {count!r}")
+    if isinstance(count, int) and not 0 <= count <= mask.shape[1]:  # symbolic under torch.compile: no guard
         raise ValueError(f"count must be an int in [0, N={mask.shape[1]}] (True entries per row), got {count!r}")
     if validate:
         per_row = mask.sum(dim=1)

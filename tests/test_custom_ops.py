@@ -46,6 +46,13 @@ def _cases(backend):
                                      (torch.tensor(1.5, device=DEVICE), rand(B, M, 12, grad=False),
                                       rand(B, N, 12, grad=False), idx, valid, True, 1e-6, 3, False, False, False,
                                       backend)),
+        # issue 12: empty index sets, conventions normalised outside the kernel
+        "gather_tokens-empty": (ops.gather_tokens, (rand(B, N, C), idx[:, :0], rand(N, C), backend)),
+        "assemble_decoder_tokens-no-mask-tokens": (ops.assemble_decoder_tokens,
+                                                   (rand(B, M, C), rand(C), rand(N, C), idx, dec[:, :0], backend)),
+        "masked_mse_loss-videomae": (ops.masked_mse_loss,
+                                     (rand(B, M, 12), rand(B, N, 12, grad=False), idx, valid, True, 1e-6, 3, True,
+                                      True, True, backend)),
         "grouped_attention": (ops.grouped_attention, (q, k, k.detach().clone().requires_grad_(), 0.25, backend)),
         "grouped_attention_backward": (ops.grouped_attention_backward,
                                        (torch.randn_like(out), q.detach(), k.detach(), k.detach(), out.detach(),
