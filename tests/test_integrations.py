@@ -193,6 +193,21 @@ def test_videomae_adapter_matches_videomae(backend, normalize_target):
     assert_same_grads(original, patched)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_positions_is_hicmaes_visible_position_add(backend):
+    """HiCMAE adds pos[~mask] to intermediate encoder features that are already the visible tokens."""
+    mask = tube_mask(2, 10, 7, seed=5)
+    feats = torch.randn(2, 3, 16, device=DEVICE, requires_grad=True)
+    pos = torch.randn(1, 10, 16, device=DEVICE)
+    visible, _ = videomae.mask_indices(mask, 7)
+    with mae_kernels.backend(backend):
+        got = videomae.add_positions(feats, pos, visible)
+    want = feats + pos.expand(2, -1, -1)[~mask].reshape(2, -1, 16)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.square().sum(), feats)[0],
+                               torch.autograd.grad(want.square().sum(), feats)[0])
+
+
 def test_hicmae_audio_target_recipe():
     """HiCMAE's audio branch: one channel, (p1 p2 c) patches, no unnormalisation, same statistics."""
     gen = torch.Generator().manual_seed(2)

@@ -44,6 +44,13 @@ def encoder_tokens(x: torch.Tensor, pos_embed: torch.Tensor, visible: torch.Tens
     return gather_tokens(x, visible, pos_embed)
 
 
+def add_positions(x_vis: torch.Tensor, pos_embed: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """``x_vis + pos[~mask].reshape(B, -1, C)`` for tokens already selected (HiCMAE's intermediate encoder
+    features): one pass, the decoder-input op with no mask token."""
+    no_masked = visible[:, :0]
+    return assemble_decoder_tokens(x_vis, x_vis.new_zeros(x_vis.shape[-1]), pos_embed, visible, no_masked)
+
+
 def decoder_tokens(x_vis: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor, visible: torch.Tensor,
                    masked: torch.Tensor) -> torch.Tensor:
     """``cat([x_vis + pos[~mask], mask_token + pos[mask]], 1)`` in one pass: [B, N_vis + N_mask, C]."""
