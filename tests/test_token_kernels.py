@@ -240,6 +240,10 @@ def test_dispatch_choice(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert dispatch.use_triton(cpu) is False
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "_INTERPRETED_AT_IMPORT", False)  # switched on after import: told so
+    with pytest.raises(RuntimeError, match="set after mae_kernels was imported"):
+        dispatch.use_triton(cpu)
+    monkeypatch.setattr(dispatch, "_INTERPRETED_AT_IMPORT", True)  # as conftest.py does, before the import
     assert dispatch.use_triton(cpu) is True
     with mae_kernels.backend("torch"):
         assert not dispatch.use_triton(cpu), "the context manager wins over the environment"
