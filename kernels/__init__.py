@@ -3,7 +3,9 @@
 Each op has Triton forward/backward kernels, a plain-torch reference in the same file, and a
 dispatcher (Triton on CUDA or under TRITON_INTERPRET=1, the reference otherwise; override with
 ``MAE_KERNELS_BACKEND=torch|triton`` or ``with mae_kernels.backend("torch"):``).
-This package stands alone: it needs torch and triton, nothing from avfmae.
+This package stands alone: it needs torch and triton, nothing from avfmae (``pip install ./kernels``).
+``mae_kernels.integrations.mae`` / ``.videomae`` adapt the conventions of MAE, VideoMAE and HiCMAE
+(see docs/drop-in.md); ``mask_to_indices`` turns a boolean mask into the positions the ops take.
 """
 
 from .assemble_decoder_tokens import assemble_decoder_tokens
