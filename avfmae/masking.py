@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from einops import rearrange, repeat
+from mae_kernels import mask_to_indices  # the one owner of mask -> sorted positions (stable argsort)
 
 from .config import ModelConfig
 
@@ -46,14 +47,6 @@ def _random_subsets(batch: int, groups: int, size: int, keep: int,
     """[B, groups, keep] sorted positions in [0, size), a uniform random subset per group."""
     scores = torch.rand(batch, groups, size, generator=generator, device=_generator_device(generator))
     return scores.argsort(dim=-1)[..., :keep].sort(dim=-1).values
-
-
-def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Sorted positions of the True entries of a bool mask [B, N] that has ``count`` per row.
-
-    A stable argsort puts the True entries first, in increasing position order; no host sync.
-    """
-    return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :count]
 
 
 def _block_positions(local: torch.Tensor, grid: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
@@ -119,7 +112,7 @@ def running_cell_mask(grid: tuple[int, int, int], ratio: float, batch: int,
     slot = torch.arange(4, device=gen_device)
     cell = (slot[None, None, :] - shift[..., None]) % 4 < keep                        # [B, t, 4]
     mask = repeat(cell, "b t (ch cw) -> b (t nh ch nw cw)", ch=2, cw=2, nh=h // 2, nw=w // 2)
-    return true_positions(mask, t * h * w * keep // 4).to(device or gen_device)
+    return mask_to_indices(mask, t * h * w * keep // 4).to(device or gen_device)
 
 
 def random_mask(num_tokens: int, ratio: float, batch: int, generator: torch.Generator | None = None,
@@ -134,7 +127,7 @@ def complement(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """The sorted positions [B, N - M] that ``idx`` [B, M] (distinct per row) does not list."""
     present = torch.zeros(idx.shape[0], num_tokens, dtype=torch.bool, device=idx.device)
     present.scatter_(1, idx.long(), True)
-    return true_positions(~present, num_tokens - idx.shape[1])
+    return mask_to_indices(~present, num_tokens - idx.shape[1])
 
 
 def contains(idx: torch.Tensor, query: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -107,7 +107,7 @@ def test_masked_mse_loss_fwd_bwd(benchmark, modality, P, groups, impl):
 
     def fn():
         if impl == "mae_kernels":
-            loss = mae_kernels.masked_mse_loss(pred, patches, dec_idx, norm_groups=groups)
+            loss = mae_kernels.masked_mse_loss(pred, patches, dec_idx, norm_pix=True, norm_groups=groups)
         else:
             loss = mae_way_loss(pred, patches, dec_keep, groups)
         loss.backward()

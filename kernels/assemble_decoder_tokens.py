@@ -23,9 +23,9 @@ from .dispatch import (
     check_index,
     check_pos,
     check_same_device,
-    check_same_dtype,
     check_tensor,
     device_guard,
+    match_dtype,
     requested_backend,
     runs_triton,
     use_triton,
@@ -86,12 +86,17 @@ def _assemble_triton(enc, mask_token, pos, enc_idx, dec_idx):
     MD = dec_idx.shape[1]
     token = mask_token.reshape(C)
     out = torch.empty((B, ME + MD, C), device=enc.device, dtype=enc.dtype)
+    # an empty side is never read (its rows are masked off); hand the launcher a real pointer anyway
+    if ME == 0:
+        enc, enc_idx = pos, dec_idx
+    if MD == 0:
+        dec_idx = enc_idx
     block_m, block_c = row_tile(ME + MD, C, enc.element_size())
     grid = (triton.cdiv(ME + MD, block_m), triton.cdiv(C, block_c), B)
     _assemble_fwd_kernel[grid](
         enc, token, pos, enc_idx, dec_idx, out,
         ME, MD, C,
-        *enc.stride(), token.stride(0), *pos_strides(pos),
+        *(enc.stride() if ME else (0, 0, 0)), token.stride(0), *pos_strides(pos),
         *enc_idx.stride(), *dec_idx.stride(), *out.stride(),
         BLOCK_M=block_m, BLOCK_C=block_c,
     )
@@ -105,6 +110,8 @@ def _assemble_triton(enc, mask_token, pos, enc_idx, dec_idx):
 def assemble_decoder_tokens_op(enc: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
                                enc_idx: torch.Tensor, dec_idx: torch.Tensor, backend: str) -> torch.Tensor:
     """The checked op: see :func:`assemble_decoder_tokens`."""
+    if enc_idx.shape[1] + dec_idx.shape[1] == 0:  # static shapes: nothing to launch
+        return enc.new_empty((enc.shape[0], 0, enc.shape[2]))
     if runs_triton(backend, enc):
         with device_guard(enc):
             return _assemble_triton(enc, mask_token, pos, enc_idx, dec_idx)
@@ -149,18 +156,21 @@ def assemble_decoder_tokens(enc: torch.Tensor, mask_token: torch.Tensor, pos: to
     Args:
         enc: [B, Me, C] encoder output (after the encoder-to-decoder projection), any strides.
         mask_token: [C], [1, C] or [1, 1, C], the learned mask token.
-        pos: [N, C] shared positional table, or [B, N, C].
+        pos: [N, C] or [1, N, C] shared positional table, or [B, N, C].
         enc_idx: [B, Me] int32/int64, the position of each encoder token, in the order the encoder
-            emitted them (region-major for the LGI-Former, not raster order).
+            emitted them (region-major for the LGI-Former, not raster order). Forward positions, not
+            an inverse permutation: with MAE's ``ids_restore`` use ``mae_kernels.integrations.mae``.
         dec_idx: [B, Md] int32/int64, the decoder-visible positions that get a mask token.
+            Me or Md may be 0 (mask ratio 0 or 1).
         validate: check that both index tensors lie in [0, N) (one host sync); off by default.
 
     Returns:
         [B, Me + Md, C] contiguous, dtype of enc; bit-equal to the reference.
 
     Differentiable in enc, mask_token (gradient summed over its uses) and pos. Positions may appear
-    in both index tensors. float32/float16/bfloat16; one dtype and one device for all float inputs.
-    No host sync unless ``validate``.
+    in both index tensors. float32/float16/bfloat16 (float64 on the reference backend); one device.
+    ``mask_token`` and ``pos`` are cast to enc's dtype (the dtype rule of all token ops, for autocast:
+    their gradients come back in their own dtype). No host sync unless ``validate``.
     """
     check_tensor("enc", enc, 3)
     B, ME, C = enc.shape
@@ -170,9 +180,9 @@ def assemble_decoder_tokens(enc: torch.Tensor, mask_token: torch.Tensor, pos: to
                          f"got shape {tuple(mask_token.shape)}")
     check_tensor("pos", pos, (2, 3))
     N = pos.shape[-2]
-    check_pos("pos", pos, B, N, C)
     check_same_device(enc=enc, mask_token=mask_token, pos=pos, enc_idx=enc_idx, dec_idx=dec_idx)
-    check_same_dtype(enc=enc, mask_token=mask_token, pos=pos)
+    pos = match_dtype("pos", check_pos("pos", pos, B, N, C), enc, "enc")
+    mask_token = match_dtype("mask_token", mask_token, enc, "enc")
     check_index("enc_idx", enc_idx, B, N, validate)
     if enc_idx.shape[1] != ME:
         raise ValueError(f"enc_idx must list one position per encoder token ({ME}), got shape "

@@ -13,7 +13,12 @@ The public function resolves 1-2 when it is called and hands the name to the op,
 its backward always run on the same backend, and ``torch.compile`` records the choice in the graph.
 
 ``TRITON_INTERPRET=1`` has to be set before ``mae_kernels`` is imported: Triton decides at
-decoration time whether a ``@triton.jit`` function is compiled or interpreted.
+decoration time whether a ``@triton.jit`` function is compiled or interpreted. Switching it on later
+raises a RuntimeError that says so (instead of Triton's "0 active drivers").
+
+float64 always runs the reference (the kernels are written for fp32/fp16/bf16): auto picks it, and
+an explicit ``backend("triton")`` with float64 tensors raises a TypeError. So a patched model can
+still be gradchecked in double precision.
 
 No check here reads a tensor's values: the ops make no host sync unless a caller asks for index
 validation (``validate=True``), which reads the index range back to the host once.
@@ -29,15 +34,36 @@ from collections.abc import Iterator
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernels compute in
+FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64: reference backend only
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 _local = threading.local()
 
 
-def interpreter_enabled() -> bool:
-    """True when Triton runs its CPU interpreter instead of compiling kernels."""
+def _interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+# Triton fixes compiled-vs-interpreted when the @triton.jit functions are decorated, i.e. at import
+_INTERPRETED_AT_IMPORT = _interpreter_requested()
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs its CPU interpreter instead of compiling kernels.
+
+    Raises RuntimeError when TRITON_INTERPRET was switched on after mae_kernels was imported: the
+    kernels were decorated for the GPU compiler then, and Triton would fail with "0 active drivers".
+    """
+    requested = _interpreter_requested()
+    if requested and not _INTERPRETED_AT_IMPORT:
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after mae_kernels was imported; Triton chooses interpreted vs "
+            "compiled kernels at import time. Set it before the first `import mae_kernels` (e.g. "
+            "`TRITON_INTERPRET=1 python ...` or os.environ at the top of conftest.py), or use "
+            "mae_kernels.backend('torch') for the reference implementation."
+        )
+    return requested
 
 
 def _requested_backend() -> str:
@@ -72,9 +98,18 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
 
 
 def runs_triton(name: str, *tensors: torch.Tensor | None) -> bool:
-    """Whether backend ``name`` ("auto", "torch" or "triton") runs the Triton kernels on ``tensors``."""
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    """Whether backend ``name`` ("auto", "torch" or "triton") runs the Triton kernels on ``tensors``.
+
+    Decided from devices and dtypes only (never values), so torch.compile sees a static choice.
+    """
+    present = [t for t in tensors if t is not None]
+    on_cuda = all(t.is_cuda for t in present)
     if name == "torch":
+        return False
+    if any(t.dtype == torch.float64 for t in present):
+        if name == "triton":
+            raise TypeError("float64 runs on the reference backend only (the Triton kernels compute in "
+                            "fp32/fp16/bf16): use mae_kernels.backend('torch') or the default 'auto'")
         return False
     if name == "triton":
         if not (on_cuda or interpreter_enabled()):
@@ -115,25 +150,44 @@ def check_same_device(**tensors: object) -> None:
 
 
 def check_same_dtype(**tensors: torch.Tensor | None) -> None:
+    """One dtype for q/k/v-like inputs (the ops with a dtype rule cast with :func:`match_dtype` first)."""
     dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
     if len(set(dtypes.values())) > 1:
         listing = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
         raise TypeError(f"all floating-point inputs must share one dtype, got {listing}")
 
 
+def match_dtype(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """The dtype rule of the token ops: parameters (``pos``, ``mask_token``) take the activations' dtype.
+
+    Under bf16/fp16 autocast the activations are half while the parameters stay fp32; casting the
+    parameter (a differentiable ``.to``: its gradient comes back in fp32) is what autocast does for
+    matmuls, and keeps the output in the activations' dtype. A float64 activation next to a lower
+    precision parameter is an error rather than a silent upcast of the parameter.
+    """
+    if t.dtype == like.dtype:
+        return t
+    if like.dtype == torch.float64 and t.dtype != torch.float64:
+        raise TypeError(f"{like_name} is float64 but {name} is {t.dtype}: cast {name} to float64 as well "
+                        "(float64 is for gradchecks on the reference backend)")
+    return t.to(like.dtype)
+
+
 def check_index(name: str, idx: object, batch: int, upper: int, validate: bool = False) -> torch.Tensor:
-    """idx: [B, M] int32/int64 with M > 0; with ``validate``, also 0 <= idx < upper (one host sync).
+    """idx: [B, M] int32/int64, M >= 0; with ``validate``, also 0 <= idx < upper (one host sync).
 
     Without ``validate`` the values are trusted: mask samplers produce in-range indices by
     construction, and a check on every call would stall the GPU queue once per op.
     """
+    if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
+        raise TypeError(f"{name} must hold token positions (int32/int64 [B, M]), got a bool mask of shape "
+                        f"{tuple(idx.shape)}: convert it with mae_kernels.mask_to_indices(mask, count), "
+                        "count = the number of True entries per row (no host sync)")
     check_tensor(name, idx, 2, INDEX_DTYPES)
     assert isinstance(idx, torch.Tensor)
     if idx.shape[0] != batch:
         raise ValueError(f"{name} must have batch size {batch} (first dim), got shape {tuple(idx.shape)}")
-    if idx.shape[1] == 0:
-        raise ValueError(f"{name} must select at least one token, got shape {tuple(idx.shape)}")
-    if validate:
+    if validate and idx.numel():
         lo, hi = torch.aminmax(idx)
         if int(lo) < 0 or int(hi) >= upper:
             raise ValueError(f"{name} values must lie in [0, {upper}), got range [{int(lo)}, {int(hi)}]")
@@ -141,11 +195,15 @@ def check_index(name: str, idx: object, batch: int, upper: int, validate: bool =
 
 
 def check_pos(name: str, pos: object, batch: int, length: int, channels: int) -> torch.Tensor:
-    """pos: [N, C] shared by the batch, or [B, N, C] per sample."""
+    """pos: [N, C] or [1, N, C] shared by the batch, or [B, N, C] per sample.
+
+    Returns the table to hand to the op: a [1, N, C] table (how MAE/VideoMAE/HiCMAE store theirs)
+    becomes an [N, C] view, so its gradient is summed over the batch.
+    """
     check_tensor(name, pos, (2, 3))
     assert isinstance(pos, torch.Tensor)
-    want = [(length, channels), (batch, length, channels)]
+    want = [(length, channels), (1, length, channels), (batch, length, channels)]
     if tuple(pos.shape) not in want:
-        raise ValueError(f"{name} must have shape [{length}, {channels}] or [{batch}, {length}, {channels}], "
-                         f"got {tuple(pos.shape)}")
-    return pos
+        raise ValueError(f"{name} must have shape [{length}, {channels}], [1, {length}, {channels}] or "
+                         f"[{batch}, {length}, {channels}], got {tuple(pos.shape)}")
+    return pos[0] if pos.dim() == 3 and pos.shape[0] == 1 else pos

@@ -22,9 +22,9 @@ from .dispatch import (
     check_index,
     check_pos,
     check_same_device,
-    check_same_dtype,
     check_tensor,
     device_guard,
+    match_dtype,
     requested_backend,
     runs_triton,
     use_triton,
@@ -235,6 +235,8 @@ def _scatter_rows_triton(grad: torch.Tensor, idx: torch.Tensor, num_rows: int, s
 @torch.library.custom_op("mae_kernels::gather_tokens", mutates_args=())
 def gather_tokens_op(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None, backend: str) -> torch.Tensor:
     """x [B, N, C], idx [B, M], pos [N, C] / [B, N, C] / None -> [B, M, C]; arguments already checked."""
+    if idx.shape[1] == 0:  # a static shape, not a value: nothing to launch
+        return x.new_empty((x.shape[0], 0, x.shape[2]))
     if runs_triton(backend, x):
         with device_guard(x):
             return _gather_triton(x, idx, pos)
@@ -251,6 +253,8 @@ def scatter_rows_op(grad: torch.Tensor, idx: torch.Tensor, num_rows: int, sum_ba
                     backend: str) -> torch.Tensor:
     """The backward of a row gather: grad [B, M, C] summed into [B, num_rows, C] (or [num_rows, C]
     when ``sum_batch``) at the rows idx [B, M] names; deterministic (no atomics)."""
+    if idx.shape[1] == 0:  # nothing points anywhere: zero gradients
+        return grad.new_zeros((num_rows, grad.shape[2]) if sum_batch else (grad.shape[0], num_rows, grad.shape[2]))
     if runs_triton(backend, grad):
         with device_guard(grad):
             return _scatter_rows_triton(grad, idx, num_rows, sum_batch)
@@ -303,9 +307,13 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None =
     """Gather the rows ``idx`` lists from ``x``, adding their positional embedding.
 
     Args:
-        x: [B, N, C] float32/float16/bfloat16, any strides.
-        idx: [B, M] int32 or int64, 0 <= idx < N, M >= 1. Repeats are allowed (their gradients add up).
-        pos: optional [N, C] (shared by the batch) or [B, N, C], same dtype and device as x.
+        x: [B, N, C] float32/float16/bfloat16 (float64: reference backend only), any strides.
+        idx: [B, M] int32 or int64 positions, 0 <= idx < N. Repeats are allowed (their gradients add
+            up); M = 0 gives an empty [B, 0, C] and zero gradients. For a boolean mask use
+            :func:`mae_kernels.mask_to_indices`.
+        pos: optional [N, C] or [1, N, C] (shared by the batch) or [B, N, C], on x's device. Cast to
+            x's dtype (the dtype rule of all token ops: under autocast an fp32 table meets half
+            activations; its gradient is returned in its own dtype).
         validate: check 0 <= idx < N (reads the index range back to the host: one sync). Off by
             default: out-of-range indices are undefined behaviour, as in any gather kernel.
 
@@ -322,8 +330,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None =
     check_same_device(x=x, idx=idx, pos=pos)
     check_index("idx", idx, B, N, validate)
     if pos is not None:
-        check_pos("pos", pos, B, N, C)
-        check_same_dtype(x=x, pos=pos)
+        pos = match_dtype("pos", check_pos("pos", pos, B, N, C), x, "x")
     name = requested_backend()
     use_triton(x, idx, pos)  # raises here, not inside the op, when the backend cannot run
     return gather_tokens_op(x, idx, pos, name)

@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from einops import rearrange
 
 from . import resources
 from .dispatch import (
@@ -425,34 +424,39 @@ def _attention_backward(q, k, v, out, lse, grad_out, scale: float):
 # --- reference --------------------------------------------------------------------------------------
 
 
+def _fold(t: torch.Tensor) -> torch.Tensor:
+    """[B, G, L, H, D] -> [B*G, H, L, D], the layout of torch's attention ops (a view when it can be)."""
+    B, G, L, H, D = t.shape
+    return t.reshape(B * G, L, H, D).transpose(1, 2)
+
+
+def _unfold(t: torch.Tensor, B: int, G: int) -> torch.Tensor:
+    """[B*G, H, L, D] -> [B, G, L, H, D]."""
+    _, H, L, D = t.shape
+    return t.transpose(1, 2).reshape(B, G, L, H, D)
+
+
 def grouped_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                scale: float | None = None) -> torch.Tensor:
+                                scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """SDPA over (B*G, H) sequences; same contract as grouped_attention."""
     B, G = q.shape[:2]
-    fold = "b g l h d -> (b g) h l d"
-    out = F.scaled_dot_product_attention(rearrange(q, fold), rearrange(k, fold), rearrange(v, fold),
-                                         scale=scale)
-    return rearrange(out, "(b g) h l d -> b g l h d", b=B, g=G)
-
-
-_FOLD = "b g l h d -> (b g) h l d"  # the [batch, heads, length, dim] layout of torch's attention ops
+    out = F.scaled_dot_product_attention(_fold(q), _fold(k), _fold(v), dropout_p=dropout_p, scale=scale)
+    return _unfold(out, B, G)
 
 
 def _attention_forward_reference(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch's CPU flash attention: (out [B, G, Lq, H, D] contiguous, natural-log lse [B*G*H, Lq])."""
     B, G = q.shape[:2]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        rearrange(q, _FOLD), rearrange(k, _FOLD), rearrange(v, _FOLD), scale=scale)
-    out = rearrange(out, "(b g) h l d -> b g l h d", b=B, g=G).contiguous()
-    return out, lse.reshape(-1, q.shape[2])
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(_fold(q), _fold(k), _fold(v), scale=scale)
+    return _unfold(out, B, G).contiguous(), lse.reshape(-1, q.shape[2])
 
 
 def _attention_backward_reference(q, k, v, out, lse, grad_out, scale: float):
     B, G, Lq, H, _ = q.shape
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        rearrange(grad_out, _FOLD), rearrange(q, _FOLD), rearrange(k, _FOLD), rearrange(v, _FOLD),
-        rearrange(out, _FOLD), lse.reshape(B * G, H, Lq), 0.0, False, scale=scale)
-    return tuple(rearrange(t, "(b g) h l d -> b g l h d", b=B, g=G).contiguous() for t in grads)
+        _fold(grad_out), _fold(q), _fold(k), _fold(v), _fold(out), lse.reshape(B * G, H, Lq), 0.0, False,
+        scale=scale)
+    return tuple(_unfold(t, B, G).contiguous() for t in grads)
 
 
 def _reference_runs(t: torch.Tensor) -> bool:
@@ -532,7 +536,7 @@ grouped_attention_op.register_autograd(_attention_backward_autograd, setup_conte
 # --- public op --------------------------------------------------------------------------------------
 
 
-def _check(q, k, v, scale):
+def _check(q, k, v, scale, dropout_p):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 5)
     check_same_device(q=q, k=k, v=v)
@@ -542,33 +546,45 @@ def _check(q, k, v, scale):
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if (k.shape[0], k.shape[1], k.shape[3], k.shape[4]) != (B, G, H, D):
         raise ValueError(f"k/v must be [B={B}, G={G}, Lk, H={H}, D={D}] to match q, got {tuple(k.shape)}")
-    if min(B, G, Lq, H, k.shape[2]) == 0:
+    if min(B, G, Lq, H, k.shape[2], D) == 0:
         raise ValueError(f"empty groups: q {tuple(q.shape)}, k {tuple(k.shape)} (every dim must be >= 1)")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim D must be one of {SUPPORTED_HEAD_DIMS}, got {D}")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a finite positive number or None, got {scale}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      scale: float | None = None) -> torch.Tensor:
+                      scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """Softmax attention within each group.
 
     Args:
-        q: [B, G, Lq, H, D]; k, v: [B, G, Lk, H, D]; one dtype (float32/float16/bfloat16), one device;
-            D in SUPPORTED_HEAD_DIMS, every dim >= 1. Strided views are accepted (e.g. slices of one
-            fused qkv projection ``linear(x).view(B, G, L, 3, H, D).unbind(3)``) and read in place.
+        q: [B, G, Lq, H, D]; k, v: [B, G, Lk, H, D]; one dtype (float32/float16/bfloat16; float64 on
+            the reference backend), one device, every dim >= 1. Strided views are accepted and read in
+            place, e.g. the slices of one fused qkv projection
+            ``linear(x).view(B, G, L, 3, H, D).unbind(3)``; plain (ungrouped) multi-head attention is
+            G = 1: ``linear(x).view(B, 1, N, 3, H, D).unbind(3)``, output ``.view(B, N, H * D)``.
         scale: softmax scale, default 1/sqrt(D).
+        dropout_p: attention-probability dropout, as in ``F.scaled_dot_product_attention``; pass 0.0
+            at eval. The kernels have no dropout, so dropout_p > 0 runs torch's SDPA (an aten op:
+            torch.compile sees it, and its backward replays the same dropout mask).
+
+    Head dims in SUPPORTED_HEAD_DIMS run the Triton kernels (tuned for them); any other D runs the
+    reference: torch's SDPA on CUDA, its fused CPU kernels on CPU. The choice depends on shapes only.
 
     Returns:
         [B, G, Lq, H, D], contiguous, in the input dtype (softmax statistics and accumulation in fp32).
         Differentiable in q, k and v (not twice). No host sync.
     """
-    _check(q, k, v, scale)
+    _check(q, k, v, scale, dropout_p)
     name = requested_backend()
     use_triton(q, k, v)  # raises here when the backend cannot run
+    if dropout_p > 0.0:
+        return grouped_attention_reference(q, k, v, scale, float(dropout_p)).contiguous()
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        name = "torch"
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return grouped_attention_op(q, k, v, scale, name)[0]

@@ -1,9 +1,27 @@
 """masked_mse_loss: MAE's reconstruction loss with the target gathered and normalised on the fly.
 
-    target[b, m] = patches[b, idx[b, m]], normalised per patch (per group of P/G values when
-                   norm_groups=G) to zero mean and unit variance: (t - mean) / sqrt(var + eps),
-                   var with unbiased=False, as MAE's norm_pix_loss.
+    target[b, m] = patches[b, idx[b, m]], optionally normalised per patch (per colour channel with
+                   norm_groups=3) to zero mean and unit spread
     loss = sum over valid rows of sum_p (pred - target)^2  /  (number of valid rows * P)
+
+The normalisation conventions differ between the public MAE codebases, and each is an option here
+(checked against re-implementations of their formulas in tests/test_masked_mse_loss.py and
+tests/test_integrations.py):
+
+    MAE (facebookresearch/mae, models_mae.py forward_loss, norm_pix_loss=True): whole patch, unbiased
+        variance, eps inside the root: (t - mean) / sqrt(var + 1e-6)
+        -> norm_pix=True, unbiased=True, eps_on="var"
+    VideoMAE / VideoMAE V2 / HiCMAE (engine_for_pretraining*.py, normalize_target=True): per colour
+        channel of a channel-LAST (p c) patch, unbiased std, eps added to the std:
+        (t - mean) / (std + 1e-6)
+        -> norm_pix=True, norm_groups=3 (1 for audio), channels_last=True, unbiased=True, eps_on="std"
+    AVF-MAE++ in this repository: channel-first (c p) patches, biased variance, eps in the root
+        -> norm_pix=True, norm_groups=3 (the fused-kernel convention: no extra pass)
+
+``norm_pix`` defaults to off, as in MAE. The Triton kernels normalise inside the loss for the
+biased / eps-in-the-root / contiguous-group convention; the others normalise the patches once with
+torch ops inside the same custom op (one extra pass over the patches, as the original code spends)
+and hand the kernel plain targets.
 
 The MAE way materialises the gathered targets, their normalised copy and the squared error, then
 reduces. Here one kernel reads pred and the gathered patch rows once and writes one float per row
@@ -114,46 +132,73 @@ def _tile(M: int, group_size: int) -> tuple[int, int]:
 # --- reference --------------------------------------------------------------------------------------
 
 
-def normalise_patches(target: torch.Tensor, norm_groups: int = 1, eps: float = 1e-6) -> torch.Tensor:
-    """Per-patch (per group of P/G contiguous values) zero-mean, unit-variance target, in fp32 (fp64 kept)."""
+def normalise_patches(target: torch.Tensor, norm_groups: int = 1, eps: float = 1e-6, unbiased: bool = False,
+                      eps_on_std: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """Per-patch (per group of P/G values) zero-mean, unit-spread target, in fp32 (fp64 kept).
+
+    Groups are G contiguous blocks of a (c p) patch, or with ``channels_last`` the G interleaved
+    channels of a (p c) patch. Spread: sqrt(var + eps), or std + eps with ``eps_on_std``; the
+    variance is unbiased (divides by P/G - 1) with ``unbiased``.
+    """
     *lead, P = target.shape
-    t = target.to(torch.promote_types(target.dtype, torch.float32)).reshape(*lead, norm_groups, P // norm_groups)
+    t = target.to(torch.promote_types(target.dtype, torch.float32))
+    if channels_last:
+        t = t.reshape(*lead, P // norm_groups, norm_groups).transpose(-1, -2)
+    else:
+        t = t.reshape(*lead, norm_groups, P // norm_groups)
     mean = t.mean(dim=-1, keepdim=True)
-    var = t.var(dim=-1, unbiased=False, keepdim=True)
-    return ((t - mean) / torch.sqrt(var + eps)).reshape(*lead, P)
+    var = t.var(dim=-1, unbiased=unbiased, keepdim=True)
+    spread = var.sqrt() + eps if eps_on_std else torch.sqrt(var + eps)
+    out = (t - mean) / spread
+    if channels_last:
+        out = out.transpose(-1, -2)
+    return out.reshape(*lead, P)
 
 
-def masked_mse_loss_reference(pred, patches, idx, valid=None, norm_pix=True, eps=1e-6, norm_groups=1):
+def _target(patches, idx, norm_pix, eps, norm_groups, unbiased, eps_on_std, channels_last):
     target = gather_rows_reference(patches.detach(), idx)
+    if norm_pix:
+        target = normalise_patches(target, norm_groups, eps, unbiased, eps_on_std, channels_last)
+    return target
+
+
+def masked_mse_loss_reference(pred, patches, idx, valid=None, norm_pix=False, eps=1e-6, norm_groups=1,
+                              unbiased=False, eps_on_std=False, channels_last=False):
+    target = _target(patches, idx, norm_pix, eps, norm_groups, unbiased, eps_on_std, channels_last)
     compute = torch.promote_types(pred.dtype, torch.float32)
-    target = normalise_patches(target, norm_groups, eps) if norm_pix else target
     row_err = (pred.to(compute) - target.to(compute)).pow(2).sum(dim=-1)  # [B, M]
-    if valid is None:
-        return row_err.sum() / row_err.numel() / pred.shape[-1]
-    count = valid.sum().clamp(min=1)
-    return (row_err * valid).sum() / (count * pred.shape[-1])
-
-
-
+    B, M, P = pred.shape
+    if valid is not None:
+        row_err = row_err * valid
+    return row_err.sum() / (_valid_count(valid, B, M, pred).to(compute) * P)
 
 
 def _valid_count(valid: torch.Tensor | None, B: int, M: int, like: torch.Tensor) -> torch.Tensor:
     """Rows that count (at least 1, so an all-invalid batch gives loss 0, not NaN), a device scalar."""
     if valid is None:
-        return torch.full((), float(B * M), device=like.device, dtype=torch.float32)
+        return torch.full((), float(max(B * M, 1)), device=like.device, dtype=torch.float32)
     return valid.sum(dtype=torch.float32).clamp(min=1)
 
 
-def masked_mse_loss_backward_reference(grad_loss, pred, patches, idx, valid, norm_pix, eps, norm_groups):
-    target = gather_rows_reference(patches, idx)
+def masked_mse_loss_backward_reference(grad_loss, pred, patches, idx, valid, norm_pix, eps, norm_groups,
+                                       unbiased=False, eps_on_std=False, channels_last=False):
+    target = _target(patches, idx, norm_pix, eps, norm_groups, unbiased, eps_on_std, channels_last)
     compute = torch.promote_types(pred.dtype, torch.float32)
-    target = normalise_patches(target, norm_groups, eps) if norm_pix else target
     B, M, P = pred.shape
     coef = 2.0 * grad_loss.to(compute) / (_valid_count(valid, B, M, pred).to(compute) * P)
     grad = (pred.to(compute) - target.to(compute)) * coef
     if valid is not None:
         grad = grad * valid.unsqueeze(-1)
     return grad.to(pred.dtype)
+
+
+def _kernel_targets(patches, norm_pix, eps, norm_groups, unbiased, eps_on_std, channels_last):
+    """(patches, NORM_PIX) for the kernels: they normalise in-kernel for the biased / eps-in-the-root /
+    contiguous-group convention; any other convention is normalised here, once, over all patches."""
+    native = not (unbiased or eps_on_std or (channels_last and norm_groups > 1))
+    if not norm_pix or native:
+        return patches, norm_pix
+    return normalise_patches(patches, norm_groups, eps, unbiased, eps_on_std, channels_last), False
 
 
 # --- Triton launches --------------------------------------------------------------------------------
@@ -201,32 +246,43 @@ def _loss_backward_triton(grad_loss, pred, patches, idx, valid, norm_pix, eps, n
 
 @torch.library.custom_op("mae_kernels::masked_mse_loss", mutates_args=())
 def masked_mse_loss_op(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor | None,
-                       norm_pix: bool, eps: float, norm_groups: int, backend: str) -> torch.Tensor:
+                       norm_pix: bool, eps: float, norm_groups: int, unbiased: bool, eps_on_std: bool,
+                       channels_last: bool, backend: str) -> torch.Tensor:
     """The checked op: see :func:`masked_mse_loss`."""
+    convention = (norm_groups, unbiased, eps_on_std, channels_last)
+    if idx.shape[1] == 0:  # static shape: no row to reconstruct, loss 0 (as with no valid row)
+        return pred.new_zeros((), dtype=torch.promote_types(pred.dtype, torch.float32))
     if runs_triton(backend, pred):
         with device_guard(pred):
+            patches, norm_pix = _kernel_targets(patches, norm_pix, eps, *convention)
             return _loss_triton(pred, patches, idx, valid, norm_pix, eps, norm_groups)
-    return masked_mse_loss_reference(pred, patches, idx, valid, norm_pix, eps, norm_groups)
+    return masked_mse_loss_reference(pred, patches, idx, valid, norm_pix, eps, *convention)
 
 
 @masked_mse_loss_op.register_fake
-def _(pred, patches, idx, valid, norm_pix, eps, norm_groups, backend):
+def _(pred, patches, idx, valid, norm_pix, eps, norm_groups, unbiased, eps_on_std, channels_last, backend):
     return pred.new_empty((), dtype=torch.promote_types(pred.dtype, torch.float32))
 
 
 @torch.library.custom_op("mae_kernels::masked_mse_loss_backward", mutates_args=())
 def masked_mse_loss_backward_op(grad_loss: torch.Tensor, pred: torch.Tensor, patches: torch.Tensor,
                                 idx: torch.Tensor, valid: torch.Tensor | None, norm_pix: bool, eps: float,
-                                norm_groups: int, backend: str) -> torch.Tensor:
+                                norm_groups: int, unbiased: bool, eps_on_std: bool, channels_last: bool,
+                                backend: str) -> torch.Tensor:
     """d loss / d pred, recomputing the normalised targets from the patches."""
+    convention = (norm_groups, unbiased, eps_on_std, channels_last)
+    if idx.shape[1] == 0:
+        return torch.zeros_like(pred, memory_format=torch.contiguous_format)
     if runs_triton(backend, pred):
         with device_guard(pred):
+            patches, norm_pix = _kernel_targets(patches, norm_pix, eps, *convention)
             return _loss_backward_triton(grad_loss, pred, patches, idx, valid, norm_pix, eps, norm_groups)
-    return masked_mse_loss_backward_reference(grad_loss, pred, patches, idx, valid, norm_pix, eps, norm_groups)
+    return masked_mse_loss_backward_reference(grad_loss, pred, patches, idx, valid, norm_pix, eps, *convention)
 
 
 @masked_mse_loss_backward_op.register_fake
-def _(grad_loss, pred, patches, idx, valid, norm_pix, eps, norm_groups, backend):
+def _(grad_loss, pred, patches, idx, valid, norm_pix, eps, norm_groups, unbiased, eps_on_std, channels_last,
+      backend):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
@@ -239,7 +295,7 @@ def _loss_setup(ctx, inputs, output):
 def _loss_backward(ctx, grad_loss):
     pred, patches, idx, valid = ctx.saved_tensors
     grad = masked_mse_loss_backward_op(grad_loss, pred, patches.detach(), idx, valid, *ctx.options)
-    return grad, None, None, None, None, None, None, None
+    return (grad, *([None] * (3 + len(ctx.options))))
 
 
 masked_mse_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -247,27 +303,43 @@ masked_mse_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 # --- public op --------------------------------------------------------------------------------------
 
+EPS_ON = ("var", "std")
+
 
 def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
-                    valid: torch.Tensor | None = None, norm_pix: bool = True, eps: float = 1e-6,
-                    norm_groups: int = 1, validate: bool = False) -> torch.Tensor:
-    """Mean squared error between predictions and the (normalised) patches they reconstruct.
+                    valid: torch.Tensor | None = None, norm_pix: bool = False, eps: float = 1e-6,
+                    norm_groups: int = 1, validate: bool = False, *, unbiased: bool = False,
+                    eps_on: str = "var", channels_last: bool = False) -> torch.Tensor:
+    """Mean squared error between predictions and the (optionally normalised) patches they reconstruct.
 
     Args:
-        pred: [B, M, P] predictions, float32/float16/bfloat16, any strides.
-        patches: [B, N, P] patchified targets (same dtype family; not differentiated: targets are data).
-        idx: [B, M] int32/int64, the patch each prediction row reconstructs, 0 <= idx < N.
+        pred: [B, M, P] predictions, float32/float16/bfloat16 (float64: reference backend), any strides.
+        patches: [B, N, P] patchified targets, any float dtype (computed in fp32; not differentiated:
+            targets are data).
+        idx: [B, M] int32/int64, the patch each prediction row reconstructs, 0 <= idx < N. M = 0
+            gives loss 0 and an empty gradient. A boolean mask converts with
+            :func:`mae_kernels.mask_to_indices`.
         valid: optional [B, M] bool; rows where it is False do not count (dual masking: decoder
-            rows that the encoder saw). The mean runs over the valid rows only; with no valid row
-            the loss is 0 (not NaN), so one empty batch cannot poison training.
-        norm_pix: normalise each target patch to zero mean / unit variance (MAE's norm_pix_loss).
-        eps: added to the variance before the square root.
-        norm_groups: normalise P/G contiguous values at a time (3 for channel-major video patches,
-            the VideoMAE V2 convention of per-colour-channel statistics); P must divide by it.
+            rows that the encoder saw; MAE's ``mask`` when pred covers every patch). The mean runs
+            over the valid rows only; with no valid row the loss is 0 (not NaN), so one empty batch
+            cannot poison training.
+        norm_pix: normalise each target patch to zero mean / unit spread. Off by default, as in MAE.
+        eps: the stabiliser of the spread (see ``eps_on``).
+        norm_groups: normalise P/G values at a time (3: per colour channel); P must divide by it.
         validate: check 0 <= idx < N (one host sync); off by default.
+        unbiased: divide the variance by (P/G - 1) as ``torch.var``'s default (MAE, VideoMAE), not P/G.
+        eps_on: "var" for (t - mean) / sqrt(var + eps) (MAE), "std" for (t - mean) / (std + eps)
+            (VideoMAE, HiCMAE).
+        channels_last: the patch is flattened (p c), channels interleaved (VideoMAE, HiCMAE; also
+            MAE's patchify), so a group is every G-th value; default (c p), G contiguous blocks.
+            Only matters when norm_groups > 1.
+
+    The recipe of each public codebase is spelled out in this module's docstring and applied by
+    :mod:`mae_kernels.integrations`.
 
     Returns:
-        A float32 scalar. Differentiable in pred only. No host sync unless ``validate``.
+        A float32 scalar (float64 for float64 pred). Differentiable in pred only. No host sync unless
+        ``validate``.
     """
     check_tensor("pred", pred, 3)
     check_tensor("patches", patches, 3)
@@ -287,6 +359,13 @@ def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor
         raise ValueError(f"norm_groups must be a positive integer dividing P={P}, got {norm_groups!r}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
+    if eps_on not in EPS_ON:
+        raise ValueError(f"eps_on must be 'var' ((t - mean) / sqrt(var + eps), MAE) or 'std' "
+                         f"((t - mean) / (std + eps), VideoMAE/HiCMAE), got {eps_on!r}")
+    if norm_pix and unbiased and P // norm_groups < 2:
+        raise ValueError(f"unbiased normalisation needs at least 2 values per group, got P/norm_groups = "
+                         f"{P // norm_groups}")
     name = requested_backend()
     use_triton(pred, patches, idx, valid)  # raises here when the backend cannot run
-    return masked_mse_loss_op(pred, patches, idx, valid, bool(norm_pix), float(eps), norm_groups, name)
+    return masked_mse_loss_op(pred, patches, idx, valid, bool(norm_pix), float(eps), norm_groups, bool(unbiased),
+                              eps_on == "std", bool(channels_last), name)

@@ -269,7 +269,7 @@ def test_errors_name_the_argument():
         (ValueError, "q must be 5-D", (q[0], k, k)),
         (ValueError, "k must be 5-D", (q, k.unsqueeze(0), k)),
         (TypeError, "v must be a torch.Tensor", (q, k, k.numpy())),
-        (TypeError, "q must have dtype", (q.double(), k.double(), k.double())),
+        (TypeError, "q must have dtype", (q.int(), k.int(), k.int())),
         (TypeError, "share one dtype.*k: torch.float16", (q, k.half(), k)),
         (ValueError, "one device", (q, k, torch.empty(k.shape, device="meta"))),
         (ValueError, "k and v must have the same shape", (q, k, k[:, :, :6])),
@@ -279,8 +279,7 @@ def test_errors_name_the_argument():
         (ValueError, "empty groups", (q[:, :, :0], k, k)),
         (ValueError, "empty groups", (q, k[:, :, :0], k[:, :, :0])),
         (ValueError, "empty groups", (q[:, :0], k[:, :0], k[:, :0])),
-        (ValueError, "head dim D must be one of", (q[..., :8], k[..., :8], k[..., :8])),
-        (ValueError, "head dim D must be one of", (torch.randn(1, 1, 2, 1, 48),) * 3),
+        (ValueError, "empty groups", (q[..., :0], k[..., :0], k[..., :0])),
     ]
     for backend in ("torch", "triton"):
         with mae_kernels.backend(backend):

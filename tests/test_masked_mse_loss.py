@@ -40,7 +40,7 @@ def check_against_reference(pred, patches, idx, valid, **kw):
                                             (2, 50, 17, 200, 2)])
 @pytest.mark.parametrize("valid_frac", [None, 0.5])
 def test_matches_reference(dtype, B, N, M, P, groups, valid_frac):
-    check_against_reference(*case(B, N, M, P, dtype, valid_frac), norm_groups=groups)
+    check_against_reference(*case(B, N, M, P, dtype, valid_frac), norm_groups=groups, norm_pix=True)
 
 
 @pytest.mark.parametrize("norm_pix", [True, False])
@@ -63,7 +63,7 @@ def test_no_valid_rows_gives_zero_not_nan():
     pred, patches, idx, _ = case(2, 20, 5, 16)
     valid = torch.zeros(2, 5, dtype=torch.bool, device=DEVICE)
     with mae_kernels.backend("triton"):
-        loss = mae_kernels.masked_mse_loss(pred, patches, idx, valid)
+        loss = mae_kernels.masked_mse_loss(pred, patches, idx, valid, norm_pix=True)
     (g,) = torch.autograd.grad(loss, pred)
     assert loss.item() == 0.0 and torch.count_nonzero(g) == 0
 
@@ -71,7 +71,7 @@ def test_no_valid_rows_gives_zero_not_nan():
 def test_invalid_rows_get_no_gradient():
     pred, patches, idx, valid = case(2, 40, 20, 32, valid_frac=0.5, seed=1)
     with mae_kernels.backend("triton"):
-        loss = mae_kernels.masked_mse_loss(pred, patches, idx, valid)
+        loss = mae_kernels.masked_mse_loss(pred, patches, idx, valid, norm_pix=True)
     (g,) = torch.autograd.grad(loss, pred)
     assert torch.count_nonzero(g[~valid]) == 0 and torch.count_nonzero(g[valid]) > 0
 
@@ -81,8 +81,8 @@ def test_strided_pred_and_int32_idx():
     pred = wide[:, :, 1]  # [2, 9, 64], row stride 128
     _, patches, idx, valid = case(2, 30, 9, 64, valid_frac=0.7, seed=2)
     with mae_kernels.backend("triton"):
-        loss = mae_kernels.masked_mse_loss(pred, patches, idx.int(), valid, norm_groups=2)
-    ref = masked_mse_loss_reference(pred, patches, idx, valid, norm_groups=2)
+        loss = mae_kernels.masked_mse_loss(pred, patches, idx.int(), valid, norm_pix=True, norm_groups=2)
+    ref = masked_mse_loss_reference(pred, patches, idx, valid, norm_pix=True, norm_groups=2)
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(torch.autograd.grad(loss, wide)[0], torch.autograd.grad(ref, wide)[0])
 
@@ -94,7 +94,7 @@ def test_loss_goes_down_under_gradient_descent():
     losses = []
     with mae_kernels.backend("triton"):
         for _ in range(5):
-            loss = mae_kernels.masked_mse_loss(pred, patches, idx, valid, norm_groups=4)
+            loss = mae_kernels.masked_mse_loss(pred, patches, idx, valid, norm_pix=True, norm_groups=4)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -119,7 +119,7 @@ def test_reference_gradcheck():
     idx = torch.tensor([[0, 4, 2], [1, 3, 3]])
     valid = torch.tensor([[True, False, True], [True, True, True]])
     assert torch.autograd.gradcheck(
-        lambda p: masked_mse_loss_reference(p, patches, idx, valid, norm_groups=2), (pred,))
+        lambda p: masked_mse_loss_reference(p, patches, idx, valid, norm_pix=True, norm_groups=2), (pred,))
 
 
 def test_errors_name_the_argument():
@@ -132,8 +132,10 @@ def test_errors_name_the_argument():
         mae_kernels.masked_mse_loss(pred, patches, idx + 10, validate=True)
     with pytest.raises(TypeError, match="idx must have dtype"):
         mae_kernels.masked_mse_loss(pred, patches, idx.to(torch.int16))
-    with pytest.raises(ValueError, match="at least one token"):
-        mae_kernels.masked_mse_loss(pred[:, :0], patches, idx[:, :0])
+    with pytest.raises(TypeError, match="mask_to_indices"):
+        mae_kernels.masked_mse_loss(pred, patches, torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="eps_on must be 'var'"):
+        mae_kernels.masked_mse_loss(pred, patches, idx, eps_on="sqrt")
     with pytest.raises(TypeError, match="valid must be a bool tensor"):
         mae_kernels.masked_mse_loss(pred, patches, idx, valid=torch.ones(2, 3))
     with pytest.raises(TypeError, match="valid must be a bool tensor"):

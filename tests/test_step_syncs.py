@@ -77,8 +77,21 @@ def _op_steps():
         "gather_tokens": lambda: mae_kernels.gather_tokens(x, idx, pos).sum().backward(),
         "assemble_decoder_tokens": lambda: mae_kernels.assemble_decoder_tokens(x[:, :M], token, pos, idx,
                                                                                dec).sum().backward(),
-        "masked_mse_loss": lambda: mae_kernels.masked_mse_loss(x[:, :M], x.detach(), idx, valid).backward(),
+        "masked_mse_loss": lambda: mae_kernels.masked_mse_loss(x[:, :M], x.detach(), idx, valid,
+                                                               norm_pix=True).backward(),
         "grouped_attention": lambda: mae_kernels.grouped_attention(q, q, q).sum().backward(),
+        # issue 12: the other conventions, [1, N, C] tables under mixed dtypes, bool masks, empty sets,
+        # the reference fallback for untuned head dims
+        "masked_mse_loss-videomae": lambda: mae_kernels.masked_mse_loss(
+            x[:, :M], x.detach(), idx, norm_pix=True, norm_groups=4, unbiased=True, eps_on="std",
+            channels_last=True).backward(),
+        "gather_tokens-mask-1NC-half": lambda: mae_kernels.gather_tokens(
+            x.half(), mae_kernels.mask_to_indices(torch.arange(N).expand(B, N) < M, M), pos[None]).float().sum()
+        .backward(),
+        "assemble_decoder_tokens-empty": lambda: mae_kernels.assemble_decoder_tokens(
+            x[:, :0], token, pos, idx[:, :0], dec).sum().backward(),
+        "grouped_attention-untuned-dim": lambda: mae_kernels.grouped_attention(
+            q[..., :8], q[..., :8], q[..., :8]).sum().backward(),
     }
 
 

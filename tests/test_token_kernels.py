@@ -196,14 +196,14 @@ def test_gather_errors_name_the_argument():
         mae_kernels.gather_tokens(x, idx + 10, validate=True)
     with pytest.raises(ValueError, match=r"idx values must lie"):
         mae_kernels.gather_tokens(x, idx - 1, validate=True)
-    with pytest.raises(ValueError, match="at least one token"):
-        mae_kernels.gather_tokens(x, idx[:, :0])
-    with pytest.raises(ValueError, match=r"pos must have shape \[10, 8\]"):
+    with pytest.raises(TypeError, match="mask_to_indices"):
+        mae_kernels.gather_tokens(x, torch.ones(2, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"pos must have shape \[10, 8\], \[1, 10, 8\]"):
         mae_kernels.gather_tokens(x, idx, torch.randn(10, 9))
-    with pytest.raises(TypeError, match="share one dtype"):
-        mae_kernels.gather_tokens(x, idx, torch.randn(10, 8, dtype=torch.float64).half())
+    with pytest.raises(TypeError, match="cast pos to float64"):
+        mae_kernels.gather_tokens(x.double(), idx, torch.randn(10, 8))
     with pytest.raises(TypeError, match="x must have dtype"):
-        mae_kernels.gather_tokens(x.double(), idx)
+        mae_kernels.gather_tokens(x.to(torch.int32), idx)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         mae_kernels.gather_tokens(x.numpy(), idx)
     with pytest.raises(TypeError, match="pos must be a torch.Tensor"):
@@ -221,8 +221,8 @@ def test_assemble_errors_name_the_argument():
         mae_kernels.assemble_decoder_tokens(enc, token, pos, eidx, didx + 10, validate=True)
     with pytest.raises(ValueError, match="dec_idx must have batch size"):
         mae_kernels.assemble_decoder_tokens(enc, token, pos, eidx, didx[:1])
-    with pytest.raises(TypeError, match="share one dtype"):
-        mae_kernels.assemble_decoder_tokens(enc, token.half(), pos, eidx, didx)
+    with pytest.raises(TypeError, match="cast mask_token to float64"):
+        mae_kernels.assemble_decoder_tokens(enc.double(), token, pos.double(), eidx, didx)
     with pytest.raises(ValueError, match="pos must have shape"):
         mae_kernels.assemble_decoder_tokens(enc, token, torch.randn(3, 10, 8), eidx, didx)
 
@@ -240,6 +240,10 @@ def test_dispatch_choice(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert dispatch.use_triton(cpu) is False
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "_INTERPRETED_AT_IMPORT", False)  # switched on after import: told so
+    with pytest.raises(RuntimeError, match="set after mae_kernels was imported"):
+        dispatch.use_triton(cpu)
+    monkeypatch.setattr(dispatch, "_INTERPRETED_AT_IMPORT", True)  # as conftest.py does, before the import
     assert dispatch.use_triton(cpu) is True
     with mae_kernels.backend("torch"):
         assert not dispatch.use_triton(cpu), "the context manager wins over the environment"

@@ -1,0 +1,32 @@
+"""Boolean token masks to the index form the ops take, without a host sync."""
+
+from __future__ import annotations
+
+import torch
+
+
+def mask_to_indices(mask: torch.Tensor, count: int, validate: bool = False) -> torch.Tensor:
+    """Positions of the True entries of a bool mask [B, N] holding ``count`` of them per row: [B, count].
+
+    The positions come out in increasing (raster) order, the order ``x[mask].reshape(B, -1, C)`` gives,
+    so ``gather_tokens(x, mask_to_indices(mask, k))`` equals that boolean indexing. A stable argsort
+    puts the True entries first: no ``nonzero``, no host sync, a static output shape.
+
+    ``count`` must be the same for every row (MAE-style samplers draw a fixed number per sample;
+    VideoMAE: ``int(mask_ratio * N)``). Rows with fewer Trues would silently pick False positions;
+    ``validate=True`` checks the counts (one host sync) and raises a ValueError instead.
+    For the complementary set use ``mask_to_indices(~mask, N - count)``.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        raise TypeError(f"mask must be a bool tensor [B, N], got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)} of shape {tuple(getattr(mask, 'shape', ()))}")
+    if isinstance(count, bool) or not isinstance(count, (int, torch.SymInt)):
+        raise ValueError(f"count must be an int in [0, N={mask.shape[1]}] (True entries per row), got {count!r}")
+    if isinstance(count, int) and not 0 <= count <= mask.shape[1]:  # symbolic under torch.compile: no guard
+        raise ValueError(f"count must be an int in [0, N={mask.shape[1]}] (True entries per row), got {count!r}")
+    if validate:
+        per_row = mask.sum(dim=1)
+        if bool((per_row != count).any()):
+            raise ValueError(f"every mask row must hold count={count} True entries, got "
+                             f"{sorted(set(per_row.tolist()))}")
+    return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :count]
