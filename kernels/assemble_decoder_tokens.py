@@ -28,7 +28,6 @@ from .dispatch import (
     match_dtype,
     requested_backend,
     runs_triton,
-    use_triton,
 )
 from .gather_tokens import gather_rows_reference, pos_strides, row_gradients, row_tile
 
@@ -189,5 +188,5 @@ def assemble_decoder_tokens(enc: torch.Tensor, mask_token: torch.Tensor, pos: to
                          f"{tuple(enc_idx.shape)}")
     check_index("dec_idx", dec_idx, B, N, validate)
     name = requested_backend()
-    use_triton(enc, mask_token, pos, enc_idx, dec_idx)  # raises here when the backend cannot run
+    runs_triton(name, enc, mask_token, pos, enc_idx, dec_idx)  # raises here, not inside the op
     return assemble_decoder_tokens_op(enc, mask_token, pos, enc_idx, dec_idx, name)

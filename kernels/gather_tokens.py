@@ -27,7 +27,6 @@ from .dispatch import (
     match_dtype,
     requested_backend,
     runs_triton,
-    use_triton,
 )
 
 # --- Triton kernels ---------------------------------------------------------------------------------
@@ -332,5 +331,5 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None =
     if pos is not None:
         pos = match_dtype("pos", check_pos("pos", pos, B, N, C), x, "x")
     name = requested_backend()
-    use_triton(x, idx, pos)  # raises here, not inside the op, when the backend cannot run
+    runs_triton(name, x, idx, pos)  # raises here, not inside the op, when the backend cannot run
     return gather_tokens_op(x, idx, pos, name)

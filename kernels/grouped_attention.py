@@ -48,7 +48,6 @@ from .dispatch import (
     interpreter_enabled,
     requested_backend,
     runs_triton,
-    use_triton,
 )
 
 SUPPORTED_HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128)
@@ -581,7 +580,7 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     _check(q, k, v, scale, dropout_p)
     name = requested_backend()
-    use_triton(q, k, v)  # raises here when the backend cannot run
+    runs_triton(name, q, k, v)  # raises here, not inside the op, when the backend cannot run
     if dropout_p > 0.0:
         return grouped_attention_reference(q, k, v, scale, float(dropout_p)).contiguous()
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:

@@ -45,7 +45,6 @@ from .dispatch import (
     device_guard,
     requested_backend,
     runs_triton,
-    use_triton,
 )
 from .gather_tokens import gather_rows_reference
 
@@ -366,6 +365,6 @@ def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor
         raise ValueError(f"unbiased normalisation needs at least 2 values per group, got P/norm_groups = "
                          f"{P // norm_groups}")
     name = requested_backend()
-    use_triton(pred, patches, idx, valid)  # raises here when the backend cannot run
+    runs_triton(name, pred, patches, idx, valid)  # raises here, not inside the op, when the backend cannot run
     return masked_mse_loss_op(pred, patches, idx, valid, bool(norm_pix), float(eps), norm_groups, bool(unbiased),
                               eps_on == "std", bool(channels_last), name)

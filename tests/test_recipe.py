@@ -16,22 +16,10 @@ import avfmae
 from avfmae.trainer import clip_augmentations, model_arguments
 from avfmae.training import ConfigError, load_config, scaled_lrs
 
+from .test_training_config import _load_shipped as load_shipped
+
 ROOT = Path(__file__).resolve().parents[1]
 GPUS = 8  # the recipes are written for one 8-GPU node
-
-
-def load_shipped(name: str, root: Path):
-    """Load ds_configs/<name> from a copy whose referenced files exist (empty placeholders)."""
-    raw = json.loads((ROOT / "ds_configs" / name).read_text())
-    path = root / "ds_configs" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(raw))
-    for key in ("train_manifest", "val_manifest", "init_checkpoint"):
-        if raw["avfmae"].get(key):
-            target = path.parent / raw["avfmae"][key]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.touch()
-    return load_config(path)
 
 
 # config: (per-GPU batch, GPUs, --lr, --min_lr, --clip_grad) of the reference run it reproduces

@@ -17,7 +17,7 @@ import torch
 from avfmae.launch import local_ranks
 from avfmae.training import CheckpointManager
 
-from .test_training_deepspeed import DEEPSPEED, ROOT, config, events
+from .test_training_deepspeed import DEEPSPEED, ROOT, config, dataset, events  # noqa: F401 (fixture)
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,14 +25,6 @@ pytestmark = [
 ]
 _port = iter(range(29800, 29900))
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    subprocess.run([sys.executable, "-m", "dali_pipelines.synthetic", str(out), "--clips", "24", "--classes", "4",
-                    "--frames", "20", "--val-clips", "8"], check=True, capture_output=True, timeout=120)
-    return out
 
 
 def run(cfg: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -50,7 +42,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_resume_skips_a_damaged_checkpoint_and_a_diverging_run_stops_without_saving(dataset, tmp_path):
+def test_resume_skips_a_damaged_checkpoint_and_a_diverging_run_stops_without_saving(dataset, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     ckpt = out / "checkpoints"
     first = run(config(dataset, out, stop_at_step=2, checkpoint_every_steps=1, keep_checkpoints=5))
@@ -80,7 +72,7 @@ def test_resume_skips_a_damaged_checkpoint_and_a_diverging_run_stops_without_sav
         torch.load(ckpt / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
 
 
-def test_sigterm_to_the_launcher_wrapper_reaches_every_rank(dataset, tmp_path):
+def test_sigterm_to_the_launcher_wrapper_reaches_every_rank(dataset, tmp_path):  # noqa: F811
     out = tmp_path / "terminated"
     cfg = config(dataset, out, epochs=50)
     cmd = [sys.executable, "-m", "avfmae.launch", "--num_gpus", "2", "--master_port", str(next(_port)),
