@@ -109,8 +109,8 @@ def _assemble_triton(enc, mask_token, pos, enc_idx, dec_idx):
 def assemble_decoder_tokens_op(enc: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
                                enc_idx: torch.Tensor, dec_idx: torch.Tensor, backend: str) -> torch.Tensor:
     """The checked op: see :func:`assemble_decoder_tokens`."""
-    if enc_idx.shape[1] + dec_idx.shape[1] == 0:  # static shapes: nothing to launch
-        return enc.new_empty((enc.shape[0], 0, enc.shape[2]))
+    if enc_idx.shape[1] + dec_idx.shape[1] == 0 or enc.shape[2] == 0:  # static shapes: nothing to launch
+        return enc.new_empty((enc.shape[0], enc_idx.shape[1] + dec_idx.shape[1], enc.shape[2]))
     if runs_triton(backend, enc):
         with device_guard(enc):
             return _assemble_triton(enc, mask_token, pos, enc_idx, dec_idx)

@@ -234,8 +234,8 @@ def _scatter_rows_triton(grad: torch.Tensor, idx: torch.Tensor, num_rows: int, s
 @torch.library.custom_op("mae_kernels::gather_tokens", mutates_args=())
 def gather_tokens_op(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None, backend: str) -> torch.Tensor:
     """x [B, N, C], idx [B, M], pos [N, C] / [B, N, C] / None -> [B, M, C]; arguments already checked."""
-    if idx.shape[1] == 0:  # a static shape, not a value: nothing to launch
-        return x.new_empty((x.shape[0], 0, x.shape[2]))
+    if idx.shape[1] == 0 or x.shape[2] == 0:  # static shapes, not values: nothing to launch
+        return x.new_empty((x.shape[0], idx.shape[1], x.shape[2]))
     if runs_triton(backend, x):
         with device_guard(x):
             return _gather_triton(x, idx, pos)
@@ -252,7 +252,7 @@ def scatter_rows_op(grad: torch.Tensor, idx: torch.Tensor, num_rows: int, sum_ba
                     backend: str) -> torch.Tensor:
     """The backward of a row gather: grad [B, M, C] summed into [B, num_rows, C] (or [num_rows, C]
     when ``sum_batch``) at the rows idx [B, M] names; deterministic (no atomics)."""
-    if idx.shape[1] == 0:  # nothing points anywhere: zero gradients
+    if idx.shape[1] == 0 or grad.shape[2] == 0:  # nothing points anywhere (or no channel): zero gradients
         return grad.new_zeros((num_rows, grad.shape[2]) if sum_batch else (grad.shape[0], num_rows, grad.shape[2]))
     if runs_triton(backend, grad):
         with device_guard(grad):

@@ -88,32 +88,57 @@ def _tile_rows(pid, L, NG, gpt, start, BLOCK: tl.constexpr, PACK: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(group, pos, G, H, sb, sg, sl, sh):
+def _row_offsets(group, pos, G, H, stride_b, stride_g, stride_l, stride_h):
     """Element offset of row (flat group, pos) in a [B, G, L, H, D] tensor with the given strides."""
     group = group.to(tl.int64)
     bg = group // H
-    return (bg // G) * sb + (bg % G) * sg + pos.to(tl.int64) * sl + (group % H) * sh
+    return (bg // G) * stride_b + (bg % G) * stride_g + pos.to(tl.int64) * stride_l + (group % H) * stride_h
 
 
 @triton.jit
-def _load_rows(ptr, group, pos, ok, d, d_ok, G, H, sb, sg, sl, sh, sd):
-    offs = _row_offsets(group, pos, G, H, sb, sg, sl, sh)[:, None] + d[None, :] * sd
+def _load_rows(ptr, group, pos, ok, d, d_ok, G, H, stride_b, stride_g, stride_l, stride_h, stride_d):
+    offs = _row_offsets(group, pos, G, H, stride_b, stride_g, stride_l, stride_h)[:, None] + d[None, :] * stride_d
     return tl.load(ptr + offs, mask=ok[:, None] & d_ok[None, :], other=0.0)
 
 
 @triton.jit
-def _store_rows(ptr, val, group, pos, ok, d, d_ok, G, H, sb, sg, sl, sh, sd):
-    offs = _row_offsets(group, pos, G, H, sb, sg, sl, sh)[:, None] + d[None, :] * sd
+def _store_rows(ptr, val, group, pos, ok, d, d_ok, G, H, stride_b, stride_g, stride_l, stride_h, stride_d):
+    offs = _row_offsets(group, pos, G, H, stride_b, stride_g, stride_l, stride_h)[:, None] + d[None, :] * stride_d
     tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _nonfinite(x):
+    return (x != x) | (tl.abs(x.to(tl.float32)) == float("inf"))
+
+
+@triton.jit
+def _finite_or_zero(x):
+    """x with its NaN and infinite entries zeroed. A pack's dots contract over the rows of several groups,
+    where a cross-group weight is an exact 0, but 0 * NaN is NaN: the zeroed operand keeps one group's
+    non-finite values out of the others' results."""
+    return tl.where(_nonfinite(x), tl.zeros_like(x), x)
+
+
+@triton.jit
+def _poisoned(live, x, DOT_PREC: tl.constexpr):
+    """[rows of live, columns of x]: True where the product live @ x would meet a non-finite x inside a
+    group (live is the same-group mask). Counted with a dot of 0/1 values, exact in any precision; only
+    tiles that hold a non-finite x pay for it."""
+    bad = _nonfinite(x)
+    hit = tl.zeros((live.shape[0], x.shape[1]), dtype=tl.float32)
+    if tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0:
+        hit = tl.dot(live.to(x.dtype), bad.to(x.dtype), input_precision=DOT_PREC)
+    return hit > 0.0
 
 
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    sqb, sqg, sql, sqh, sqd,
-    skb, skg, skl, skh, skd,
-    svb, svg, svl, svh, svd,
-    sob, sog, sol, soh, sod,
+    stride_qb, stride_qg, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kg, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vg, stride_vl, stride_vh, stride_vd,
+    stride_ob, stride_og, stride_ol, stride_oh, stride_od,
     NG, G, H, Lq, Lk, D, qk_scale,
     PACK: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -124,43 +149,53 @@ def _attn_fwd_kernel(
     gq, slot_q, iq, q_ok = _tile_rows(pid, Lq, NG, gpt, tl.program_id(1) * BLOCK_M, BLOCK_M, PACK)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q = _load_rows(q_ptr, gq, iq, q_ok, d, d_ok, G, H, sqb, sqg, sql, sqh, sqd)
+    q = _load_rows(q_ptr, gq, iq, q_ok, d, d_ok, G, H, stride_qb, stride_qg, stride_ql, stride_qh, stride_qd)
     # finite start: tile rows that match no key (pack padding) keep m finite, l = 0 and no NaN
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    poisoned = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.int32) > 0
     n_end = BLOCK_N if PACK else Lk  # a pack holds all keys of its groups in one tile
     for start_n in range(0, n_end, BLOCK_N):
         gk, slot_k, jk, k_ok = _tile_rows(pid, Lk, NG, gpt, start_n, BLOCK_N, PACK)
-        k = _load_rows(k_ptr, gk, jk, k_ok, d, d_ok, G, H, skb, skg, skl, skh, skd)
-        v = _load_rows(v_ptr, gk, jk, k_ok, d, d_ok, G, H, svb, svg, svl, svh, svd)
+        k = _load_rows(k_ptr, gk, jk, k_ok, d, d_ok, G, H, stride_kb, stride_kg, stride_kl, stride_kh, stride_kd)
+        v = _load_rows(v_ptr, gk, jk, k_ok, d, d_ok, G, H, stride_vb, stride_vg, stride_vl, stride_vh, stride_vd)
+        live = (slot_q[:, None] == slot_k[None, :]) & k_ok[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s = tl.where((slot_q[:, None] == slot_k[None, :]) & k_ok[None, :], s, float("-inf"))
+        s = tl.where(live, s, float("-inf"))
+        if PACK:  # a non-finite value stays in its own group: zeroed for P V, its group's outputs marked
+            poisoned = _poisoned(live, v, DOT_PREC)
+            v = _finite_or_zero(v)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
-    l_i = tl.where(l_i > 0.0, l_i, 1.0)
-    _store_rows(o_ptr, acc / l_i[:, None], gq, iq, q_ok, d, d_ok, G, H, sob, sog, sol, soh, sod)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows that matched no key; a NaN sum stays NaN (so does the lse)
+    out = tl.where(poisoned, float("nan"), acc / l_i[:, None])
+    _store_rows(o_ptr, out, gq, iq, q_ok, d, d_ok, G, H, stride_ob, stride_og, stride_ol, stride_oh, stride_od)
     tl.store(lse_ptr + gq.to(tl.int64) * Lq + iq, m_i + tl.log2(l_i), mask=q_ok)
 
 
 @triton.jit
 def _attn_bwd_packed_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
-    sqb, sqg, sql, sqh, sqd,
-    skb, skg, skl, skh, skd,
-    svb, svg, svl, svh, svd,
-    sob, sog, sol, soh, sod,
-    sdob, sdog, sdol, sdoh, sdod,
+    stride_qb, stride_qg, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kg, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vg, stride_vl, stride_vh, stride_vd,
+    stride_ob, stride_og, stride_ol, stride_oh, stride_od,
+    stride_dob, stride_dog, stride_dol, stride_doh, stride_dod,
+    stride_dqb, stride_dqg, stride_dql, stride_dqh, stride_dqd,
+    stride_dkb, stride_dkg, stride_dkl, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvg, stride_dvl, stride_dvh, stride_dvd,
     NG, G, H, Lq, Lk, D, sm_scale, qk_scale,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """All three gradients of the groups of one pack (every query and key of them sits in the tile).
 
-    dq/dk/dv are contiguous [B, G, L, H, D] (strides recomputed from the shapes).
+    The dots contracting over the tile's rows (P^T dO, dS K, dS^T Q) take non-finite entries zeroed and
+    dS zero across groups, so a NaN or an infinity reaches only its own group's gradients.
     """
     pid = tl.program_id(0)
     gpt = _groups_per_tile(Lq, Lk, BLOCK_M, BLOCK_N, True)
@@ -168,37 +203,39 @@ def _attn_bwd_packed_kernel(
     gk, slot_k, jk, k_ok = _tile_rows(pid, Lk, NG, gpt, 0, BLOCK_N, True)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q = _load_rows(q_ptr, gq, iq, q_ok, d, d_ok, G, H, sqb, sqg, sql, sqh, sqd)
-    o = _load_rows(o_ptr, gq, iq, q_ok, d, d_ok, G, H, sob, sog, sol, soh, sod)
-    do = _load_rows(do_ptr, gq, iq, q_ok, d, d_ok, G, H, sdob, sdog, sdol, sdoh, sdod)
-    k = _load_rows(k_ptr, gk, jk, k_ok, d, d_ok, G, H, skb, skg, skl, skh, skd)
-    v = _load_rows(v_ptr, gk, jk, k_ok, d, d_ok, G, H, svb, svg, svl, svh, svd)
+    q = _load_rows(q_ptr, gq, iq, q_ok, d, d_ok, G, H, stride_qb, stride_qg, stride_ql, stride_qh, stride_qd)
+    o = _load_rows(o_ptr, gq, iq, q_ok, d, d_ok, G, H, stride_ob, stride_og, stride_ol, stride_oh, stride_od)
+    do = _load_rows(do_ptr, gq, iq, q_ok, d, d_ok, G, H, stride_dob, stride_dog, stride_dol, stride_doh, stride_dod)
+    k = _load_rows(k_ptr, gk, jk, k_ok, d, d_ok, G, H, stride_kb, stride_kg, stride_kl, stride_kh, stride_kd)
+    v = _load_rows(v_ptr, gk, jk, k_ok, d, d_ok, G, H, stride_vb, stride_vg, stride_vl, stride_vh, stride_vd)
     lse = tl.load(lse_ptr + gq.to(tl.int64) * Lq + iq, mask=q_ok, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
 
     live = (slot_q[:, None] == slot_k[None, :]) & q_ok[:, None] & k_ok[None, :]
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     p = tl.exp2(tl.where(live, s - lse[:, None], float("-inf")))  # [BLOCK_M, BLOCK_N]
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    ds = (p * (dp - delta[:, None])).to(q.dtype)
-    dq = tl.dot(ds, k, input_precision=DOT_PREC) * sm_scale
-    dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PREC) * sm_scale
+    ds = tl.where(live, p * (dp - delta[:, None]), 0.0).to(q.dtype)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), _finite_or_zero(do), input_precision=DOT_PREC)
+    dv = tl.where(_poisoned(tl.trans(live), do, DOT_PREC), float("nan"), dv)
+    # a non-finite q or k entry already made its own group's dS NaN, which carries it into dQ and dK
+    dq = tl.dot(ds, _finite_or_zero(k), input_precision=DOT_PREC) * sm_scale
+    dk = tl.dot(tl.trans(ds), _finite_or_zero(q), input_precision=DOT_PREC) * sm_scale
 
-    sl_c = H * D  # contiguous [B, G, L, H, D] gradients
-    _store_rows(dq_ptr, dq, gq, iq, q_ok, d, d_ok, G, H, G * Lq * sl_c, Lq * sl_c, sl_c, D, 1)
-    _store_rows(dk_ptr, dk, gk, jk, k_ok, d, d_ok, G, H, G * Lk * sl_c, Lk * sl_c, sl_c, D, 1)
-    _store_rows(dv_ptr, dv, gk, jk, k_ok, d, d_ok, G, H, G * Lk * sl_c, Lk * sl_c, sl_c, D, 1)
+    _store_rows(dq_ptr, dq, gq, iq, q_ok, d, d_ok, G, H, stride_dqb, stride_dqg, stride_dql, stride_dqh, stride_dqd)
+    _store_rows(dk_ptr, dk, gk, jk, k_ok, d, d_ok, G, H, stride_dkb, stride_dkg, stride_dkl, stride_dkh, stride_dkd)
+    _store_rows(dv_ptr, dv, gk, jk, k_ok, d, d_ok, G, H, stride_dvb, stride_dvg, stride_dvl, stride_dvh, stride_dvd)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    sqb, sqg, sql, sqh, sqd,
-    skb, skg, skl, skh, skd,
-    svb, svg, svl, svh, svd,
-    sob, sog, sol, soh, sod,
-    sdob, sdog, sdol, sdoh, sdod,
+    stride_qb, stride_qg, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kg, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vg, stride_vl, stride_vh, stride_vd,
+    stride_ob, stride_og, stride_ol, stride_oh, stride_od,
+    stride_dob, stride_dog, stride_dol, stride_doh, stride_dod,
+    stride_dqb, stride_dqg, stride_dql, stride_dqh, stride_dqd,
     NG, G, H, Lq, Lk, D, sm_scale, qk_scale,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -207,9 +244,9 @@ def _attn_bwd_dq_kernel(
     gq, _slot_q, iq, q_ok = _tile_rows(pid, Lq, NG, 1, tl.program_id(1) * BLOCK_M, BLOCK_M, False)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q = _load_rows(q_ptr, gq, iq, q_ok, d, d_ok, G, H, sqb, sqg, sql, sqh, sqd)
-    o = _load_rows(o_ptr, gq, iq, q_ok, d, d_ok, G, H, sob, sog, sol, soh, sod)
-    do = _load_rows(do_ptr, gq, iq, q_ok, d, d_ok, G, H, sdob, sdog, sdol, sdoh, sdod)
+    q = _load_rows(q_ptr, gq, iq, q_ok, d, d_ok, G, H, stride_qb, stride_qg, stride_ql, stride_qh, stride_qd)
+    o = _load_rows(o_ptr, gq, iq, q_ok, d, d_ok, G, H, stride_ob, stride_og, stride_ol, stride_oh, stride_od)
+    do = _load_rows(do_ptr, gq, iq, q_ok, d, d_ok, G, H, stride_dob, stride_dog, stride_dol, stride_doh, stride_dod)
     row = gq.to(tl.int64) * Lq + iq
     lse = tl.load(lse_ptr + row, mask=q_ok, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
@@ -217,24 +254,26 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(0, Lk, BLOCK_N):
         gk, _slot_k, jk, k_ok = _tile_rows(pid, Lk, NG, 1, start_n, BLOCK_N, False)
-        k = _load_rows(k_ptr, gk, jk, k_ok, d, d_ok, G, H, skb, skg, skl, skh, skd)
-        v = _load_rows(v_ptr, gk, jk, k_ok, d, d_ok, G, H, svb, svg, svl, svh, svd)
+        k = _load_rows(k_ptr, gk, jk, k_ok, d, d_ok, G, H, stride_kb, stride_kg, stride_kl, stride_kh, stride_kd)
+        v = _load_rows(v_ptr, gk, jk, k_ok, d, d_ok, G, H, stride_vb, stride_vg, stride_vl, stride_vh, stride_vd)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.exp2(tl.where(k_ok[None, :], s - lse[:, None], float("-inf")))
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = (p * (dp - delta[:, None])).to(k.dtype)
         dq += tl.dot(ds, k, input_precision=DOT_PREC)
-    sl_c = H * D  # contiguous [B, G, Lq, H, D]
-    _store_rows(dq_ptr, dq * sm_scale, gq, iq, q_ok, d, d_ok, G, H, G * Lq * sl_c, Lq * sl_c, sl_c, D, 1)
+    _store_rows(dq_ptr, dq * sm_scale, gq, iq, q_ok, d, d_ok, G, H,
+                stride_dqb, stride_dqg, stride_dql, stride_dqh, stride_dqd)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    sqb, sqg, sql, sqh, sqd,
-    skb, skg, skl, skh, skd,
-    svb, svg, svl, svh, svd,
-    sdob, sdog, sdol, sdoh, sdod,
+    stride_qb, stride_qg, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kg, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vg, stride_vl, stride_vh, stride_vd,
+    stride_dob, stride_dog, stride_dol, stride_doh, stride_dod,
+    stride_dkb, stride_dkg, stride_dkl, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvg, stride_dvl, stride_dvh, stride_dvd,
     NG, G, H, Lq, Lk, D, sm_scale, qk_scale,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -243,14 +282,15 @@ def _attn_bwd_dkdv_kernel(
     gk, _slot_k, jk, k_ok = _tile_rows(pid, Lk, NG, 1, tl.program_id(1) * BLOCK_N, BLOCK_N, False)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    k = _load_rows(k_ptr, gk, jk, k_ok, d, d_ok, G, H, skb, skg, skl, skh, skd)
-    v = _load_rows(v_ptr, gk, jk, k_ok, d, d_ok, G, H, svb, svg, svl, svh, svd)
+    k = _load_rows(k_ptr, gk, jk, k_ok, d, d_ok, G, H, stride_kb, stride_kg, stride_kl, stride_kh, stride_kd)
+    v = _load_rows(v_ptr, gk, jk, k_ok, d, d_ok, G, H, stride_vb, stride_vg, stride_vl, stride_vh, stride_vd)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for start_m in range(0, Lq, BLOCK_M):
         gq, _slot_q, iq, q_ok = _tile_rows(pid, Lq, NG, 1, start_m, BLOCK_M, False)
-        q = _load_rows(q_ptr, gq, iq, q_ok, d, d_ok, G, H, sqb, sqg, sql, sqh, sqd)
-        do = _load_rows(do_ptr, gq, iq, q_ok, d, d_ok, G, H, sdob, sdog, sdol, sdoh, sdod)
+        q = _load_rows(q_ptr, gq, iq, q_ok, d, d_ok, G, H, stride_qb, stride_qg, stride_ql, stride_qh, stride_qd)
+        do = _load_rows(do_ptr, gq, iq, q_ok, d, d_ok, G, H,
+                        stride_dob, stride_dog, stride_dol, stride_doh, stride_dod)
         row = gq.to(tl.int64) * Lq + iq
         lse = tl.load(lse_ptr + row, mask=q_ok, other=0.0)
         delta = tl.load(delta_ptr + row, mask=q_ok, other=0.0)
@@ -260,9 +300,9 @@ def _attn_bwd_dkdv_kernel(
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk += tl.dot(dst, q, input_precision=DOT_PREC)
-    sl_c = H * D  # contiguous [B, G, Lk, H, D]
-    _store_rows(dk_ptr, dk * sm_scale, gk, jk, k_ok, d, d_ok, G, H, G * Lk * sl_c, Lk * sl_c, sl_c, D, 1)
-    _store_rows(dv_ptr, dv, gk, jk, k_ok, d, d_ok, G, H, G * Lk * sl_c, Lk * sl_c, sl_c, D, 1)
+    _store_rows(dk_ptr, dk * sm_scale, gk, jk, k_ok, d, d_ok, G, H,
+                stride_dkb, stride_dkg, stride_dkl, stride_dkh, stride_dkd)
+    _store_rows(dv_ptr, dv, gk, jk, k_ok, d, d_ok, G, H, stride_dvb, stride_dvg, stride_dvl, stride_dvh, stride_dvd)
 
 
 # --- tiling ------------------------------------------------------------------------------------------
@@ -408,15 +448,16 @@ def _attention_backward(q, k, v, out, lse, grad_out, scale: float):
     sizes = (NG, G, H, Lq, Lk, D, scale, scale * LOG2E)
     if packs(Lq, Lk):
         _launch(_bwd_packed, _attn_bwd_packed_kernel, _packed_grid(NG, Lq, Lk), True,
-                q, k, v, out, grad_out, lse, dq, dk, dv, *strides, *out.stride(), *grad_out.stride(), *sizes,
-                **constexprs)
+                q, k, v, out, grad_out, lse, dq, dk, dv, *strides, *out.stride(), *grad_out.stride(),
+                *dq.stride(), *dk.stride(), *dv.stride(), *sizes, **constexprs)
         return dq, dk, dv
     delta = torch.empty_like(lse)
     _launch(_bwd_dq, _attn_bwd_dq_kernel, lambda meta: (NG, triton.cdiv(Lq, meta["BLOCK_M"])), False,
-            q, k, v, out, grad_out, lse, delta, dq, *strides, *out.stride(), *grad_out.stride(), *sizes,
-            **constexprs)
+            q, k, v, out, grad_out, lse, delta, dq, *strides, *out.stride(), *grad_out.stride(), *dq.stride(),
+            *sizes, **constexprs)
     _launch(_bwd_dkdv, _attn_bwd_dkdv_kernel, lambda meta: (NG, triton.cdiv(Lk, meta["BLOCK_N"])), False,
-            q, k, v, grad_out, lse, delta, dk, dv, *strides, *grad_out.stride(), *sizes, **constexprs)
+            q, k, v, grad_out, lse, delta, dk, dv, *strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
+            *sizes, **constexprs)
     return dq, dk, dv
 
 
@@ -446,7 +487,11 @@ def grouped_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 def _attention_forward_reference(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch's CPU flash attention: (out [B, G, Lq, H, D] contiguous, natural-log lse [B*G*H, Lq])."""
     B, G = q.shape[:2]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(_fold(q), _fold(k), _fold(v), scale=scale)
+    qf = _fold(q)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qf, _fold(k), _fold(v), scale=scale)
+    # the CPU kernel returns 0 for a query row holding a NaN or an infinity, where the maths (SDPA's math
+    # backend, the Triton kernels) give NaN: adding 0 * the row's sum carries it through (NaN * 0 = NaN)
+    out = out.add_(qf.sum(-1, keepdim=True), alpha=0.0)
     return _unfold(out, B, G).contiguous(), lse.reshape(-1, q.shape[2])
 
 

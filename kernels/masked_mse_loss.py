@@ -343,6 +343,8 @@ def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor
     check_tensor("pred", pred, 3)
     check_tensor("patches", patches, 3)
     B, M, P = pred.shape
+    if P == 0:  # the per-row mean over no values is 0/0: refuse it rather than return NaN or 0
+        raise ValueError(f"pred and patches need at least one value per patch (P >= 1), got pred {tuple(pred.shape)}")
     if patches.shape[0] != B or patches.shape[2] != P:
         raise ValueError(f"patches must be [B={B}, N, P={P}] to match pred, got {tuple(patches.shape)}")
     check_same_device(pred=pred, patches=patches, idx=idx, valid=valid)

@@ -259,6 +259,61 @@ def test_reference_is_attention_within_groups():
                 torch.testing.assert_close(got[b, g, :, h], p @ v[b, g, :, h])
 
 
+# --- non-finite inputs -------------------------------------------------------------------------------
+
+
+def _math_attention(q, k, v, scale):
+    """softmax(q k^T * scale) v per group by the formula, which carries NaN the way the maths does."""
+    s = torch.einsum("bgihd,bgjhd->bghij", q, k) * scale
+    return torch.einsum("bghij,bgjhd->bgihd", torch.softmax(s, dim=-1), v)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("where", ["q", "k", "v", "grad_out"])
+@pytest.mark.parametrize("L", [5, 70], ids=["packed", "looped"])
+def test_nan_stays_in_its_group_and_matches_the_maths(backend, where, L):
+    """A NaN in one row of one (b, g, h) group: the output and gradients are NaN exactly where the formula's
+    are (float64 ground truth), every other value matches it. Packed tiles hold several groups, and a
+    cross-group weight of exactly 0 times NaN would be NaN: the kernels keep each group's NaN its own; torch's
+    CPU kernel, which returns 0 for a NaN query row, is corrected to NaN."""
+    B, G, H, D = 2, 3, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, g = (torch.randn(B, G, L, H, D, generator=gen) for _ in range(4))
+    dict(q=q, k=k, v=v, grad_out=g)[where][1, 2, 3, 0, 5] = float("nan")
+    leaves = [x.to(DEVICE).requires_grad_() for x in (q, k, v)]
+    with mae_kernels.backend(backend):
+        got = out_and_grads(lambda *a: mae_kernels.grouped_attention(*a), *leaves, g.to(DEVICE))
+    wide = [x.double().requires_grad_() for x in (q, k, v)]
+    want = out_and_grads(_math_attention, *wide, g.double(), 1 / math.sqrt(D))
+    assert want[3 if where == "grad_out" else 0].isnan().any(), "the NaN must reach the maths' results"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        a = a.cpu().double()
+        assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN pattern differs from the maths"
+        assert not b.isnan().all(), "the test must poison one group, not all"
+        assert_close_fp32(torch.nan_to_num(a), torch.nan_to_num(b), name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_infinity_stays_in_its_group(backend):
+    """An infinite value is non-finite in its own group only (whether it shows as inf or NaN there is the
+    arithmetic's business): the other groups of the pack give what they give without it."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, g = (torch.randn(1, 4, 5, 2, 16, generator=gen) for _ in range(4))
+    bad = [x.clone() for x in (q, k, v, g)]
+    for x in bad:
+        x[0, 1, 2, 1, 3] = float("inf")
+    runs = []
+    for tensors in ((q, k, v, g), bad):
+        leaves = [x.to(DEVICE).requires_grad_() for x in tensors[:3]]
+        with mae_kernels.backend(backend):
+            runs.append(out_and_grads(lambda *a: mae_kernels.grouped_attention(*a), *leaves, tensors[3].to(DEVICE)))
+    others = torch.ones(1, 4, 5, 2, 16, dtype=torch.bool)
+    others[0, 1, :, 1] = False
+    for name, clean, poisoned in zip(("out", "dq", "dk", "dv"), *runs):
+        assert not poisoned.cpu()[~others].isfinite().all(), name
+        torch.testing.assert_close(poisoned.cpu()[others], clean.cpu()[others], msg=lambda m: f"{name}: {m}")
+
+
 # --- errors ------------------------------------------------------------------------------------------
 
 

@@ -27,7 +27,8 @@ def leaf(*shape, dtype=torch.float32, seed=0):
 
 def positions(B, N, M, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(N, generator=gen)[:M] for _ in range(B)]).to(DEVICE)
+    rows = [torch.randperm(N, generator=gen)[:M] for _ in range(B)]
+    return (torch.stack(rows) if rows else torch.zeros(0, M, dtype=torch.long)).to(DEVICE)
 
 
 def grads(out, *leaves):
@@ -100,6 +101,25 @@ def test_empty_index_sets_give_empty_results_and_zero_gradients(backend):
         loss = mae_kernels.masked_mse_loss(pred, torch.randn(2, 9, 12, device=DEVICE), none, norm_pix=True)
         assert loss.item() == 0.0 and torch.autograd.grad(loss, pred)[0].shape == (2, 0, 12)
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_and_channel_dims_agree_between_backends(backend):
+    """B = 0 or C = 0 (issue 13): the token ops give empty results and empty gradients shaped like their
+    inputs, with and without index validation; the loss refuses P = 0 (a mean over no values) by name."""
+    for B, C in ((0, 16), (2, 0)):
+        x, pos, token = leaf(B, 9, C), leaf(9, C, seed=1), leaf(C, seed=2)
+        enc_idx, dec_idx = positions(B, 9, 4), positions(B, 9, 5, seed=1)
+        with mae_kernels.backend(backend):
+            for validate in (False, True):
+                enc = mae_kernels.gather_tokens(x, enc_idx, validate=validate)
+                full = mae_kernels.assemble_decoder_tokens(enc, token, pos, enc_idx, dec_idx, validate=validate)
+            assert enc.shape == (B, 4, C) and full.shape == (B, 9, C)
+            gx, gtoken, gpos = torch.autograd.grad(full.sum(), (x, token, pos))
+            assert (gx.shape, gtoken.shape, gpos.shape) == (x.shape, token.shape, pos.shape)
+            assert not gpos.any() and not gtoken.any()
+    with mae_kernels.backend(backend), pytest.raises(ValueError, match=r"P >= 1"):
+        mae_kernels.masked_mse_loss(leaf(2, 4, 0), torch.randn(2, 9, 0, device=DEVICE), positions(2, 9, 4))
 
 # --- float64 --------------------------------------------------------------------------------------------
 
