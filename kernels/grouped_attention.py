@@ -621,7 +621,9 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Returns:
         [B, G, Lq, H, D], contiguous, in the input dtype (softmax statistics and accumulation in fp32).
-        Differentiable in q, k and v (not twice). No host sync.
+        Differentiable in q, k and v (not twice). No host sync. A NaN input makes NaN exactly the
+        outputs and gradients the formula makes NaN, on both backends; no NaN or infinity reaches
+        another (b, g, h) group.
     """
     _check(q, k, v, scale, dropout_p)
     name = requested_backend()

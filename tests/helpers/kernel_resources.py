@@ -151,7 +151,7 @@ def record_table_jobs() -> list[dict]:
     JITFunction.run = c._record_launch
     Autotuner.run = _record_all_configs
     ga = importlib.import_module("mae_kernels.grouped_attention")
-    ga.use_triton = lambda *tensors: True
+    ga.runs_triton = lambda name, *tensors: True  # the custom op's choice: Triton for CPU tensors, nothing launched
     for D in sorted(TABLE_HEAD_DIMS, key=lambda d: d != 64):  # the LGI-Former's head dim first
         for dtype in TABLE_DTYPES:
             for G, Lq, Lk in c.ATTENTION_SHAPES:
@@ -282,6 +282,8 @@ def main(argv=None) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET must be unset: interpreted kernels cannot be compiled")
     jobs = record_table_jobs()
+    if not jobs:  # the recording no longer reaches the kernels (e.g. the dispatch changed): never write an empty table
+        raise RuntimeError("recorded no kernel launch: check how record_table_jobs forces the Triton path")
     results = compile_cached(jobs, MEASURED_ARCHS, args.workers, args.cache, args.timeout, args.cached_only)
     rows = table_rows(results)
     write_table(rows, args.table)
