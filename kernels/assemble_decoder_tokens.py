@@ -38,11 +38,11 @@ from .gather_tokens import gather_rows_reference, pos_strides, row_gradients, ro
 def _assemble_fwd_kernel(
     enc_ptr, tok_ptr, pos_ptr, eidx_ptr, didx_ptr, out_ptr,
     ME, MD, C,
-    seb, sem, sec,
-    stc,
-    spb, spn, spc,
-    sib, sim, sjb, sjm,
-    sob, som, soc,
+    stride_encb, stride_encm, stride_encc,
+    stride_tokc,
+    stride_posb, stride_posn, stride_posc,
+    stride_eidxb, stride_eidxm, stride_didxb, stride_didxm,
+    stride_outb, stride_outm, stride_outc,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     b = tl.program_id(2).to(tl.int64)
@@ -51,18 +51,18 @@ def _assemble_fwd_kernel(
     col_ok = rc < C
     is_enc = rm < ME
     is_dec = (rm >= ME) & (rm < ME + MD)
-    n_enc = tl.load(eidx_ptr + b * sib + rm * sim, mask=is_enc, other=0)
-    n_dec = tl.load(didx_ptr + b * sjb + (rm - ME) * sjm, mask=is_dec, other=0)
+    n_enc = tl.load(eidx_ptr + b * stride_eidxb + rm * stride_eidxm, mask=is_enc, other=0)
+    n_dec = tl.load(didx_ptr + b * stride_didxb + (rm - ME) * stride_didxm, mask=is_dec, other=0)
     n = tl.where(is_enc, n_enc.to(tl.int64), n_dec.to(tl.int64))
     row_ok = is_enc | is_dec
-    src = tl.load(enc_ptr + b * seb + rm[:, None] * sem + rc[None, :] * sec,
+    src = tl.load(enc_ptr + b * stride_encb + rm[:, None] * stride_encm + rc[None, :] * stride_encc,
                   mask=is_enc[:, None] & col_ok[None, :], other=0.0)
-    tok = tl.load(tok_ptr + rc * stc, mask=col_ok, other=0.0)
+    tok = tl.load(tok_ptr + rc * stride_tokc, mask=col_ok, other=0.0)
     src = tl.where(is_enc[:, None], src, tok[None, :])
-    p = tl.load(pos_ptr + b * spb + n[:, None] * spn + rc[None, :] * spc,
+    p = tl.load(pos_ptr + b * stride_posb + n[:, None] * stride_posn + rc[None, :] * stride_posc,
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     val = (src.to(tl.float32) + p.to(tl.float32)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + b * sob + rm[:, None] * som + rc[None, :] * soc, val,
+    tl.store(out_ptr + b * stride_outb + rm[:, None] * stride_outm + rc[None, :] * stride_outc, val,
              mask=row_ok[:, None] & col_ok[None, :])
 
 

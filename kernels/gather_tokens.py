@@ -36,10 +36,10 @@ from .dispatch import (
 def _gather_fwd_kernel(
     x_ptr, idx_ptr, pos_ptr, out_ptr,
     M, C,
-    sxb, sxn, sxc,
-    sib, sim,
-    spb, spn, spc,
-    sob, som, soc,
+    stride_xb, stride_xn, stride_xc,
+    stride_idxb, stride_idxm,
+    stride_posb, stride_posn, stride_posc,
+    stride_outb, stride_outm, stride_outc,
     HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     b = tl.program_id(2).to(tl.int64)
@@ -47,18 +47,18 @@ def _gather_fwd_kernel(
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rm < M
     tile_ok = row_ok[:, None] & (rc < C)[None, :]
-    n = tl.load(idx_ptr + b * sib + rm * sim, mask=row_ok, other=0).to(tl.int64)
-    val = tl.load(x_ptr + b * sxb + n[:, None] * sxn + rc[None, :] * sxc, mask=tile_ok)
+    n = tl.load(idx_ptr + b * stride_idxb + rm * stride_idxm, mask=row_ok, other=0).to(tl.int64)
+    val = tl.load(x_ptr + b * stride_xb + n[:, None] * stride_xn + rc[None, :] * stride_xc, mask=tile_ok)
     if HAS_POS:
-        p = tl.load(pos_ptr + b * spb + n[:, None] * spn + rc[None, :] * spc, mask=tile_ok)
+        p = tl.load(pos_ptr + b * stride_posb + n[:, None] * stride_posn + rc[None, :] * stride_posc, mask=tile_ok)
         # add in fp32 and round once, as torch does for half types: bit-equal to the reference
         val = (val.to(tl.float32) + p.to(tl.float32)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + b * sob + rm[:, None] * som + rc[None, :] * soc, val, mask=tile_ok)
+    tl.store(out_ptr + b * stride_outb + rm[:, None] * stride_outm + rc[None, :] * stride_outc, val, mask=tile_ok)
 
 
 @triton.jit
 def _segment_rows(g_ptr, perm_ptr, starts_ptr, rn, rc, row_ok, col_ok,
-                  sgm, sgc, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                  stride_gm, stride_gc, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """fp32 sum, per source row n, of the gradient rows g[perm[j]] for j in [starts[n], starts[n+1]).
 
     The pointers are already offset to one batch row.
@@ -69,7 +69,7 @@ def _segment_rows(g_ptr, perm_ptr, starts_ptr, rn, rc, row_ok, col_ok,
     for j in range(0, tl.max(count, axis=0)):
         live = j < count
         m = tl.load(perm_ptr + start + j, mask=live, other=0).to(tl.int64)
-        g = tl.load(g_ptr + m[:, None] * sgm + rc[None, :] * sgc,
+        g = tl.load(g_ptr + m[:, None] * stride_gm + rc[None, :] * stride_gc,
                     mask=live[:, None] & col_ok[None, :], other=0.0)
         acc += g.to(tl.float32)
     return acc
@@ -79,10 +79,10 @@ def _segment_rows(g_ptr, perm_ptr, starts_ptr, rn, rc, row_ok, col_ok,
 def _segment_sum_kernel(
     g_ptr, perm_ptr, starts_ptr, gx_ptr, gpos_ptr,
     N, C, B,
-    sgb, sgm, sgc,
-    spb, ssb,
-    sxb, sxn, sxc,
-    sqb, sqn, sqc,
+    stride_gb, stride_gm, stride_gc,
+    stride_permb, stride_startsb,
+    stride_gxb, stride_gxn, stride_gxc,
+    stride_gposb, stride_gposn, stride_gposc,
     WRITE_X: tl.constexpr, WRITE_POS: tl.constexpr, POS_SHARED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -101,27 +101,27 @@ def _segment_sum_kernel(
         total = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
         for _ in range(0, B):
             acc = _segment_rows(g_ptr, perm_ptr, starts_ptr, rn, rc, row_ok, col_ok,
-                                sgm, sgc, BLOCK_N, BLOCK_C)
+                                stride_gm, stride_gc, BLOCK_N, BLOCK_C)
             if WRITE_X:
-                tl.store(gx_ptr + rn[:, None] * sxn + rc[None, :] * sxc,
+                tl.store(gx_ptr + rn[:, None] * stride_gxn + rc[None, :] * stride_gxc,
                          acc.to(gx_ptr.dtype.element_ty), mask=tile_ok)
             total += acc
-            g_ptr += sgb
-            perm_ptr += spb
-            starts_ptr += ssb
-            gx_ptr += sxb
+            g_ptr += stride_gb
+            perm_ptr += stride_permb
+            starts_ptr += stride_startsb
+            gx_ptr += stride_gxb
         if WRITE_POS:
-            tl.store(gpos_ptr + rn[:, None] * sqn + rc[None, :] * sqc,
+            tl.store(gpos_ptr + rn[:, None] * stride_gposn + rc[None, :] * stride_gposc,
                      total.to(gpos_ptr.dtype.element_ty), mask=tile_ok)
     else:
         b = tl.program_id(2).to(tl.int64)
-        acc = _segment_rows(g_ptr + b * sgb, perm_ptr + b * spb, starts_ptr + b * ssb, rn, rc, row_ok,
-                            col_ok, sgm, sgc, BLOCK_N, BLOCK_C)
+        acc = _segment_rows(g_ptr + b * stride_gb, perm_ptr + b * stride_permb, starts_ptr + b * stride_startsb,
+                            rn, rc, row_ok, col_ok, stride_gm, stride_gc, BLOCK_N, BLOCK_C)
         if WRITE_X:
-            tl.store(gx_ptr + b * sxb + rn[:, None] * sxn + rc[None, :] * sxc,
+            tl.store(gx_ptr + b * stride_gxb + rn[:, None] * stride_gxn + rc[None, :] * stride_gxc,
                      acc.to(gx_ptr.dtype.element_ty), mask=tile_ok)
         if WRITE_POS:
-            tl.store(gpos_ptr + b * sqb + rn[:, None] * sqn + rc[None, :] * sqc,
+            tl.store(gpos_ptr + b * stride_gposb + rn[:, None] * stride_gposn + rc[None, :] * stride_gposc,
                      acc.to(gpos_ptr.dtype.element_ty), mask=tile_ok)
 
 

@@ -53,19 +53,22 @@ from .gather_tokens import gather_rows_reference
 
 @triton.jit
 def _normalised_target_error(pred_ptr, patch_ptr, b, rm, n, row_ok, g, PG, eps,
-                             spb, spm, spp, sxb, sxn, sxp,
+                             stride_predb, stride_predm, stride_predp,
+                             stride_patchb, stride_patchn, stride_patchp,
                              NORM_PIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
     """pred - normalised target for columns of group g, fp32 [BLOCK_M, BLOCK_P], zero off the tile."""
     cols = g * PG + tl.arange(0, BLOCK_P)
     tile_ok = row_ok[:, None] & (tl.arange(0, BLOCK_P) < PG)[None, :]
-    t = tl.load(patch_ptr + b * sxb + n[:, None] * sxn + cols[None, :] * sxp, mask=tile_ok, other=0.0)
+    t = tl.load(patch_ptr + b * stride_patchb + n[:, None] * stride_patchn + cols[None, :] * stride_patchp,
+                mask=tile_ok, other=0.0)
     t = t.to(tl.float32)
     if NORM_PIX:
         mean = tl.sum(t, axis=1) / PG
         centred = tl.where(tile_ok, t - mean[:, None], 0.0)
         var = tl.sum(centred * centred, axis=1) / PG
         t = centred * tl.math.rsqrt(var + eps)[:, None]
-    p = tl.load(pred_ptr + b * spb + rm[:, None] * spm + cols[None, :] * spp, mask=tile_ok, other=0.0)
+    p = tl.load(pred_ptr + b * stride_predb + rm[:, None] * stride_predm + cols[None, :] * stride_predp,
+                mask=tile_ok, other=0.0)
     return tl.where(tile_ok, p.to(tl.float32) - t, 0.0), cols, tile_ok
 
 
@@ -73,22 +76,24 @@ def _normalised_target_error(pred_ptr, patch_ptr, b, rm, n, row_ok, g, PG, eps,
 def _masked_mse_fwd_kernel(
     pred_ptr, patch_ptr, idx_ptr, valid_ptr, row_loss_ptr,
     M, PG, eps,
-    spb, spm, spp, sxb, sxn, sxp, sib, sim, svb, svm,
+    stride_predb, stride_predm, stride_predp,
+    stride_patchb, stride_patchn, stride_patchp,
+    stride_idxb, stride_idxm, stride_validb, stride_validm,
     HAS_VALID: tl.constexpr, NORM_PIX: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rm < M
-    n = tl.load(idx_ptr + b * sib + rm * sim, mask=row_ok, other=0).to(tl.int64)
+    n = tl.load(idx_ptr + b * stride_idxb + rm * stride_idxm, mask=row_ok, other=0).to(tl.int64)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for g in tl.static_range(GROUPS):
         err, cols, tile_ok = _normalised_target_error(
-            pred_ptr, patch_ptr, b, rm, n, row_ok, g, PG, eps, spb, spm, spp, sxb, sxn, sxp,
-            NORM_PIX, BLOCK_M, BLOCK_P)
+            pred_ptr, patch_ptr, b, rm, n, row_ok, g, PG, eps, stride_predb, stride_predm, stride_predp,
+            stride_patchb, stride_patchn, stride_patchp, NORM_PIX, BLOCK_M, BLOCK_P)
         acc += tl.sum(err * err, axis=1)
     if HAS_VALID:
-        keep = tl.load(valid_ptr + b * svb + rm * svm, mask=row_ok, other=0)
+        keep = tl.load(valid_ptr + b * stride_validb + rm * stride_validm, mask=row_ok, other=0)
         acc = tl.where(keep != 0, acc, 0.0)
     tl.store(row_loss_ptr + b * M + rm, acc, mask=row_ok)
 
@@ -97,7 +102,10 @@ def _masked_mse_fwd_kernel(
 def _masked_mse_bwd_kernel(
     pred_ptr, patch_ptr, idx_ptr, valid_ptr, coef_ptr, grad_ptr,
     M, PG, eps,
-    spb, spm, spp, sxb, sxn, sxp, sib, sim, svb, svm, sgb, sgm, sgp,
+    stride_predb, stride_predm, stride_predp,
+    stride_patchb, stride_patchn, stride_patchp,
+    stride_idxb, stride_idxm, stride_validb, stride_validm,
+    stride_gradb, stride_gradm, stride_gradp,
     HAS_VALID: tl.constexpr, NORM_PIX: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -105,18 +113,18 @@ def _masked_mse_bwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rm < M
-    n = tl.load(idx_ptr + b * sib + rm * sim, mask=row_ok, other=0).to(tl.int64)
+    n = tl.load(idx_ptr + b * stride_idxb + rm * stride_idxm, mask=row_ok, other=0).to(tl.int64)
     coef = tl.load(coef_ptr) * 2.0
     scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + coef
     if HAS_VALID:
-        keep = tl.load(valid_ptr + b * svb + rm * svm, mask=row_ok, other=0)
+        keep = tl.load(valid_ptr + b * stride_validb + rm * stride_validm, mask=row_ok, other=0)
         scale = tl.where(keep != 0, scale, 0.0)
     for g in tl.static_range(GROUPS):
         err, cols, tile_ok = _normalised_target_error(
-            pred_ptr, patch_ptr, b, rm, n, row_ok, g, PG, eps, spb, spm, spp, sxb, sxn, sxp,
-            NORM_PIX, BLOCK_M, BLOCK_P)
+            pred_ptr, patch_ptr, b, rm, n, row_ok, g, PG, eps, stride_predb, stride_predm, stride_predp,
+            stride_patchb, stride_patchn, stride_patchp, NORM_PIX, BLOCK_M, BLOCK_P)
         grad = err * scale[:, None]
-        tl.store(grad_ptr + b * sgb + rm[:, None] * sgm + cols[None, :] * sgp,
+        tl.store(grad_ptr + b * stride_gradb + rm[:, None] * stride_gradm + cols[None, :] * stride_gradp,
                  grad.to(grad_ptr.dtype.element_ty), mask=tile_ok)
 
 
