@@ -225,8 +225,7 @@ class Trainer:
         from dali_pipelines import ClipSpec, build_loader
 
         cfg, mc = self.cfg, self.model_config
-        spec = ClipSpec(num_frames=mc.num_frames, frame_size=mc.image_size, audio_frames=mc.audio_frames,
-                        mel_bins=mc.audio_bins, **clip_augmentations(cfg))  # evaluation ignores them
+        spec = ClipSpec.for_model(mc, **clip_augmentations(cfg))  # evaluation ignores the augmentations
         device = cfg.data_device if cfg.data_device != "auto" else ("gpu" if self.cuda else "cpu")
         common = dict(batch_size=self.ds_config["train_micro_batch_size_per_gpu"], device=device,
                       num_threads=cfg.data_threads, seed=cfg.seed, shard_id=self.rank, num_shards=self.world,

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,84 +41,15 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .augment import RandAugmentSpec, apply_audio_gain, apply_rand_augment, apply_random_erasing
+from .augment import apply_audio_gain, apply_rand_augment, apply_random_erasing
 from .fbank import LOG_FLOOR, kaldi_window
 from .manifest import Manifest, read_manifest
 from .source import CENTRE_VIEW, ClipSource, EvalView
+from .spec import ClipSpec
 
-# AudioMAE's AudioSet fbank statistics, which HiCMAE reuses; both normalise as (x - mean) / (2 * std).
-HICMAE_FBANK_MEAN = -4.2677393
-HICMAE_FBANK_STD = 4.5689974
-AUDIO_MEAN = HICMAE_FBANK_MEAN
-AUDIO_STD = 2 * HICMAE_FBANK_STD  # the divisor actually applied: (fbank - AUDIO_MEAN) / AUDIO_STD
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OUTPUT_NAMES = ("video", "audio", "label", "index")
 DEVICES = ("gpu", "cpu")
 VIDEO_DECODERS = ("dali", "torchcodec")
-
-
-@dataclass(frozen=True)
-class ClipSpec:
-    """What one sample looks like. Defaults are the model's shapes (DESIGN "Shapes").
-
-    Video: ``num_frames`` frames ``frame_stride`` apart, ``frame_size`` square, normalised with
-    ``video_mean``/``video_std`` (fractions of 255). Training crops a random area fraction in
-    ``crop_area`` with aspect ratio in ``crop_aspect`` (the default 0.44–1 is VideoMAE's multi-scale
-    crop of 0.66–1 per side) and flips with probability 0.5 when ``flip``.
-    Audio: ``sample_rate`` mono, ``mel_bins`` Kaldi-style log mel bins over ``audio_frames`` 10 ms
-    frames (zero-padded before normalisation, as HiCMAE), normalised as ``(x - audio_mean) / audio_std``.
-    """
-
-    num_frames: int = 16
-    frame_stride: int = 4
-    frame_size: int = 160
-    audio_frames: int = 256
-    mel_bins: int = 128
-    sample_rate: int = 16000
-    audio_mean: float = AUDIO_MEAN
-    audio_std: float = AUDIO_STD
-    video_mean: tuple[float, float, float] = IMAGENET_MEAN
-    video_std: tuple[float, float, float] = IMAGENET_STD
-    crop_area: tuple[float, float] = (0.44, 1.0)
-    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
-    # training augmentations beyond crop/flip (all off by default; see dali_pipelines.augment)
-    rand_augment: RandAugmentSpec | None = None
-    erase_prob: float = 0.0
-    erase_count: int = 1
-    audio_gain: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("num_frames", "frame_stride", "frame_size", "audio_frames", "mel_bins", "sample_rate"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ClipSpec.{name} must be a positive int, got {value!r}")
-        if self.audio_std <= 0:
-            raise ValueError(f"ClipSpec.audio_std must be > 0, got {self.audio_std}")
-        if len(self.video_mean) != 3 or len(self.video_std) != 3 or min(self.video_std) <= 0:
-            raise ValueError(f"ClipSpec.video_mean/video_std must be 3 values (std > 0), got "
-                             f"{self.video_mean}, {self.video_std}")
-        lo, hi = self.crop_area
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"ClipSpec.crop_area must satisfy 0 < low <= high <= 1, got {self.crop_area}")
-        if not 0 < self.crop_aspect[0] <= self.crop_aspect[1]:
-            raise ValueError(f"ClipSpec.crop_aspect must satisfy 0 < low <= high, got {self.crop_aspect}")
-        if self.rand_augment is not None and not isinstance(self.rand_augment, RandAugmentSpec):
-            raise ValueError(f"ClipSpec.rand_augment must be a RandAugmentSpec or None (see "
-                             f"RandAugmentSpec.parse), got {self.rand_augment!r}")
-        if not 0 <= self.erase_prob <= 1:
-            raise ValueError(f"ClipSpec.erase_prob must lie in [0, 1], got {self.erase_prob}")
-        if not isinstance(self.erase_count, int) or isinstance(self.erase_count, bool) or self.erase_count < 1:
-            raise ValueError(f"ClipSpec.erase_count must be a positive int, got {self.erase_count!r}")
-
-    @property
-    def window_length(self) -> int:
-        return self.sample_rate * 25 // 1000
-
-    @property
-    def window_step(self) -> int:
-        return self.sample_rate * 10 // 1000
 
 
 def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, flip=None, crop_position=0.5,
@@ -132,7 +62,7 @@ def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, fli
     frames = encoded if decoded else fn.decoders.video(
         encoded, device="mixed" if device == "gpu" else "cpu", frames=frame_idx, pad_mode="edge"
     )  # [T, H, W, 3] uint8
-    size = spec.frame_size
+    size = spec.image_size
     mean = [255 * m for m in spec.video_mean]
     std = [255 * s for s in spec.video_std]
     if crop is not None:
@@ -171,7 +101,7 @@ def _audio_graph(encoded, spec: ClipSpec, device: str, position=0.5, gain=None):
         center_windows=False, power=2, layout="tf",
     )
     mel = fn.mel_filter_bank(
-        power, nfilter=spec.mel_bins, sample_rate=spec.sample_rate, freq_low=20.0,
+        power, nfilter=spec.audio_bins, sample_rate=spec.sample_rate, freq_low=20.0,
         freq_high=spec.sample_rate / 2, mel_formula="htk", normalize=False,
     )
     # natural log floored at eps: ln(x) = ln(10) * log10(x / 1.0); the default reference is the sample max
@@ -291,7 +221,7 @@ def build_pipeline(
 
     Returns:
         (pipeline, source): the pipeline's outputs are video float32 [3, T, S, S], audio float32
-        [1, audio_frames, mel_bins], label (int64 [] or float32 [L]) and index (int64 []); ``len(source)``
+        [1, audio_frames, audio_bins], label (int64 [] or float32 [L]) and index (int64 []); ``len(source)``
         is the number of batches per epoch (the first pass has ``start_batch`` fewer). Running past the
         epoch raises StopIteration.
     """
@@ -361,7 +291,7 @@ def build_pipeline(
 class AVLoader(DALIGenericIterator):
     """PyTorch iterator over one rank's share of a manifest; yields one dict per batch.
 
-    ``{"video": float32 [B, 3, T, S, S], "audio": float32 [B, 1, audio_frames, mel_bins],
+    ``{"video": float32 [B, 3, T, S, S], "audio": float32 [B, 1, audio_frames, audio_bins],
     "label": int64 [B] (class; -1 when unlabelled) or float32 [B, L] (regression), "index": int64 [B]
     (manifest row; -1 marks a FILL padding sample)}``. ``video``/``audio`` live on the pipeline's
     device, ``label``/``index`` on the CPU. ``len()`` is the number of batches per epoch; iterating

@@ -46,11 +46,10 @@ import torch
 
 from .augment import sample_audio_gain, sample_erase_boxes, sample_rand_augment
 from .manifest import Manifest
+from .spec import ClipSpec
 
-if TYPE_CHECKING:  # pipeline.py imports this module; DALI is imported only where the pipeline is built
+if TYPE_CHECKING:  # DALI is imported only where the pipeline is built
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-
-    from .pipeline import ClipSpec
 
 # What DALI's fn.decoders.video decodes (its docstring): CPU backend VP8/VP9/MJPEG; the mixed (NVDEC)
 # backend also AV1, MPEG-4, H.264 and HEVC. Names as FFmpeg (PyAV) reports them.
@@ -284,7 +283,7 @@ class EvalView:
 
     * Temporal: ``num_clips`` windows evenly spaced over the clip's frames (:func:`sample_frame_indices`);
       one clip is the centred window.
-    * Spatial: after the shorter side is resized to ``frame_size``, ``num_crops`` square crops evenly
+    * Spatial: after the shorter side is resized to ``image_size``, ``num_crops`` square crops evenly
       spaced along the longer side — the crop's offset is the fraction ``crop_index / (num_crops - 1)``
       of the pixels left over (HiCMAE's ``split_nb * (L - S) / (num_crop - 1)``; DALI turns the
       fraction into pixels); one crop is the centre crop.
@@ -372,7 +371,7 @@ def sample_clip(
     # augmentation's choices do not depend on which others are switched on
     ra_rng, erase_rng, gain_rng = rng.spawn(3)
     ra = sample_rand_augment(spec.rand_augment, ra_rng) if spec.rand_augment is not None else None
-    erase = sample_erase_boxes(spec.erase_prob, spec.erase_count, spec.frame_size, erase_rng) \
+    erase = sample_erase_boxes(spec.erase_prob, spec.erase_count, spec.image_size, erase_rng) \
         if spec.erase_prob > 0 else None
     gain = sample_audio_gain(gain_rng) if spec.audio_gain else 1.0
     return ClipAugmentation(frames, crop, flip and spec.flip, position, rand_augment=ra, erase=erase,
