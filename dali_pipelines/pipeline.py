@@ -50,6 +50,9 @@ from .spec import ClipSpec
 OUTPUT_NAMES = ("video", "audio", "label", "index")
 DEVICES = ("gpu", "cpu")
 VIDEO_DECODERS = ("dali", "torchcodec")
+# the numpy dtypes of the source's outputs (ClipSource.outputs) as DALI's
+DALI_TYPES = {np.dtype(np.uint8): types.UINT8, np.dtype(np.int32): types.INT32, np.dtype(np.int64): types.INT64,
+              np.dtype(np.float32): types.FLOAT}
 
 
 def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, flip=None, crop_position=0.5,
@@ -114,10 +117,6 @@ def _audio_graph(encoded, spec: ClipSpec, device: str, position=0.5, gain=None):
     )  # [audio_frames, F]; zeros appended to short clips before normalising, as HiCMAE
     audio = (logmel - spec.audio_mean) / spec.audio_std
     return fn.expand_dims(audio, axes=[0], new_axis_names="C")  # [1, audio_frames, F]
-
-
-def _label_type(manifest: Manifest) -> types.DALIDataType:
-    return types.FLOAT if manifest.task == "regression" else types.INT64
 
 
 def _check_view(view, train: bool) -> EvalView:
@@ -250,6 +249,10 @@ def build_pipeline(
     if device == "gpu" and device_id is None:
         device_id = torch.cuda.current_device()
 
+    schema = source.outputs  # the source's declared (name, dtype, layout) outputs
+    dtypes = [DALI_TYPES[out.dtype] for out in schema]
+    layouts = [out.layout for out in schema]
+
     @pipeline_def(
         batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
         # the source draws every choice; the graph's only random operator is the erasing noise
@@ -258,31 +261,20 @@ def build_pipeline(
         enable_conditionals=train and spec.rand_augment is not None,
     )
     def av_pipeline():
-        # crop start, crop shape, flip, audio position, then the augmentations the spec switches on
-        optional = {"rand_augment": types.INT32, "erase_anchor": types.FLOAT, "erase_shape": types.FLOAT,
-                    "audio_gain": types.FLOAT}
-        augment = [types.INT32, types.INT32, types.INT32, types.FLOAT,
-                   *(optional[name] for name in source.augment_outputs)] if train else [types.FLOAT]
+        fed = fn.external_source(source=source, num_outputs=len(schema), batch=True, batch_info=True,
+                                 dtype=dtypes, layout=layouts)
+        x = {out.name: fed[i] for i, out in enumerate(schema)}  # by declared name (AutoGraph: no zip)
         decoded = video_decoder == "torchcodec"  # the source gives frames, not bytes + frame indices
-        indices = [] if decoded else [types.INT32]
-        video_bytes, audio_bytes, *rest = fn.external_source(
-            source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
-            dtype=[types.UINT8, types.UINT8, *indices, *augment, _label_type(manifest), types.INT64],
-            layout=["FHWC" if decoded else ""] + [""] * (source.num_outputs - 1),
-        )
-        frame_idx = None if decoded else rest.pop(0)
-        *choices, label, index = rest
         if train:
-            crop_start, crop_shape, flip, position, *extra = choices
-            extra = {name: extra[i] for i, name in enumerate(source.augment_outputs)}  # (AutoGraph: no zip)
-            video = _video_graph(video_bytes, frame_idx, spec, device, (crop_start, crop_shape), flip,
-                                 rand_augment=extra.get("rand_augment"),
-                                 erase=(extra.get("erase_anchor"), extra.get("erase_shape")), decoded=decoded)
-            audio = _audio_graph(audio_bytes, spec, device, position, extra.get("audio_gain"))
+            video = _video_graph(x["video"], x.get("frame_indices"), spec, device, (x["crop_start"], x["crop_shape"]),
+                                 x["flip"], rand_augment=x.get("rand_augment"),
+                                 erase=(x.get("erase_anchor"), x.get("erase_shape")), decoded=decoded)
+            audio = _audio_graph(x["audio"], spec, device, x["audio_position"], x.get("audio_gain"))
         else:
-            (crop_position,) = choices
-            video = _video_graph(video_bytes, frame_idx, spec, device, crop_position=crop_position, decoded=decoded)
-            audio = _audio_graph(audio_bytes, spec, device)
+            video = _video_graph(x["video"], x.get("frame_indices"), spec, device, crop_position=x["crop_position"],
+                                 decoded=decoded)
+            audio = _audio_graph(x["audio"], spec, device)
+        label, index = x["label"], x["index"]
         return video, audio, label, index
 
     return av_pipeline(), source

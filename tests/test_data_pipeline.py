@@ -7,6 +7,7 @@ video background colour identify its manifest row. GPU-only paths (NVDEC) skip w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from dali_pipelines import (
     read_manifest,
     sample_frame_indices,
 )
+from dali_pipelines.augment import RandAugmentSpec
 from dali_pipelines.baseline import build_baseline_loader
 from dali_pipelines.decoders import torchcodec_missing
 from dali_pipelines.source import (
@@ -160,6 +162,37 @@ def test_resumed_run_sees_exactly_the_uninterrupted_epochs(dataset: Path) -> Non
         for x, y in zip(got, expected, strict=True):
             for key in ("video", "audio", "label", "index"):
                 torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-6, msg=key)
+
+
+class FirstBatch:  # DALI's BatchInfo of epoch 0, iteration 0
+    epoch_idx, iteration = 0, 0
+
+
+@pytest.mark.parametrize("train, decoder", [(True, "dali"), (False, "dali"), (True, "torchcodec")])
+def test_source_feeds_its_declared_outputs(dataset: Path, train: bool, decoder: str) -> None:
+    """Every output the source declares arrives in its place with its dtype; the graph reads them by name."""
+    if decoder == "torchcodec" and (why := torchcodec_missing()):
+        pytest.skip(why)
+    spec = dataclasses.replace(SMALL, rand_augment=RandAugmentSpec.parse("rand-m7-n2"), erase_prob=0.5,
+                               audio_gain=True)
+    source = ClipSource(read_manifest(dataset), 3, train, "cpu", spec, 0, 0, 1, LastBatchPolicy.DROP,
+                        video_decoder=decoder)
+    names = [out.name for out in source.outputs]
+    media = ["video", "audio"] + ["frame_indices"] * (decoder == "dali")
+    choices = (["crop_start", "crop_shape", "flip", "audio_position", "rand_augment", "erase_anchor", "erase_shape",
+                "audio_gain"] if train else ["crop_position"])
+    assert names == media + choices + ["label", "index"]
+    fed = source(FirstBatch())
+    assert len(fed) == len(source.outputs) == source.num_outputs
+    for out, column in zip(source.outputs, fed, strict=True):
+        assert len(column) == 3 and all(value.dtype == out.dtype for value in column), out
+    by_name = dict(zip(names, fed))
+    assert [int(i) for i in by_name["index"]] == source.epoch_batches(0)[0][0].tolist()
+    assert [int(x) for x in by_name["label"]] == [int(i) for i in by_name["index"]]  # one class per row
+    if decoder == "torchcodec":
+        assert source.outputs[0].layout == "FHWC" and by_name["video"][0].shape == (SMALL.num_frames, 64, 64, 3)
+    if train:
+        assert all(v.shape == (2,) for v in by_name["crop_shape"]) and by_name["rand_augment"][0].shape == (3, 2)
 
 
 def test_mid_epoch_resume_starts_at_the_batch_without_decoding_the_skipped_ones(dataset: Path, monkeypatch) -> None:
