@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 # synthetic data, python -m dali_pipelines.transcode / .synthetic) needs neither DALI nor PyAV/soundfile.
 _OWNERS = {
     ".spec": ("AUDIO_MEAN", "AUDIO_STD", "HICMAE_FBANK_MEAN", "HICMAE_FBANK_STD", "IMAGENET_MEAN", "IMAGENET_STD",
-              "MODEL_GEOMETRY", "ClipSpec"),
+              "MODEL_GEOMETRY", "ClipSpec", "EvalView", "LoaderOptions"),
     ".fbank": ("kaldi_fbank", "kaldi_mel_banks", "kaldi_window"),
     ".manifest": ("Clip", "Manifest", "ManifestError", "read_manifest", "write_manifest"),
-    ".source": ("CPU_VIDEO_CODECS", "GPU_VIDEO_CODECS", "PAD_INDEX", "EvalView", "UnsupportedCodecError", "VideoInfo",
+    ".source": ("CPU_VIDEO_CODECS", "GPU_VIDEO_CODECS", "PAD_INDEX", "UnsupportedCodecError", "VideoInfo",
                 "probe_video", "sample_frame_indices"),
     ".pipeline": ("AVLoader", "build_loader", "build_pipeline", "default_policy", "denormalize_video",
                   "normalize_fbank"),
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
         CPU_VIDEO_CODECS,
         GPU_VIDEO_CODECS,
         PAD_INDEX,
-        EvalView,
         UnsupportedCodecError,
         VideoInfo,
         probe_video,
@@ -52,6 +51,8 @@ if TYPE_CHECKING:
         IMAGENET_STD,
         MODEL_GEOMETRY,
         ClipSpec,
+        EvalView,
+        LoaderOptions,
     )
 
 
@@ -68,7 +69,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
-    "build_loader", "build_pipeline", "AVLoader", "ClipSpec", "LastBatchPolicy", "default_policy",
+    "build_loader", "build_pipeline", "LoaderOptions", "AVLoader", "ClipSpec", "LastBatchPolicy", "default_policy",
     "read_manifest", "write_manifest", "Manifest", "Clip", "ManifestError",
     "AUDIO_MEAN", "AUDIO_STD", "HICMAE_FBANK_MEAN", "HICMAE_FBANK_STD", "IMAGENET_MEAN", "IMAGENET_STD",
     "denormalize_video", "normalize_fbank", "kaldi_fbank", "kaldi_mel_banks", "kaldi_window",

@@ -47,7 +47,7 @@ import torch
 
 from .augment import sample_audio_gain, sample_erase_boxes, sample_rand_augment
 from .manifest import Manifest
-from .spec import ClipSpec
+from .spec import CENTRE_VIEW, ClipSpec, EvalView, LoaderOptions
 
 if TYPE_CHECKING:  # DALI is imported only where the pipeline is built
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
@@ -59,7 +59,6 @@ GPU_VIDEO_CODECS = CPU_VIDEO_CODECS | {"av1", "mpeg4", "h264", "hevc"}
 # What DALI's fn.decoders.audio decodes (its docstring), as libsndfile names the formats.
 AUDIO_FORMATS = frozenset({"WAV", "FLAC", "OGG"})
 PAD_INDEX = -1  # ``index`` of padding samples (FILL policy)
-BAD_CLIP_POLICIES = ("error", "skip")
 
 
 class UnsupportedCodecError(ValueError):
@@ -278,58 +277,6 @@ def sample_crop_window(
 
 
 @dataclass(frozen=True)
-class EvalView:
-    """One test view of every clip: temporal window ``clip_index`` of ``num_clips`` and spatial crop
-    ``crop_index`` of ``num_crops`` (VideoMAE/HiCMAE's test protocol, e.g. 2 clips x 2 crops).
-
-    * Temporal: ``num_clips`` windows evenly spaced over the clip's frames (:func:`sample_frame_indices`);
-      one clip is the centred window.
-    * Spatial: after the shorter side is resized to ``image_size``, ``num_crops`` square crops evenly
-      spaced along the longer side — the crop's offset is the fraction ``crop_index / (num_crops - 1)``
-      of the pixels left over (HiCMAE's ``split_nb * (L - S) / (num_crop - 1)``; DALI turns the
-      fraction into pixels); one crop is the centre crop.
-    * Audio: every view takes the centred audio window. HiCMAE instead cuts the audio to the span of
-      each temporal window; here the audio input is the same for all views of a clip.
-
-    Views are averaged by the caller (softmax scores per view, then the mean; see avfmae.trainer).
-    """
-
-    clip_index: int = 0
-    num_clips: int = 1
-    crop_index: int = 0
-    num_crops: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("clip_index", "num_clips", "crop_index", "num_crops"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise ValueError(f"view.{name} must be an int, got {value!r}")
-        for index, count in (("clip_index", "num_clips"), ("crop_index", "num_crops")):
-            n, i = getattr(self, count), getattr(self, index)
-            if n < 1 or not 0 <= i < n:
-                raise ValueError(f"view: need {count} >= 1 and 0 <= {index} < {count}, got {index}={i}, "
-                                 f"{count}={n}")
-
-    @classmethod
-    def of(cls, view: EvalView | tuple[int, int, int, int]) -> EvalView:
-        """An :class:`EvalView` from itself or a tuple (clip_index, num_clips, crop_index, num_crops)."""
-        if isinstance(view, cls):
-            return view
-        if not isinstance(view, (tuple, list)) or len(view) != 4:
-            raise ValueError(f"view must be an EvalView or (clip_index, num_clips, crop_index, num_crops), "
-                             f"got {view!r}")
-        return cls(*view)
-
-    @property
-    def crop_position(self) -> float:
-        """Where the crop sits along the longer side, as a fraction of the pixels left over."""
-        return 0.5 if self.num_crops == 1 else self.crop_index / (self.num_crops - 1)
-
-
-CENTRE_VIEW = EvalView()
-
-
-@dataclass(frozen=True)
 class ClipAugmentation:
     """The choices for one clip in one epoch: frame indices int32 [num_frames]; ``crop`` (top, left, h, w)
     in pixels, or None for evaluation's resize + square crop; horizontal ``flip``; ``audio_position``
@@ -456,54 +403,34 @@ class ClipSource:
     unlabelled) and ``index``, the manifest row (int64 [], -1 for padding). With
     ``video_decoder="torchcodec"`` ``video`` holds the clip's decoded frames instead (uint8 [num_frames,
     H, W, 3], layout FHWC) and there is no ``frame_indices``: torchcodec decodes them, on a pool of
-    ``decode_threads`` threads. Raises StopIteration at the end of an epoch. DALI counts epochs
-    from 0 for every new pipeline; ``start_epoch`` is added (resuming training), and the first epoch starts at its batch
-    ``start_batch`` (resuming mid-epoch: the batches before it are never read nor decoded).
+    ``options.threads`` threads. The other settings come from ``options`` (:class:`LoaderOptions`).
+
+    Raises StopIteration at the end of an epoch. DALI counts epochs from 0 for every new pipeline;
+    ``start_epoch`` is added (resuming training), and the first epoch starts at its batch ``start_batch``
+    (resuming mid-epoch: the batches before it are never read nor decoded).
     """
 
-    def __init__(
-        self,
-        manifest: Manifest,
-        batch_size: int,
-        train: bool,
-        device: str,
-        spec: ClipSpec,
-        seed: int,
-        shard_id: int,
-        num_shards: int,
-        policy: LastBatchPolicy,
-        start_epoch: int = 0,
-        view: EvalView = CENTRE_VIEW,
-        bad_clips: str = "error",
-        max_bad_clip_fraction: float = 0.0,
-        start_batch: int = 0,
-        video_decoder: str = "dali",
-        decode_threads: int = 1,
-    ) -> None:
+    def __init__(self, manifest: Manifest, batch_size: int, train: bool, policy: LastBatchPolicy,
+                 options: LoaderOptions | None = None) -> None:
+        options = options or LoaderOptions()
         self.manifest = manifest
         self.batch_size = batch_size
         self.train = train
-        self.device = device
-        self.spec = spec
-        self.seed = seed
-        self.shard_id = shard_id
-        self.num_shards = num_shards
         self.policy = policy
-        self.start_epoch = start_epoch
-        self.start_batch = start_batch
-        self.view = view
-        if bad_clips not in BAD_CLIP_POLICIES:
-            raise ValueError(f"bad_clips must be one of {BAD_CLIP_POLICIES}, got {bad_clips!r}")
-        self.bad_clips = bad_clips
-        self.max_bad_clip_fraction = max_bad_clip_fraction
+        self.options = options
+        self.device, self.spec, self.seed = options.device, options.spec, options.seed
+        self.shard_id, self.num_shards = options.shard_id, options.num_shards
+        self.start_epoch, self.start_batch = options.start_epoch, options.start_batch
+        self.view = options.view or CENTRE_VIEW
+        self.bad_clips, self.max_bad_clip_fraction = options.bad_clips, options.max_bad_clip_fraction
+        self.video_decoder = options.video_decoder
         self.skipped: dict[int, str] = {}  # manifest row -> why it is left out (bad_clips="skip")
         self.labels = manifest.labels()
-        self.video_decoder = video_decoder
         # torchcodec's decoding releases the GIL: decode a batch's clips in parallel. One torch thread per
         # decoding thread (torch's intra-op threads are per calling thread): with the default, torch's
         # OpenMP workers of each decoding thread spin beside DALI's and cost 5x the CPU time per clip.
-        self._pool = (ThreadPoolExecutor(decode_threads, initializer=torch.set_num_threads, initargs=(1,))
-                      if video_decoder == "torchcodec" else None)
+        self._pool = (ThreadPoolExecutor(options.threads, initializer=torch.set_num_threads, initargs=(1,))
+                      if self.video_decoder == "torchcodec" else None)
         self._infos: dict[int, VideoInfo] = {}
         self._checked: set[int] = set()  # rows whose media passed check_clip
         self._epoch = -1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import av
@@ -29,6 +30,7 @@ from dali_pipelines import (
     ManifestError,
     UnsupportedCodecError,
     build_loader,
+    build_pipeline,
     decoders,
     denormalize_video,
     kaldi_fbank,
@@ -49,6 +51,7 @@ from dali_pipelines.source import (
     sample_crop_window,
     shard_batches,
 )
+from dali_pipelines.spec import LoaderOptions
 from dali_pipelines.synthetic import class_background, encode_video, generate_dataset
 
 ROWS = 8
@@ -175,8 +178,8 @@ def test_source_feeds_its_declared_outputs(dataset: Path, train: bool, decoder: 
         pytest.skip(why)
     spec = dataclasses.replace(SMALL, rand_augment=RandAugmentSpec.parse("rand-m7-n2"), erase_prob=0.5,
                                audio_gain=True)
-    source = ClipSource(read_manifest(dataset), 3, train, "cpu", spec, 0, 0, 1, LastBatchPolicy.DROP,
-                        video_decoder=decoder)
+    source = ClipSource(read_manifest(dataset), 3, train, LastBatchPolicy.DROP,
+                        LoaderOptions(device="cpu", spec=spec, video_decoder=decoder))
     names = [out.name for out in source.outputs]
     media = ["video", "audio"] + ["frame_indices"] * (decoder == "dali")
     choices = (["crop_start", "crop_shape", "flip", "audio_position", "rand_augment", "erase_anchor", "erase_shape",
@@ -565,6 +568,22 @@ def test_bad_arguments(dataset: Path, kwargs, error, match) -> None:
     args = {"batch_size": 2, "train": False, "device": "cpu", "num_threads": 2, "spec": SMALL} | kwargs
     with pytest.raises(error, match=match):
         build_loader(dataset, **args)
+
+
+def test_pipeline_and_loader_share_one_options_object(dataset: Path) -> None:
+    """build_pipeline and build_loader read the same LoaderOptions: the same thread default, and every
+    option (prefetch depth included) reaches the pipeline through either; keywords replace its fields."""
+    options = LoaderOptions(device="cpu", spec=SMALL, prefetch_queue_depth=3, seed=5)
+    pipe, source = build_pipeline(dataset, 2, False, options)
+    loader = build_loader(dataset, 2, False, options, num_threads=1)
+    assert options.threads == min(4, os.cpu_count())
+    assert (pipe.num_threads, pipe.prefetch_queue_depth, source.seed) == (options.threads, 3, 5)
+    assert (loader._pipes[0].num_threads, loader._pipes[0].prefetch_queue_depth, loader.source.seed) == (1, 3, 5)
+    assert options.num_threads is None  # the keywords made a new options object
+    with pytest.raises(TypeError, match=r"unknown loader option\(s\) \['num_thread'\]; LoaderOptions has"):
+        build_loader(dataset, 2, False, options, num_thread=2)
+    with pytest.raises(TypeError, match="options must be a LoaderOptions"):
+        build_loader(dataset, 2, False, {"device": "cpu"})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is missing")
