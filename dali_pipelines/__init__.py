@@ -1,10 +1,11 @@
 """dali_pipelines: NVIDIA DALI audio-visual data loading for AVF-MAE++.
 
-``build_loader(manifest, batch_size, train, device="gpu"|"cpu", ...)`` yields
-``{"video": [B, 3, 16, 160, 160], "audio": [B, 1, 256, 128], "label", "index"}`` from a CSV manifest
-(``video,audio,label``), with exact audio/video/label pairing, per-epoch shuffling, sharding by rank and
-DeepSpeed-friendly last-batch handling. Also here: the manifest reader, a Kaldi-exact fbank reference,
-a PyAV baseline loader (``dali_pipelines.baseline``), synthetic data (``python -m
+``build_loader(manifest, batch_size, train, options, **fields)`` (:class:`LoaderOptions`, e.g.
+``device="gpu"|"cpu"``) yields ``{"video": [B, 3, 16, 160, 160], "audio": [B, 1, 256, 128], "label",
+"index"}`` (the shapes of :class:`ClipSpec`, which owns the input geometry, see ``dali_pipelines.spec``)
+from a CSV manifest (``video,audio,label``), with exact audio/video/label pairing, per-epoch shuffling,
+sharding by rank and DeepSpeed-friendly last-batch handling. Also here: the manifest reader, a Kaldi-exact
+fbank reference, a PyAV baseline loader (``dali_pipelines.baseline``), synthetic data (``python -m
 dali_pipelines.synthetic``) and a transcoder to CPU-decodable VP9 (``python -m dali_pipelines.transcode``).
 """
 
