@@ -47,6 +47,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from dali_pipelines.spec import ClipSpec
+
 SUPPORTED_HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128)  # what mae_kernels.grouped_attention accepts
 FUSIONS = ("iavcl", "hicmae", "iavcl_no_dier", "iavcl_no_hafe")  # the last two: Table 5's ablation rows
 LGI_LAYERS = ("improved", "vanilla")  # vanilla: MAE-DFER's LGI block, stages I-III (Table 4's middle row)
@@ -75,13 +77,13 @@ class ModelConfig:
     fusion: str = "iavcl"          # "hicmae": Table 4's ablation model (HiCMAE's fusion encoder); see FUSIONS
     lgi: str = "improved"          # "vanilla": LGI layers without stage IV (Table 4's middle row)
     fusion_depth: int = 2          # N_c DiER units (IAV-CL) / cross-modal blocks (HiCMAE fusion)
-    # input geometry
-    num_frames: int = 16
-    image_size: int = 160
+    # input geometry; its one owner is the data's sample spec (dali_pipelines.spec.MODEL_GEOMETRY)
+    num_frames: int = ClipSpec.num_frames
+    image_size: int = ClipSpec.image_size
     tubelet: int = 2
     patch_size: int = 16
-    audio_frames: int = 256
-    audio_bins: int = 128
+    audio_frames: int = ClipSpec.audio_frames
+    audio_bins: int = ClipSpec.audio_bins
     audio_patch: int = 16
     video_region: tuple[int, int, int] = (2, 5, 10)   # (t, h, w) tokens per LGI region
     audio_region: tuple[int, int] = (4, 4)            # (time, freq) tokens per LGI region

@@ -222,16 +222,16 @@ class Trainer:
     def build_loaders(self, start_epoch: int, start_batch: int = 0):
         """The train loader for this rank (its first pass is ``start_epoch`` from micro-batch
         ``start_batch``); keeps the arguments the validation loaders share with it (:meth:`val_loaders`)."""
-        from dali_pipelines import ClipSpec, build_loader
+        from dali_pipelines import ClipSpec, LoaderOptions, build_loader
 
         cfg, mc = self.cfg, self.model_config
-        spec = ClipSpec(num_frames=mc.num_frames, frame_size=mc.image_size, audio_frames=mc.audio_frames,
-                        mel_bins=mc.audio_bins, **clip_augmentations(cfg))  # evaluation ignores them
+        spec = ClipSpec.for_model(mc, **clip_augmentations(cfg))  # evaluation ignores the augmentations
         device = cfg.data_device if cfg.data_device != "auto" else ("gpu" if self.cuda else "cpu")
-        common = dict(batch_size=self.ds_config["train_micro_batch_size_per_gpu"], device=device,
-                      num_threads=cfg.data_threads, seed=cfg.seed, shard_id=self.rank, num_shards=self.world,
-                      spec=spec, device_id=self.device.index if self.cuda else None, bad_clips=cfg.bad_clips,
-                      max_bad_clip_fraction=cfg.max_bad_clip_fraction, video_decoder=cfg.data_video_decoder)
+        options = LoaderOptions(device=device, num_threads=cfg.data_threads, seed=cfg.seed, shard_id=self.rank,
+                                num_shards=self.world, spec=spec, device_id=self.device.index if self.cuda else None,
+                                bad_clips=cfg.bad_clips, max_bad_clip_fraction=cfg.max_bad_clip_fraction,
+                                video_decoder=cfg.data_video_decoder)
+        common = dict(batch_size=self.ds_config["train_micro_batch_size_per_gpu"], options=options)
         self._loader_args = common
         return build_loader(self.manifests["train_manifest"], train=True, start_epoch=start_epoch,
                             start_batch=start_batch, **common)

@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 
+from dali_pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
+
 from .config import ModelConfig
 from .embed import fill_predictions, patchify_audio, patchify_video, unpatchify_audio, unpatchify_video
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _keep_only(patches: torch.Tensor, idx: torch.Tensor, fill: float) -> torch.Tensor:

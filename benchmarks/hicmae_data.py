@@ -40,14 +40,13 @@ import torch
 
 from benchmarks.hicmae_peer import PeerUnavailable
 from dali_pipelines.manifest import Manifest
-from dali_pipelines.pipeline import ClipSpec
+from dali_pipelines.spec import HICMAE_FBANK_MEAN, HICMAE_FBANK_STD, ClipSpec
 
 MODULE = "datasets_av"
 # HiCMAE's pre-training settings (its pretrain_base.sh and run_mae_pretraining_av.py)
 VIDEO_MASK_RATIO = 0.9
 AUDIO_MASK_RATIO = 0.8
 PATCH = 16
-FBANK_MEAN, FBANK_STD = -4.2677393, 4.5689974  # its 'audioset' norm_stats
 
 
 def load_dataset_module(root: Path) -> types.ModuleType:
@@ -93,14 +92,14 @@ def write_setting(manifest: Manifest, out_dir: Path) -> Path:
 def pretraining_args(setting: Path, spec: ClipSpec) -> types.SimpleNamespace:
     """The ``args`` HiCMAE's ``build_pretraining_dataset`` reads, at ``spec``'s geometry."""
     return types.SimpleNamespace(
-        data_path=str(setting), input_size=spec.frame_size, num_frames=spec.num_frames,
+        data_path=str(setting), input_size=spec.image_size, num_frames=spec.num_frames,
         sampling_rate=spec.frame_stride, num_samples=1, no_augmentation=False,
         mask_type="tube", mask_ratio=VIDEO_MASK_RATIO,
-        window_size=(spec.num_frames // 2, spec.frame_size // PATCH, spec.frame_size // PATCH),
+        window_size=(spec.num_frames // 2, spec.image_size // PATCH, spec.image_size // PATCH),
         mask_type_audio="random", mask_ratio_audio=AUDIO_MASK_RATIO,
-        window_size_audio=(spec.audio_frames // PATCH, spec.mel_bins // PATCH),
-        audio_conf={"num_mel_bins": spec.mel_bins, "target_length": spec.audio_frames, "freqm": 0, "timem": 0,
-                    "mean": FBANK_MEAN, "std": FBANK_STD, "noise": False, "mode": "train"},
+        window_size_audio=(spec.audio_frames // PATCH, spec.audio_bins // PATCH),
+        audio_conf={"num_mel_bins": spec.audio_bins, "target_length": spec.audio_frames, "freqm": 0, "timem": 0,
+                    "mean": HICMAE_FBANK_MEAN, "std": HICMAE_FBANK_STD, "noise": False, "mode": "train"},
         roll_mag_aug=True, audio_sample_rate=spec.sample_rate,  # pretrain_base.sh: --roll_mag_aug True
     )
 

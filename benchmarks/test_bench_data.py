@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dali_pipelines import build_loader, read_manifest
+from dali_pipelines import LoaderOptions, build_loader, read_manifest
 from dali_pipelines.baseline import build_baseline_loader, torchcodec_missing
 from dali_pipelines.synthetic import generate_dataset
 
@@ -43,6 +43,7 @@ CLIPS = 32
 BATCH = 8
 ROUNDS = 3
 THREADS = min(4, os.cpu_count() or 1)
+OURS = LoaderOptions(num_threads=THREADS, seed=0)  # our loader's settings in every case
 ROLES = {"dali-cpu": "ours", "dali-torchcodec": "ours", "dali-nvdec": "ours", "pyav": "baseline",
          "torchcodec": "peer", "hicmae": "peer"}
 DECODERS = {"dali-cpu": "DALI (CPU)", "dali-torchcodec": "torchcodec → DALI", "dali-nvdec": "DALI (NVDEC)",
@@ -98,12 +99,11 @@ def make_loader(kind: str, manifest: Path, hicmae_path: Path | None, work_dir: P
         device = "gpu" if kind == "dali-nvdec" else "cpu"
         if device == "gpu" and not torch.cuda.is_available():
             pytest.skip("DALI's NVDEC decoder needs CUDA")
-        return build_loader(manifest, BATCH, train=True, device=device, num_threads=THREADS, seed=0)
+        return build_loader(manifest, BATCH, True, OURS, device=device)
     if kind in ("torchcodec", "dali-torchcodec") and (why := torchcodec_missing()):
         pytest.skip(why)
     if kind == "dali-torchcodec":
-        return build_loader(manifest, BATCH, train=True, device="cpu", num_threads=THREADS, seed=0,
-                            video_decoder="torchcodec")
+        return build_loader(manifest, BATCH, True, OURS, device="cpu", video_decoder="torchcodec")
     if kind in ("pyav", "torchcodec"):
         return build_baseline_loader(manifest, BATCH, train=True, num_workers=THREADS, seed=0, decoder=kind)
     from benchmarks.hicmae_data import build_hicmae_loader

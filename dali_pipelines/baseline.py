@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from .decoders import torchcodec_audio, torchcodec_frames, torchcodec_missing, torchcodec_video
 from .fbank import kaldi_fbank
 from .manifest import Manifest, read_manifest
-from .pipeline import ClipSpec
 from .source import ClipAugmentation, clip_rng, epoch_order, probe_video, sample_clip
+from .spec import ClipSpec
 
 DECODERS = ("pyav", "torchcodec")
 
@@ -68,7 +68,7 @@ def video_tensor(frames: np.ndarray, spec: ClipSpec, aug: ClipAugmentation) -> t
     """uint8 [T, H, W, 3] → normalised float32 [3, T, S, S]: ``aug``'s crop window resized + flip, or
     (``aug.crop`` None) resize + centre crop."""
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
-    size = spec.frame_size
+    size = spec.image_size
     if aug.crop is not None:
         top, left, h, w = aug.crop
         x = F.interpolate(x[:, :, top:top + h, left:left + w], size=(size, size), mode="bilinear",
@@ -87,9 +87,9 @@ def video_tensor(frames: np.ndarray, spec: ClipSpec, aug: ClipAugmentation) -> t
 
 
 def audio_tensor(wave: torch.Tensor, spec: ClipSpec, position: float) -> torch.Tensor:
-    """Waveform → HiCMAE's normalised fbank [1, audio_frames, mel_bins], the window starting at
+    """Waveform → HiCMAE's normalised fbank [1, audio_frames, audio_bins], the window starting at
     ``position`` (a fraction of the frames beyond ``audio_frames``; 0.5 centres it)."""
-    fbank = kaldi_fbank(wave - wave.mean(), spec.sample_rate, spec.mel_bins)
+    fbank = kaldi_fbank(wave - wave.mean(), spec.sample_rate, spec.audio_bins)
     room = max(fbank.shape[0] - spec.audio_frames, 0)
     start = int(np.floor(np.float32(position) * np.float32(room)))  # in float32, as the DALI graph
     fbank = fbank[start:start + spec.audio_frames]

@@ -30,8 +30,6 @@ triangles are linear in Hz rather than in mel; ``tests/test_data_fbank.py`` boun
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,84 +40,16 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .augment import RandAugmentSpec, apply_audio_gain, apply_rand_augment, apply_random_erasing
+from .augment import apply_audio_gain, apply_rand_augment, apply_random_erasing
 from .fbank import LOG_FLOOR, kaldi_window
 from .manifest import Manifest, read_manifest
-from .source import CENTRE_VIEW, ClipSource, EvalView
+from .source import ClipSource
+from .spec import ClipSpec, LoaderOptions
 
-# AudioMAE's AudioSet fbank statistics, which HiCMAE reuses; both normalise as (x - mean) / (2 * std).
-HICMAE_FBANK_MEAN = -4.2677393
-HICMAE_FBANK_STD = 4.5689974
-AUDIO_MEAN = HICMAE_FBANK_MEAN
-AUDIO_STD = 2 * HICMAE_FBANK_STD  # the divisor actually applied: (fbank - AUDIO_MEAN) / AUDIO_STD
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OUTPUT_NAMES = ("video", "audio", "label", "index")
-DEVICES = ("gpu", "cpu")
-VIDEO_DECODERS = ("dali", "torchcodec")
-
-
-@dataclass(frozen=True)
-class ClipSpec:
-    """What one sample looks like. Defaults are the model's shapes (DESIGN "Shapes").
-
-    Video: ``num_frames`` frames ``frame_stride`` apart, ``frame_size`` square, normalised with
-    ``video_mean``/``video_std`` (fractions of 255). Training crops a random area fraction in
-    ``crop_area`` with aspect ratio in ``crop_aspect`` (the default 0.44–1 is VideoMAE's multi-scale
-    crop of 0.66–1 per side) and flips with probability 0.5 when ``flip``.
-    Audio: ``sample_rate`` mono, ``mel_bins`` Kaldi-style log mel bins over ``audio_frames`` 10 ms
-    frames (zero-padded before normalisation, as HiCMAE), normalised as ``(x - audio_mean) / audio_std``.
-    """
-
-    num_frames: int = 16
-    frame_stride: int = 4
-    frame_size: int = 160
-    audio_frames: int = 256
-    mel_bins: int = 128
-    sample_rate: int = 16000
-    audio_mean: float = AUDIO_MEAN
-    audio_std: float = AUDIO_STD
-    video_mean: tuple[float, float, float] = IMAGENET_MEAN
-    video_std: tuple[float, float, float] = IMAGENET_STD
-    crop_area: tuple[float, float] = (0.44, 1.0)
-    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
-    # training augmentations beyond crop/flip (all off by default; see dali_pipelines.augment)
-    rand_augment: RandAugmentSpec | None = None
-    erase_prob: float = 0.0
-    erase_count: int = 1
-    audio_gain: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("num_frames", "frame_stride", "frame_size", "audio_frames", "mel_bins", "sample_rate"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ClipSpec.{name} must be a positive int, got {value!r}")
-        if self.audio_std <= 0:
-            raise ValueError(f"ClipSpec.audio_std must be > 0, got {self.audio_std}")
-        if len(self.video_mean) != 3 or len(self.video_std) != 3 or min(self.video_std) <= 0:
-            raise ValueError(f"ClipSpec.video_mean/video_std must be 3 values (std > 0), got "
-                             f"{self.video_mean}, {self.video_std}")
-        lo, hi = self.crop_area
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"ClipSpec.crop_area must satisfy 0 < low <= high <= 1, got {self.crop_area}")
-        if not 0 < self.crop_aspect[0] <= self.crop_aspect[1]:
-            raise ValueError(f"ClipSpec.crop_aspect must satisfy 0 < low <= high, got {self.crop_aspect}")
-        if self.rand_augment is not None and not isinstance(self.rand_augment, RandAugmentSpec):
-            raise ValueError(f"ClipSpec.rand_augment must be a RandAugmentSpec or None (see "
-                             f"RandAugmentSpec.parse), got {self.rand_augment!r}")
-        if not 0 <= self.erase_prob <= 1:
-            raise ValueError(f"ClipSpec.erase_prob must lie in [0, 1], got {self.erase_prob}")
-        if not isinstance(self.erase_count, int) or isinstance(self.erase_count, bool) or self.erase_count < 1:
-            raise ValueError(f"ClipSpec.erase_count must be a positive int, got {self.erase_count!r}")
-
-    @property
-    def window_length(self) -> int:
-        return self.sample_rate * 25 // 1000
-
-    @property
-    def window_step(self) -> int:
-        return self.sample_rate * 10 // 1000
+# the numpy dtypes of the source's outputs (ClipSource.outputs) as DALI's
+DALI_TYPES = {np.dtype(np.uint8): types.UINT8, np.dtype(np.int32): types.INT32, np.dtype(np.int64): types.INT64,
+              np.dtype(np.float32): types.FLOAT}
 
 
 def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, flip=None, crop_position=0.5,
@@ -132,7 +62,7 @@ def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, fli
     frames = encoded if decoded else fn.decoders.video(
         encoded, device="mixed" if device == "gpu" else "cpu", frames=frame_idx, pad_mode="edge"
     )  # [T, H, W, 3] uint8
-    size = spec.frame_size
+    size = spec.image_size
     mean = [255 * m for m in spec.video_mean]
     std = [255 * s for s in spec.video_std]
     if crop is not None:
@@ -171,7 +101,7 @@ def _audio_graph(encoded, spec: ClipSpec, device: str, position=0.5, gain=None):
         center_windows=False, power=2, layout="tf",
     )
     mel = fn.mel_filter_bank(
-        power, nfilter=spec.mel_bins, sample_rate=spec.sample_rate, freq_low=20.0,
+        power, nfilter=spec.audio_bins, sample_rate=spec.sample_rate, freq_low=20.0,
         freq_high=spec.sample_rate / 2, mel_formula="htk", normalize=False,
     )
     # natural log floored at eps: ln(x) = ln(10) * log10(x / 1.0); the default reference is the sample max
@@ -186,42 +116,12 @@ def _audio_graph(encoded, spec: ClipSpec, device: str, position=0.5, gain=None):
     return fn.expand_dims(audio, axes=[0], new_axis_names="C")  # [1, audio_frames, F]
 
 
-def _label_type(manifest: Manifest) -> types.DALIDataType:
-    return types.FLOAT if manifest.task == "regression" else types.INT64
-
-
-def _check_view(view, train: bool) -> EvalView:
-    """The test view as an :class:`EvalView` (default: centred window, centre crop); evaluation only."""
-    if view is None:
-        return CENTRE_VIEW
-    if train:
-        raise ValueError(f"view={view!r} applies to evaluation (train=False); training samples its own "
-                         "windows and crops")
-    return EvalView.of(view)
-
-
-def _check_args(batch_size, device, num_threads, shard_id, num_shards, seed, start_epoch) -> None:
-    for name, value, low in (("batch_size", batch_size, 1), ("num_threads", num_threads, 1),
-                             ("num_shards", num_shards, 1), ("shard_id", shard_id, 0), ("seed", seed, 0),
-                             ("start_epoch", start_epoch, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if shard_id >= num_shards:
-        raise ValueError(f"shard_id must be < num_shards={num_shards}, got {shard_id}")
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    if device == "gpu" and not torch.cuda.is_available():
+def _check_environment(options: LoaderOptions) -> None:
+    """What the options need of this machine (LoaderOptions checked the rest where it was made)."""
+    if options.device == "gpu" and not torch.cuda.is_available():
         raise ValueError("device='gpu' needs CUDA, which is not available here; use device='cpu' "
                          "(VP8/VP9/MJPEG videos; see python -m dali_pipelines.transcode)")
-
-
-def _check_video_decoder(video_decoder: str, device: str) -> None:
-    if video_decoder not in VIDEO_DECODERS:
-        raise ValueError(f"video_decoder must be one of {VIDEO_DECODERS}, got {video_decoder!r}")
-    if video_decoder == "torchcodec":
-        if device != "cpu":
-            raise ValueError("video_decoder='torchcodec' is the CPU path (device='cpu'); with device='gpu' "
-                             "DALI decodes on NVDEC")
+    if options.video_decoder == "torchcodec":
         from .decoders import torchcodec_missing
 
         if why := torchcodec_missing():
@@ -237,24 +137,7 @@ def default_policy(train: bool, num_shards: int) -> LastBatchPolicy:
 
 
 def build_pipeline(
-    manifest: Manifest | str | Path,
-    batch_size: int,
-    train: bool,
-    device: str = "gpu",
-    num_threads: int = 4,
-    seed: int = 0,
-    shard_id: int = 0,
-    num_shards: int = 1,
-    spec: ClipSpec | None = None,
-    last_batch_policy: LastBatchPolicy | None = None,
-    device_id: int | None = None,
-    start_epoch: int = 0,
-    prefetch_queue_depth: int = 2,
-    view: EvalView | tuple[int, int, int, int] | None = None,
-    bad_clips: str = "error",
-    max_bad_clip_fraction: float = 0.0,
-    start_batch: int = 0,
-    video_decoder: str = "dali",
+    manifest: Manifest | str | Path, batch_size: int, train: bool, options: LoaderOptions | None = None, **fields
 ) -> tuple[Pipeline, ClipSource]:
     """Build (not yet started) the DALI pipeline for one rank and the external source that feeds it.
 
@@ -262,97 +145,70 @@ def build_pipeline(
         manifest: a :class:`Manifest` or a manifest path (read and validated here).
         batch_size: clips per batch on this rank.
         train: random temporal start, random-resized crop (torchvision semantics), flip, random audio
-            crop and a per-epoch shuffle; otherwise centred windows, centre crop, manifest order.
-        device: "gpu" (NVDEC + GPU operators; outputs on ``cuda:device_id``) or "cpu" (VP8/VP9/MJPEG only).
-        num_threads: DALI CPU worker threads.
-        seed: shuffling and every augmentation choice; use the same on every rank.
-        shard_id, num_shards: this rank's slice of every epoch (rank, world size).
-        spec: sample sizes and normalisation (:class:`ClipSpec`; default the model's shapes).
-        last_batch_policy: see :mod:`dali_pipelines.source`; default :func:`default_policy`.
-        device_id: CUDA device for device="gpu" (default: the current one).
-        start_epoch: the epoch of the first pass, for resuming: clip order, frames, crops, flips and
-            audio windows are exactly those an uninterrupted run sees in that epoch (each a function of
-            seed, epoch and manifest row only, whatever the sharding, batch size or threads).
-        prefetch_queue_depth: batches DALI prepares ahead.
-        view: evaluation only: the test view (:class:`EvalView` or (clip_index, num_clips, crop_index,
-            num_crops)) — which of ``num_clips`` evenly spaced temporal windows and ``num_crops`` crops
-            along the longer side; audio stays the centred window. None: centred window, centre crop.
-        bad_clips: "error" (default): a clip that fails the decode-time checks (empty, undecodable,
-            truncated, too few frames, NaN/inf audio; :func:`source.check_clip`) raises
-            :class:`source.BadClipError` naming the file, the reason and the fix; "skip": it is logged
-            and the next usable row stands in, until more than ``max_bad_clip_fraction`` of this rank's
-            share is bad.
-        video_decoder: "dali" (DALI's decoder: NVDEC with device="gpu", VP8/VP9/MJPEG with "cpu") or, with
-            device="cpu", "torchcodec": the external source decodes the frames with torchcodec (any codec
-            FFmpeg has, e.g. an H.264 dataset as shipped) and DALI does the rest; see docs/design-notes.md.
-        start_batch: resuming mid-epoch: the first pass starts at this batch of ``start_epoch`` (the
-            batches before it are neither read nor decoded); later epochs are whole. 0 <= start_batch
-            < ``len(source)``.
+            crop and a per-epoch shuffle; otherwise centred windows (or ``view``), centre crop, manifest order.
+        options: how the loader runs (:class:`LoaderOptions`: device, threads, seed, sharding, spec,
+            resuming, evaluation view, bad clips, video decoder); default all defaults.
+        **fields: :class:`LoaderOptions` fields replacing those of ``options``, e.g. ``device="cpu"``.
 
     Returns:
         (pipeline, source): the pipeline's outputs are video float32 [3, T, S, S], audio float32
-        [1, audio_frames, mel_bins], label (int64 [] or float32 [L]) and index (int64 []); ``len(source)``
-        is the number of batches per epoch (the first pass has ``start_batch`` fewer). Running past the
-        epoch raises StopIteration.
+        [1, audio_frames, audio_bins], label (int64 [] or float32 [L]) and index (int64 []); ``len(source)``
+        is the number of batches per epoch (the first pass has ``options.start_batch`` fewer). Running past
+        the epoch raises StopIteration.
     """
-    _check_args(batch_size, device, num_threads, shard_id, num_shards, seed, start_epoch)
-    _check_video_decoder(video_decoder, device)
-    view = _check_view(view, train)
+    options = LoaderOptions.of(options, **fields)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if options.view is not None and train:
+        raise ValueError(f"view={options.view!r} applies to evaluation (train=False); training samples its own "
+                         "windows and crops")
+    _check_environment(options)
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
-    spec = spec or ClipSpec()
-    if not isinstance(spec, ClipSpec):
-        raise TypeError(f"spec must be a ClipSpec, got {type(spec).__name__}")
-    policy = default_policy(train, num_shards) if last_batch_policy is None else last_batch_policy
+    policy = options.last_batch_policy
+    if policy is None:
+        policy = default_policy(train, options.num_shards)
     if not isinstance(policy, LastBatchPolicy):
         raise TypeError(f"last_batch_policy must be a nvidia.dali LastBatchPolicy, got {policy!r}")
-    source = ClipSource(manifest, batch_size, train, device, spec, seed, shard_id, num_shards, policy,
-                        start_epoch, view, bad_clips=bad_clips, max_bad_clip_fraction=max_bad_clip_fraction,
-                        start_batch=start_batch, video_decoder=video_decoder, decode_threads=num_threads)
+    source = ClipSource(manifest, batch_size, train, policy, options)
+    shard = f"{options.shard_id}/{options.num_shards}"
     if len(source) == 0:
-        raise ValueError(
-            f"shard {shard_id}/{num_shards} of {manifest.path} ({len(manifest)} clips) yields no batch of "
-            f"{batch_size} under {policy.name}; lower batch_size or num_shards"
-        )
-    if not isinstance(start_batch, int) or isinstance(start_batch, bool) or not 0 <= start_batch < len(source):
-        raise ValueError(f"start_batch must be an int in [0, {len(source)}) (batches per epoch of shard "
-                         f"{shard_id}), got {start_batch!r}")
+        raise ValueError(f"shard {shard} of {manifest.path} ({len(manifest)} clips) yields no batch of "
+                         f"{batch_size} under {policy.name}; lower batch_size or num_shards")
+    if options.start_batch >= len(source):
+        raise ValueError(f"start_batch must be an int in [0, {len(source)}) (batches per epoch of shard {shard}), "
+                         f"got {options.start_batch!r}")
+    spec, device, video_decoder = options.spec, options.device, options.video_decoder
+    device_id = options.device_id
     if device == "gpu" and device_id is None:
         device_id = torch.cuda.current_device()
 
+    schema = source.outputs  # the source's declared (name, dtype, layout) outputs
+    dtypes = [DALI_TYPES[out.dtype] for out in schema]
+    layouts = [out.layout for out in schema]
+
     @pipeline_def(
-        batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
+        batch_size=batch_size, num_threads=options.threads, device_id=device_id if device == "gpu" else None,
         # the source draws every choice; the graph's only random operator is the erasing noise
-        seed=seed % 2**31, prefetch_queue_depth=prefetch_queue_depth,
+        seed=options.seed % 2**31, prefetch_queue_depth=options.prefetch_queue_depth,
         # RandAugment picks each sample's operation with DALI conditionals
         enable_conditionals=train and spec.rand_augment is not None,
     )
     def av_pipeline():
-        # crop start, crop shape, flip, audio position, then the augmentations the spec switches on
-        optional = {"rand_augment": types.INT32, "erase_anchor": types.FLOAT, "erase_shape": types.FLOAT,
-                    "audio_gain": types.FLOAT}
-        augment = [types.INT32, types.INT32, types.INT32, types.FLOAT,
-                   *(optional[name] for name in source.augment_outputs)] if train else [types.FLOAT]
+        fed = fn.external_source(source=source, num_outputs=len(schema), batch=True, batch_info=True,
+                                 dtype=dtypes, layout=layouts)
+        x = {out.name: fed[i] for i, out in enumerate(schema)}  # by declared name (AutoGraph: no zip)
         decoded = video_decoder == "torchcodec"  # the source gives frames, not bytes + frame indices
-        indices = [] if decoded else [types.INT32]
-        video_bytes, audio_bytes, *rest = fn.external_source(
-            source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
-            dtype=[types.UINT8, types.UINT8, *indices, *augment, _label_type(manifest), types.INT64],
-            layout=["FHWC" if decoded else ""] + [""] * (source.num_outputs - 1),
-        )
-        frame_idx = None if decoded else rest.pop(0)
-        *choices, label, index = rest
         if train:
-            crop_start, crop_shape, flip, position, *extra = choices
-            extra = {name: extra[i] for i, name in enumerate(source.augment_outputs)}  # (AutoGraph: no zip)
-            video = _video_graph(video_bytes, frame_idx, spec, device, (crop_start, crop_shape), flip,
-                                 rand_augment=extra.get("rand_augment"),
-                                 erase=(extra.get("erase_anchor"), extra.get("erase_shape")), decoded=decoded)
-            audio = _audio_graph(audio_bytes, spec, device, position, extra.get("audio_gain"))
+            video = _video_graph(x["video"], x.get("frame_indices"), spec, device, (x["crop_start"], x["crop_shape"]),
+                                 x["flip"], rand_augment=x.get("rand_augment"),
+                                 erase=(x.get("erase_anchor"), x.get("erase_shape")), decoded=decoded)
+            audio = _audio_graph(x["audio"], spec, device, x["audio_position"], x.get("audio_gain"))
         else:
-            (crop_position,) = choices
-            video = _video_graph(video_bytes, frame_idx, spec, device, crop_position=crop_position, decoded=decoded)
-            audio = _audio_graph(audio_bytes, spec, device)
+            video = _video_graph(x["video"], x.get("frame_indices"), spec, device, crop_position=x["crop_position"],
+                                 decoded=decoded)
+            audio = _audio_graph(x["audio"], spec, device)
+        label, index = x["label"], x["index"]
         return video, audio, label, index
 
     return av_pipeline(), source
@@ -361,7 +217,7 @@ def build_pipeline(
 class AVLoader(DALIGenericIterator):
     """PyTorch iterator over one rank's share of a manifest; yields one dict per batch.
 
-    ``{"video": float32 [B, 3, T, S, S], "audio": float32 [B, 1, audio_frames, mel_bins],
+    ``{"video": float32 [B, 3, T, S, S], "audio": float32 [B, 1, audio_frames, audio_bins],
     "label": int64 [B] (class; -1 when unlabelled) or float32 [B, L] (regression), "index": int64 [B]
     (manifest row; -1 marks a FILL padding sample)}``. ``video``/``audio`` live on the pipeline's
     device, ``label``/``index`` on the CPU. ``len()`` is the number of batches per epoch; iterating
@@ -385,37 +241,15 @@ class AVLoader(DALIGenericIterator):
 
 
 def build_loader(
-    manifest: Manifest | str | Path,
-    batch_size: int,
-    train: bool,
-    device: str = "gpu",
-    num_threads: int | None = None,
-    seed: int = 0,
-    shard_id: int = 0,
-    num_shards: int = 1,
-    spec: ClipSpec | None = None,
-    last_batch_policy: LastBatchPolicy | None = None,
-    device_id: int | None = None,
-    start_epoch: int = 0,
-    view: EvalView | tuple[int, int, int, int] | None = None,
-    bad_clips: str = "error",
-    max_bad_clip_fraction: float = 0.0,
-    start_batch: int = 0,
-    video_decoder: str = "dali",
+    manifest: Manifest | str | Path, batch_size: int, train: bool, options: LoaderOptions | None = None, **fields
 ) -> AVLoader:
     """Build the pipeline (:func:`build_pipeline`, same arguments) and wrap it in an :class:`AVLoader`.
 
     For DeepSpeed: ``shard_id=rank, num_shards=world_size``, the same ``seed`` everywhere; the default
     policies give every rank ``len(loader)`` steps per epoch (DROP in training, FILL in evaluation).
-    ``num_threads`` defaults to min(4, CPU count). The first batch is prepared here, so an unreadable
-    or undecodable first clip fails at construction.
+    The first batch is prepared here, so an unreadable or undecodable first clip fails at construction.
     """
-    threads = min(4, os.cpu_count() or 1) if num_threads is None else num_threads
-    pipe, source = build_pipeline(manifest, batch_size, train, device, threads, seed, shard_id, num_shards,
-                                  spec, last_batch_policy, device_id, start_epoch, view=view, bad_clips=bad_clips,
-                                  max_bad_clip_fraction=max_bad_clip_fraction, start_batch=start_batch,
-                                  video_decoder=video_decoder)
-    return AVLoader(pipe, source)
+    return AVLoader(*build_pipeline(manifest, batch_size, train, options, **fields))
 
 
 def denormalize_video(video: torch.Tensor, spec: ClipSpec | None = None) -> torch.Tensor:

@@ -31,6 +31,7 @@ the centred window, a centre crop, no flip and the centred audio window — or, 
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import sys
@@ -46,11 +47,10 @@ import torch
 
 from .augment import sample_audio_gain, sample_erase_boxes, sample_rand_augment
 from .manifest import Manifest
+from .spec import CENTRE_VIEW, ClipSpec, EvalView, LoaderOptions
 
-if TYPE_CHECKING:  # pipeline.py imports this module; DALI is imported only where the pipeline is built
+if TYPE_CHECKING:  # DALI is imported only where the pipeline is built
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-
-    from .pipeline import ClipSpec
 
 # What DALI's fn.decoders.video decodes (its docstring): CPU backend VP8/VP9/MJPEG; the mixed (NVDEC)
 # backend also AV1, MPEG-4, H.264 and HEVC. Names as FFmpeg (PyAV) reports them.
@@ -59,7 +59,6 @@ GPU_VIDEO_CODECS = CPU_VIDEO_CODECS | {"av1", "mpeg4", "h264", "hevc"}
 # What DALI's fn.decoders.audio decodes (its docstring), as libsndfile names the formats.
 AUDIO_FORMATS = frozenset({"WAV", "FLAC", "OGG"})
 PAD_INDEX = -1  # ``index`` of padding samples (FILL policy)
-BAD_CLIP_POLICIES = ("error", "skip")
 
 
 class UnsupportedCodecError(ValueError):
@@ -278,58 +277,6 @@ def sample_crop_window(
 
 
 @dataclass(frozen=True)
-class EvalView:
-    """One test view of every clip: temporal window ``clip_index`` of ``num_clips`` and spatial crop
-    ``crop_index`` of ``num_crops`` (VideoMAE/HiCMAE's test protocol, e.g. 2 clips x 2 crops).
-
-    * Temporal: ``num_clips`` windows evenly spaced over the clip's frames (:func:`sample_frame_indices`);
-      one clip is the centred window.
-    * Spatial: after the shorter side is resized to ``frame_size``, ``num_crops`` square crops evenly
-      spaced along the longer side — the crop's offset is the fraction ``crop_index / (num_crops - 1)``
-      of the pixels left over (HiCMAE's ``split_nb * (L - S) / (num_crop - 1)``; DALI turns the
-      fraction into pixels); one crop is the centre crop.
-    * Audio: every view takes the centred audio window. HiCMAE instead cuts the audio to the span of
-      each temporal window; here the audio input is the same for all views of a clip.
-
-    Views are averaged by the caller (softmax scores per view, then the mean; see avfmae.trainer).
-    """
-
-    clip_index: int = 0
-    num_clips: int = 1
-    crop_index: int = 0
-    num_crops: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("clip_index", "num_clips", "crop_index", "num_crops"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise ValueError(f"view.{name} must be an int, got {value!r}")
-        for index, count in (("clip_index", "num_clips"), ("crop_index", "num_crops")):
-            n, i = getattr(self, count), getattr(self, index)
-            if n < 1 or not 0 <= i < n:
-                raise ValueError(f"view: need {count} >= 1 and 0 <= {index} < {count}, got {index}={i}, "
-                                 f"{count}={n}")
-
-    @classmethod
-    def of(cls, view: EvalView | tuple[int, int, int, int]) -> EvalView:
-        """An :class:`EvalView` from itself or a tuple (clip_index, num_clips, crop_index, num_crops)."""
-        if isinstance(view, cls):
-            return view
-        if not isinstance(view, (tuple, list)) or len(view) != 4:
-            raise ValueError(f"view must be an EvalView or (clip_index, num_clips, crop_index, num_crops), "
-                             f"got {view!r}")
-        return cls(*view)
-
-    @property
-    def crop_position(self) -> float:
-        """Where the crop sits along the longer side, as a fraction of the pixels left over."""
-        return 0.5 if self.num_crops == 1 else self.crop_index / (self.num_crops - 1)
-
-
-CENTRE_VIEW = EvalView()
-
-
-@dataclass(frozen=True)
 class ClipAugmentation:
     """The choices for one clip in one epoch: frame indices int32 [num_frames]; ``crop`` (top, left, h, w)
     in pixels, or None for evaluation's resize + square crop; horizontal ``flip``; ``audio_position``
@@ -372,7 +319,7 @@ def sample_clip(
     # augmentation's choices do not depend on which others are switched on
     ra_rng, erase_rng, gain_rng = rng.spawn(3)
     ra = sample_rand_augment(spec.rand_augment, ra_rng) if spec.rand_augment is not None else None
-    erase = sample_erase_boxes(spec.erase_prob, spec.erase_count, spec.frame_size, erase_rng) \
+    erase = sample_erase_boxes(spec.erase_prob, spec.erase_count, spec.image_size, erase_rng) \
         if spec.erase_prob > 0 else None
     gain = sample_audio_gain(gain_rng) if spec.audio_gain else 1.0
     return ClipAugmentation(frames, crop, flip and spec.flip, position, rand_augment=ra, erase=erase,
@@ -423,84 +370,92 @@ def batches_per_epoch(
     return -(-per_shard // batch_size)
 
 
+@dataclass(frozen=True)
+class SourceOutput:
+    """One output of :class:`ClipSource`: its name (the key the pipeline reads it by), numpy dtype and DALI
+    layout ("" for none). :attr:`ClipSource.outputs` declares them all, in the order they are fed."""
+
+    name: str
+    dtype: np.dtype
+    layout: str = ""
+
+
+def _out(name: str, dtype, layout: str = "") -> SourceOutput:
+    return SourceOutput(name, np.dtype(dtype), layout)
+
+
+# the training augmentations' outputs (when the spec switches them on), after the audio position
+AUGMENT_OUTPUTS = {"rand_augment": _out("rand_augment", np.int32), "erase_anchor": _out("erase_anchor", np.float32),
+                   "erase_shape": _out("erase_shape", np.float32), "audio_gain": _out("audio_gain", np.float32)}
+
+
 class ClipSource:
     """DALI external source (batch mode, called with ``BatchInfo``) yielding one batch of clips.
 
-    Outputs, each a list with one entry per sample: video bytes (uint8 [n]), audio bytes (uint8 [n]),
-    frame indices (int32 [num_frames]); in training also the crop window's (top, left) and (h, w)
-    (int32 [2] each), the flip (int32 []), the audio window position (float32 []), the RandAugment
-    steps (int32 [3, n]), the erased boxes' anchors and shapes (float32 [2k] each, (y, x) pairs) and the
-    audio gain (float32 []), those three only when the spec switches them on (:attr:`augment_outputs`,
-    :mod:`dali_pipelines.augment`), in evaluation
-    the crop position along the longer side (float32 [], see :class:`EvalView`); then label
-    (int64 [] class, float32 [L] regression, int64 [] -1 unlabelled) and manifest row (int64 [], -1 for
-    padding). With ``video_decoder="torchcodec"`` the first output is the clip's decoded frames instead
-    (uint8 [num_frames, H, W, 3]) and the frame indices are not output: torchcodec decodes them, on a
-    pool of ``decode_threads`` threads. Raises StopIteration at the end of an epoch. DALI counts epochs
-    from 0 for every new pipeline; ``start_epoch`` is added (resuming training), and the first epoch starts at its batch
-    ``start_batch`` (resuming mid-epoch: the batches before it are never read nor decoded).
+    Outputs (:attr:`outputs` declares their names, dtypes and layouts), each a list with one entry per
+    sample: ``video`` bytes (uint8 [n]), ``audio`` bytes (uint8 [n]), ``frame_indices`` (int32
+    [num_frames]); in training also the crop window's ``crop_start`` (top, left) and ``crop_shape`` (h, w)
+    (int32 [2] each), the ``flip`` (int32 []), the ``audio_position`` (float32 []), the ``rand_augment``
+    steps (int32 [3, n]), the erased boxes' ``erase_anchor`` and ``erase_shape`` (float32 [2k] each, (y, x)
+    pairs) and the ``audio_gain`` (float32 []), those four only when the spec switches them on
+    (:mod:`dali_pipelines.augment`), in evaluation the ``crop_position`` along the longer side (float32 [],
+    see :class:`EvalView`); then ``label`` (int64 [] class, float32 [L] regression, int64 [] -1
+    unlabelled) and ``index``, the manifest row (int64 [], -1 for padding). With
+    ``video_decoder="torchcodec"`` ``video`` holds the clip's decoded frames instead (uint8 [num_frames,
+    H, W, 3], layout FHWC) and there is no ``frame_indices``: torchcodec decodes them, on a pool of
+    ``options.threads`` threads. The other settings come from ``options`` (:class:`LoaderOptions`).
+
+    Raises StopIteration at the end of an epoch. DALI counts epochs from 0 for every new pipeline;
+    ``start_epoch`` is added (resuming training), and the first epoch starts at its batch ``start_batch``
+    (resuming mid-epoch: the batches before it are never read nor decoded).
     """
 
-    def __init__(
-        self,
-        manifest: Manifest,
-        batch_size: int,
-        train: bool,
-        device: str,
-        spec: ClipSpec,
-        seed: int,
-        shard_id: int,
-        num_shards: int,
-        policy: LastBatchPolicy,
-        start_epoch: int = 0,
-        view: EvalView = CENTRE_VIEW,
-        bad_clips: str = "error",
-        max_bad_clip_fraction: float = 0.0,
-        start_batch: int = 0,
-        video_decoder: str = "dali",
-        decode_threads: int = 1,
-    ) -> None:
+    def __init__(self, manifest: Manifest, batch_size: int, train: bool, policy: LastBatchPolicy,
+                 options: LoaderOptions | None = None) -> None:
+        options = options or LoaderOptions()
         self.manifest = manifest
         self.batch_size = batch_size
         self.train = train
-        self.device = device
-        self.spec = spec
-        self.seed = seed
-        self.shard_id = shard_id
-        self.num_shards = num_shards
         self.policy = policy
-        self.start_epoch = start_epoch
-        self.start_batch = start_batch
-        self.view = view
-        if bad_clips not in BAD_CLIP_POLICIES:
-            raise ValueError(f"bad_clips must be one of {BAD_CLIP_POLICIES}, got {bad_clips!r}")
-        self.bad_clips = bad_clips
-        self.max_bad_clip_fraction = max_bad_clip_fraction
+        self.options = options
+        self.device, self.spec, self.seed = options.device, options.spec, options.seed
+        self.shard_id, self.num_shards = options.shard_id, options.num_shards
+        self.start_epoch, self.start_batch = options.start_epoch, options.start_batch
+        self.view = options.view or CENTRE_VIEW
+        self.bad_clips, self.max_bad_clip_fraction = options.bad_clips, options.max_bad_clip_fraction
+        self.video_decoder = options.video_decoder
         self.skipped: dict[int, str] = {}  # manifest row -> why it is left out (bad_clips="skip")
         self.labels = manifest.labels()
-        self.video_decoder = video_decoder
         # torchcodec's decoding releases the GIL: decode a batch's clips in parallel. One torch thread per
         # decoding thread (torch's intra-op threads are per calling thread): with the default, torch's
         # OpenMP workers of each decoding thread spin beside DALI's and cost 5x the CPU time per clip.
-        self._pool = (ThreadPoolExecutor(decode_threads, initializer=torch.set_num_threads, initargs=(1,))
-                      if video_decoder == "torchcodec" else None)
+        self._pool = (ThreadPoolExecutor(options.threads, initializer=torch.set_num_threads, initargs=(1,))
+                      if self.video_decoder == "torchcodec" else None)
         self._infos: dict[int, VideoInfo] = {}
         self._checked: set[int] = set()  # rows whose media passed check_clip
         self._epoch = -1
         self._batches: list[tuple[np.ndarray, np.ndarray]] = []
 
-    @property
-    def augment_outputs(self) -> tuple[str, ...]:
-        """The optional training outputs the spec switches on, in output order (after the audio position)."""
-        if not self.train:
-            return ()
-        spec = self.spec
-        return (("rand_augment",) * (spec.rand_augment is not None) + ("erase_anchor", "erase_shape")
-                * (spec.erase_prob > 0) + ("audio_gain",) * spec.audio_gain)
+    @functools.cached_property
+    def outputs(self) -> tuple[SourceOutput, ...]:
+        """The declared outputs, in the order :meth:`__call__` returns them (see the class docstring)."""
+        decoded = self.video_decoder == "torchcodec"  # the source gives frames, not bytes + frame indices
+        media = [_out("video", np.uint8, "FHWC" if decoded else ""), _out("audio", np.uint8)]
+        if not decoded:
+            media.append(_out("frame_indices", np.int32))
+        if self.train:
+            spec = self.spec
+            switched = (("rand_augment",) * (spec.rand_augment is not None) + ("erase_anchor", "erase_shape")
+                        * (spec.erase_prob > 0) + ("audio_gain",) * spec.audio_gain)
+            choices = [_out("crop_start", np.int32), _out("crop_shape", np.int32), _out("flip", np.int32),
+                       _out("audio_position", np.float32), *(AUGMENT_OUTPUTS[name] for name in switched)]
+        else:
+            choices = [_out("crop_position", np.float32)]
+        return (*media, *choices, _out("label", self.labels.dtype), _out("index", np.int64))
 
     @property
     def num_outputs(self) -> int:
-        return (9 if self.train else 6) + len(self.augment_outputs) - (self.video_decoder == "torchcodec")
+        return len(self.outputs)
 
     def __len__(self) -> int:
         n = len(self.manifest)
@@ -511,35 +466,37 @@ class ClipSource:
         order = epoch_order(len(self.manifest), epoch, self.seed, shuffle=self.train)
         return shard_batches(order, self.shard_id, self.num_shards, self.batch_size, self.policy)
 
-    def _clip_inputs(self, row: int, epoch: int) -> list[np.ndarray]:
+    def _clip_inputs(self, row: int, epoch: int) -> dict[str, np.ndarray]:
+        """The per-clip outputs of ``row`` by name (all of :attr:`outputs` but label and index)."""
         clip = self.manifest.clips[row]
         video = np.fromfile(clip.video, dtype=np.uint8)
         audio = np.fromfile(clip.audio, dtype=np.uint8)
-        decoder = None
         if row not in self._checked:  # the full media checks once per clip; later epochs reuse them
             self._infos[row] = check_clip(video, audio, clip, self.spec, self.manifest.path)
             if self.video_decoder == "dali":
                 check_codec(self._infos[row], clip.video, self.device, self.manifest.path)
             self._checked.add(row)
+        decoder = None
         if self.video_decoder == "torchcodec":  # any codec FFmpeg decodes; its scan gives the info
             from .decoders import torchcodec_frames, torchcodec_video
 
             decoder, self._infos[row] = torchcodec_video(video, clip.video)
         rng = clip_rng(self.seed, epoch, row) if self.train else None
         aug = sample_clip(self._infos[row], self.spec, rng, self.view)
-        media = [video, audio, aug.frames] if decoder is None else [torchcodec_frames(decoder, aug.frames), audio]
+        if decoder is None:
+            inputs = {"video": video, "audio": audio, "frame_indices": aug.frames}
+        else:
+            inputs = {"video": torchcodec_frames(decoder, aug.frames), "audio": audio}
         if not self.train:
-            return media + [np.asarray(aug.crop_position, np.float32)]
+            return inputs | {"crop_position": aug.crop_position}
         top, left, h, w = aug.crop
-        extra = {"rand_augment": aug.rand_augment, "audio_gain": np.asarray(aug.audio_gain, np.float32)}
+        inputs.update(crop_start=(top, left), crop_shape=(h, w), flip=aug.flip, audio_position=aug.audio_position,
+                      rand_augment=aug.rand_augment, audio_gain=aug.audio_gain)
         if aug.erase is not None:
-            extra.update(erase_anchor=aug.erase[:, :2].reshape(-1).astype(np.float32),
-                         erase_shape=aug.erase[:, 2:].reshape(-1).astype(np.float32))
-        return media + [np.array([top, left], np.int32), np.array([h, w], np.int32),
-                        np.asarray(aug.flip, np.int32), np.asarray(aug.audio_position, np.float32),
-                        *(extra[name] for name in self.augment_outputs)]
+            inputs.update(erase_anchor=aug.erase[:, :2].reshape(-1), erase_shape=aug.erase[:, 2:].reshape(-1))
+        return inputs
 
-    def _usable_inputs(self, row: int, epoch: int) -> tuple[int, list[np.ndarray]]:
+    def _usable_inputs(self, row: int, epoch: int) -> tuple[int, dict[str, np.ndarray]]:
         """(row, inputs) of ``row``; under ``bad_clips="skip"`` a bad clip is logged once and the next
         usable row in manifest order stands in (a function of the data only, so resuming sees the same),
         until more than ``max_bad_clip_fraction`` of this rank's share is bad."""
@@ -576,9 +533,9 @@ class ClipSource:
             samples = [self._usable_inputs(row, epoch) for row in rows.tolist()]
         else:
             samples = list(self._pool.map(lambda row: self._usable_inputs(row, epoch), rows.tolist()))
-        outputs: list[list[np.ndarray]] = [[] for _ in range(self.num_outputs)]
+        batch_outputs: dict[str, list[np.ndarray]] = {out.name: [] for out in self.outputs}
         for (row, sample), is_pad in zip(samples, padding.tolist(), strict=True):
-            sample += [np.asarray(self.labels[row]), np.asarray(PAD_INDEX if is_pad else row, dtype=np.int64)]
-            for out, value in zip(outputs, sample, strict=True):
-                out.append(value)
-        return tuple(outputs)
+            sample.update(label=self.labels[row], index=PAD_INDEX if is_pad else row)
+            for out in self.outputs:  # in the declared order and dtype (no copy where it already is)
+                batch_outputs[out.name].append(np.asarray(sample[out.name], out.dtype))
+        return tuple(batch_outputs.values())

@@ -26,7 +26,7 @@ from dali_pipelines.source import VideoInfo, clip_rng, sample_clip
 from dali_pipelines.synthetic import generate_dataset
 
 ROWS = 6
-BASE = ClipSpec(num_frames=4, frame_stride=2, frame_size=64)
+BASE = ClipSpec(num_frames=4, frame_stride=2, image_size=64)
 REFERENCE_AA = RandAugmentSpec.parse("rand-m7-n4-mstd0.5-inc1")
 AUGMENTED = dataclasses.replace(BASE, rand_augment=REFERENCE_AA, erase_prob=1.0, audio_gain=True)
 

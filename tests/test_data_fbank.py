@@ -139,7 +139,7 @@ def reference_features(path: Path, spec: ClipSpec, dc: bool = True) -> torch.Ten
 
 
 def test_dali_audio_features_are_within_the_stated_bound_of_kaldi(audio_dataset: Path) -> None:
-    spec = ClipSpec(num_frames=4, frame_stride=1, frame_size=64)
+    spec = ClipSpec(num_frames=4, frame_stride=1, image_size=64)
     batch = next(iter(build_loader(audio_dataset, 3, train=False, device="cpu", num_threads=2, spec=spec)))
     assert batch["audio"].shape == (3, 1, 256, 128)
     dali_nats = batch["audio"][:, 0] * AUDIO_STD + AUDIO_MEAN

@@ -7,7 +7,9 @@ video background colour identify its manifest row. GPU-only paths (NVDEC) skip w
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from pathlib import Path
 
 import av
@@ -19,13 +21,16 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from avfmae.config import get_config
 from dali_pipelines import (
+    MODEL_GEOMETRY,
     PAD_INDEX,
     ClipSpec,
     LastBatchPolicy,
     ManifestError,
     UnsupportedCodecError,
     build_loader,
+    build_pipeline,
     decoders,
     denormalize_video,
     kaldi_fbank,
@@ -33,6 +38,7 @@ from dali_pipelines import (
     read_manifest,
     sample_frame_indices,
 )
+from dali_pipelines.augment import RandAugmentSpec
 from dali_pipelines.baseline import build_baseline_loader
 from dali_pipelines.decoders import torchcodec_missing
 from dali_pipelines.source import (
@@ -45,10 +51,11 @@ from dali_pipelines.source import (
     sample_crop_window,
     shard_batches,
 )
+from dali_pipelines.spec import LoaderOptions
 from dali_pipelines.synthetic import class_background, encode_video, generate_dataset
 
 ROWS = 8
-SMALL = ClipSpec(num_frames=8, frame_stride=2, frame_size=64)
+SMALL = ClipSpec(num_frames=8, frame_stride=2, image_size=64)
 needs_torchcodec = pytest.mark.skipif(torchcodec_missing() is not None, reason=str(torchcodec_missing()))
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs CUDA: DALI's mixed (NVDEC) video decoder has no CPU fallback")
@@ -160,6 +167,37 @@ def test_resumed_run_sees_exactly_the_uninterrupted_epochs(dataset: Path) -> Non
                 torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-6, msg=key)
 
 
+class FirstBatch:  # DALI's BatchInfo of epoch 0, iteration 0
+    epoch_idx, iteration = 0, 0
+
+
+@pytest.mark.parametrize("train, decoder", [(True, "dali"), (False, "dali"), (True, "torchcodec")])
+def test_source_feeds_its_declared_outputs(dataset: Path, train: bool, decoder: str) -> None:
+    """Every output the source declares arrives in its place with its dtype; the graph reads them by name."""
+    if decoder == "torchcodec" and (why := torchcodec_missing()):
+        pytest.skip(why)
+    spec = dataclasses.replace(SMALL, rand_augment=RandAugmentSpec.parse("rand-m7-n2"), erase_prob=0.5,
+                               audio_gain=True)
+    source = ClipSource(read_manifest(dataset), 3, train, LastBatchPolicy.DROP,
+                        LoaderOptions(device="cpu", spec=spec, video_decoder=decoder))
+    names = [out.name for out in source.outputs]
+    media = ["video", "audio"] + ["frame_indices"] * (decoder == "dali")
+    choices = (["crop_start", "crop_shape", "flip", "audio_position", "rand_augment", "erase_anchor", "erase_shape",
+                "audio_gain"] if train else ["crop_position"])
+    assert names == media + choices + ["label", "index"]
+    fed = source(FirstBatch())
+    assert len(fed) == len(source.outputs) == source.num_outputs
+    for out, column in zip(source.outputs, fed, strict=True):
+        assert len(column) == 3 and all(value.dtype == out.dtype for value in column), out
+    by_name = dict(zip(names, fed))
+    assert [int(i) for i in by_name["index"]] == source.epoch_batches(0)[0][0].tolist()
+    assert [int(x) for x in by_name["label"]] == [int(i) for i in by_name["index"]]  # one class per row
+    if decoder == "torchcodec":
+        assert source.outputs[0].layout == "FHWC" and by_name["video"][0].shape == (SMALL.num_frames, 64, 64, 3)
+    if train:
+        assert all(v.shape == (2,) for v in by_name["crop_shape"]) and by_name["rand_augment"][0].shape == (3, 2)
+
+
 def test_mid_epoch_resume_starts_at_the_batch_without_decoding_the_skipped_ones(dataset: Path, monkeypatch) -> None:
     uninterrupted = load(dataset, batch_size=2, train=True, seed=3)
     epochs = [epoch(uninterrupted) for _ in range(3)]
@@ -239,7 +277,7 @@ def test_training_crops_and_flips_follow_the_sampler_per_clip_and_epoch(tmp_path
 
 def test_audio_windows_eval_centred_train_at_the_sampled_position(tmp_path: Path) -> None:
     manifest = generate_dataset(tmp_path, clips=2, classes=2, num_frames=8, size=64, audio_seconds=4.0)
-    spec = ClipSpec(num_frames=4, frame_stride=1, frame_size=64)
+    spec = ClipSpec(num_frames=4, frame_stride=1, image_size=64)
     clips = read_manifest(manifest).clips
     fbanks = []
     for clip in clips:
@@ -305,7 +343,7 @@ def test_view_crops_match_a_torch_crop_of_the_resized_frames(tmp_path: Path, hei
     manifest = generate_dataset(tmp_path, clips=2, classes=2, num_frames=6, size=64)
     for clip in read_manifest(manifest).clips:
         clip.video.write_bytes(encode_video(np.repeat(still[None], 6, axis=0), quality=4))
-    spec = ClipSpec(num_frames=2, frame_stride=1, frame_size=32)
+    spec = ClipSpec(num_frames=2, frame_stride=1, image_size=32)
     image = torch.from_numpy(still).permute(2, 0, 1).float()[None]  # [1, 3, H, W]
     resized = F.interpolate(image, size=(height // 2, width // 2), mode="bilinear", antialias=True,
                             align_corners=False)[0, :, None]  # shorter side 32, longer 48: [3, 1, h, w]
@@ -341,7 +379,7 @@ def yuv420p_to_rgb(frame: av.VideoFrame) -> np.ndarray:
 
 
 def test_decoded_frames_match_pyav_above_40db(dataset: Path) -> None:
-    spec = ClipSpec(num_frames=8, frame_stride=4, frame_size=64)  # 29-frame span: loops the 24-frame clips
+    spec = ClipSpec(num_frames=8, frame_stride=4, image_size=64)  # 29-frame span: loops the 24-frame clips
     batch = next(iter(load(dataset, batch_size=4, spec=spec)))
     for i, row in enumerate(batch["index"].tolist()):
         with av.open(str(read_manifest(dataset).clips[row].video)) as container:
@@ -398,7 +436,7 @@ def test_clip_choices_are_a_function_of_seed_epoch_and_row() -> None:
     from dali_pipelines import VideoInfo
 
     info = VideoInfo("vp9", 100, 96, 64)
-    spec = ClipSpec(num_frames=8, frame_stride=2, frame_size=64)
+    spec = ClipSpec(num_frames=8, frame_stride=2, image_size=64)
 
     def draw(seed, ep, row):
         aug = sample_clip(info, spec, clip_rng(seed, ep, row))
@@ -406,7 +444,7 @@ def test_clip_choices_are_a_function_of_seed_epoch_and_row() -> None:
 
     assert draw(1, 2, 3) == draw(1, 2, 3)
     assert len({repr(draw(*key)) for key in [(1, 2, 3), (0, 2, 3), (1, 0, 3), (1, 2, 0)]}) == 4
-    no_flip = ClipSpec(num_frames=8, frame_stride=2, frame_size=64, flip=False)
+    no_flip = ClipSpec(num_frames=8, frame_stride=2, image_size=64, flip=False)
     flips = [sample_clip(info, no_flip, clip_rng(0, 0, row)) for row in range(20)]
     assert not any(a.flip for a in flips) and any(draw(0, 0, row)[2] for row in range(20))
     evaluation = sample_clip(info, spec, None)
@@ -532,17 +570,45 @@ def test_bad_arguments(dataset: Path, kwargs, error, match) -> None:
         build_loader(dataset, **args)
 
 
+def test_pipeline_and_loader_share_one_options_object(dataset: Path) -> None:
+    """build_pipeline and build_loader read the same LoaderOptions: the same thread default, and every
+    option (prefetch depth included) reaches the pipeline through either; keywords replace its fields."""
+    options = LoaderOptions(device="cpu", spec=SMALL, prefetch_queue_depth=3, seed=5)
+    pipe, source = build_pipeline(dataset, 2, False, options)
+    loader = build_loader(dataset, 2, False, options, num_threads=1)
+    assert options.threads == min(4, os.cpu_count())
+    assert (pipe.num_threads, pipe.prefetch_queue_depth, source.seed) == (options.threads, 3, 5)
+    assert (loader._pipes[0].num_threads, loader._pipes[0].prefetch_queue_depth, loader.source.seed) == (1, 3, 5)
+    assert options.num_threads is None  # the keywords made a new options object
+    with pytest.raises(TypeError, match=r"unknown loader option\(s\) \['num_thread'\]; LoaderOptions has"):
+        build_loader(dataset, 2, False, options, num_thread=2)
+    with pytest.raises(TypeError, match="options must be a LoaderOptions"):
+        build_loader(dataset, 2, False, {"device": "cpu"})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is missing")
 def test_gpu_without_cuda_is_a_clear_error(dataset: Path) -> None:
     with pytest.raises(ValueError, match="needs CUDA"):
         build_loader(dataset, 2, False, device="gpu")
 
 
-@pytest.mark.parametrize("field, value", [("num_frames", 0), ("frame_size", 1.5), ("audio_std", 0.0),
+@pytest.mark.parametrize("field, value", [("num_frames", 0), ("image_size", 1.5), ("audio_std", 0.0),
                                           ("crop_area", (0.5, 0.2)), ("video_std", (1.0, 1.0))])
 def test_bad_clip_spec(field, value) -> None:
     with pytest.raises(ValueError, match=field):
         ClipSpec(**{field: value})
+
+
+def test_clip_spec_for_model_takes_the_model_geometry() -> None:
+    cfg = get_config("tiny", num_frames=8, audio_frames=128)
+    spec = ClipSpec.for_model(cfg, frame_stride=2, flip=False)
+    assert [getattr(spec, name) for name in MODEL_GEOMETRY] == [8, 160, 128, 128]
+    assert (spec.frame_stride, spec.flip) == (2, False)
+    # the model's default geometry is the spec's (its one owner), e.g. 16 x 160^2 video, 256 x 128 fbank
+    assert [getattr(get_config("base"), name) for name in MODEL_GEOMETRY] == [16, 160, 256, 128]
+    assert [getattr(ClipSpec(), name) for name in MODEL_GEOMETRY] == [16, 160, 256, 128]
+    with pytest.raises(ValueError, match="image_size.*from the model config"):
+        ClipSpec.for_model(cfg, image_size=64)
 
 
 def test_h264_on_cpu_names_the_file_and_the_fix(tmp_path: Path) -> None:

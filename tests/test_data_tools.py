@@ -27,7 +27,7 @@ from dali_pipelines.synthetic import main as synthetic_main
 from dali_pipelines.transcode import main as transcode_main
 from dali_pipelines.transcode import transcode_manifest
 
-SMALL = ClipSpec(num_frames=8, frame_stride=2, frame_size=64)
+SMALL = ClipSpec(num_frames=8, frame_stride=2, image_size=64)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,10 +45,14 @@ def test_manifest_tools_synthetic_data_and_transcoder_work_without_dali(tmp_path
         sys.modules["nvidia.dali"] = None  # as if DALI were not installed: importing it fails
         from dali_pipelines.synthetic import main
         main([sys.argv[1], "--clips", "2", "--frames", "8", "--size", "32"])
-        from dali_pipelines import probe_video, read_manifest
+        from dali_pipelines import ClipSpec, probe_video, read_manifest
+        from dali_pipelines.baseline import build_baseline_loader
         from dali_pipelines.transcode import transcode_manifest
         manifest = read_manifest(sys.argv[1] + "/manifest.csv")
         print(len(manifest), probe_video(manifest.clips[0].video.read_bytes()).codec)
+        spec = ClipSpec(num_frames=4, frame_stride=2, image_size=32)
+        batch = next(iter(build_baseline_loader(manifest, 2, train=False, num_workers=0, spec=spec)))
+        print(list(batch["video"].shape), list(batch["audio"].shape))
         import dali_pipelines
         try:
             dali_pipelines.build_loader
@@ -57,7 +61,39 @@ def test_manifest_tools_synthetic_data_and_transcoder_work_without_dali(tmp_path
     """
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines()[-2:] == ["2 vp9", "the loader needs DALI"]
+    assert proc.stdout.splitlines()[-3:] == ["2 vp9", "[2, 3, 4, 32, 32] [2, 1, 256, 128]", "the loader needs DALI"]
+
+
+BLOCK_IMPORTS = """if True:
+    import importlib.abc, sys
+
+    class Blocked(importlib.abc.MetaPathFinder):  # as if these were not installed: importing them fails
+        def find_spec(self, name, path=None, target=None):
+            if name in ("av", "soundfile", "nvidia.dali") or name.startswith(("av.", "nvidia.dali.")):
+                raise ImportError(f"{name} is blocked")
+
+    sys.meta_path.insert(0, Blocked())
+"""
+
+
+def test_model_and_sample_spec_import_without_dali_or_media_libraries() -> None:
+    """The model's config, the reconstruction pictures and the sample spec need neither DALI nor
+    PyAV/soundfile (the data extra): the geometry's owner, dali_pipelines.spec, is light."""
+    code = BLOCK_IMPORTS + """
+    from avfmae import build_model, get_config
+    from avfmae.visualize import IMAGENET_MEAN
+    from dali_pipelines import MODEL_GEOMETRY, ClipSpec
+    cfg = get_config("tiny", num_frames=8)
+    build_model("tiny", "pretrain", num_frames=8)
+    print(ClipSpec.for_model(cfg).num_frames, IMAGENET_MEAN == ClipSpec().video_mean, len(MODEL_GEOMETRY))
+    try:
+        import dali_pipelines.source
+    except ImportError as err:
+        print(err)
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-2:] == ["8 True 4", "av is blocked"]
 
 
 def test_synthetic_cli_is_deterministic_and_class_dependent(tmp_path: Path) -> None:

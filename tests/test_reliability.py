@@ -421,16 +421,16 @@ def test_decode_time_checks_name_the_file_the_reason_and_the_fix(media, name, me
 def _source(media, names, policy, fraction=0.0):
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
-    from dali_pipelines import ClipSpec, write_manifest
+    from dali_pipelines import write_manifest
     from dali_pipelines.manifest import read_manifest
     from dali_pipelines.source import ClipSource
+    from dali_pipelines.spec import LoaderOptions
 
     path = write_manifest(media["good"][0].parent / f"{policy}.csv",
                           [(*media[n], i % 2) for i, n in enumerate(names)])
     manifest = read_manifest(path)
-    return ClipSource(manifest, batch_size=len(names), train=False, device="cpu", spec=ClipSpec(), seed=0,
-                      shard_id=0, num_shards=1, policy=LastBatchPolicy.PARTIAL, bad_clips=policy,
-                      max_bad_clip_fraction=fraction)
+    options = LoaderOptions(device="cpu", bad_clips=policy, max_bad_clip_fraction=fraction)
+    return ClipSource(manifest, len(names), False, LastBatchPolicy.PARTIAL, options)
 
 
 class Info:
