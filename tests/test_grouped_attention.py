@@ -35,7 +35,7 @@ def assert_close_fp32(got, want, name="", tol=2e-5):
     and long reductions scale the rounding error."""
     scale = max(1.0, want.abs().max().item())
     torch.testing.assert_close(got.to(want.dtype), want, atol=tol * scale, rtol=tol,
-                               msg=lambda m: f"{name}: {m}")
+                               msg=lambda m, name=name: f"{name}: {m}")
 
 
 def make_qkv(B, G, Lq, Lk, H, D, dtype=torch.float32, seed=0):
@@ -311,7 +311,7 @@ def test_infinity_stays_in_its_group(backend):
     others[0, 1, :, 1] = False
     for name, clean, poisoned in zip(("out", "dq", "dk", "dv"), *runs):
         assert not poisoned.cpu()[~others].isfinite().all(), name
-        torch.testing.assert_close(poisoned.cpu()[others], clean.cpu()[others], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(poisoned.cpu()[others], clean.cpu()[others], msg=lambda m, name=name: f"{name}: {m}")
 
 
 # --- errors ------------------------------------------------------------------------------------------
