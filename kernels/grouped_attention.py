@@ -108,31 +108,6 @@ def _store_rows(ptr, val, group, pos, ok, d, d_ok, G, H, stride_b, stride_g, str
 
 
 @triton.jit
-def _nonfinite(x):
-    return (x != x) | (tl.abs(x.to(tl.float32)) == float("inf"))
-
-
-@triton.jit
-def _finite_or_zero(x):
-    """x with its NaN and infinite entries zeroed. A pack's dots contract over the rows of several groups,
-    where a cross-group weight is an exact 0, but 0 * NaN is NaN: the zeroed operand keeps one group's
-    non-finite values out of the others' results."""
-    return tl.where(_nonfinite(x), tl.zeros_like(x), x)
-
-
-@triton.jit
-def _poisoned(live, x, DOT_PREC: tl.constexpr):
-    """[rows of live, columns of x]: True where the product live @ x would meet a non-finite x inside a
-    group (live is the same-group mask). Counted with a dot of 0/1 values, exact in any precision; only
-    tiles that hold a non-finite x pay for it."""
-    bad = _nonfinite(x)
-    hit = tl.zeros((live.shape[0], x.shape[1]), dtype=tl.float32)
-    if tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0:
-        hit = tl.dot(live.to(x.dtype), bad.to(x.dtype), input_precision=DOT_PREC)
-    return hit > 0.0
-
-
-@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qg, stride_ql, stride_qh, stride_qd,
@@ -154,18 +129,13 @@ def _attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    poisoned = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.int32) > 0
     n_end = BLOCK_N if PACK else Lk  # a pack holds all keys of its groups in one tile
     for start_n in range(0, n_end, BLOCK_N):
         gk, slot_k, jk, k_ok = _tile_rows(pid, Lk, NG, gpt, start_n, BLOCK_N, PACK)
         k = _load_rows(k_ptr, gk, jk, k_ok, d, d_ok, G, H, stride_kb, stride_kg, stride_kl, stride_kh, stride_kd)
         v = _load_rows(v_ptr, gk, jk, k_ok, d, d_ok, G, H, stride_vb, stride_vg, stride_vl, stride_vh, stride_vd)
-        live = (slot_q[:, None] == slot_k[None, :]) & k_ok[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s = tl.where(live, s, float("-inf"))
-        if PACK:  # a non-finite value stays in its own group: zeroed for P V, its group's outputs marked
-            poisoned = _poisoned(live, v, DOT_PREC)
-            v = _finite_or_zero(v)
+        s = tl.where((slot_q[:, None] == slot_k[None, :]) & k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -173,8 +143,7 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows that matched no key; a NaN sum stays NaN (so does the lse)
-    out = tl.where(poisoned, float("nan"), acc / l_i[:, None])
-    _store_rows(o_ptr, out, gq, iq, q_ok, d, d_ok, G, H, stride_ob, stride_og, stride_ol, stride_oh, stride_od)
+    _store_rows(o_ptr, acc / l_i[:, None], gq, iq, q_ok, d, d_ok, G, H, stride_ob, stride_og, stride_ol, stride_oh, stride_od)
     tl.store(lse_ptr + gq.to(tl.int64) * Lq + iq, m_i + tl.log2(l_i), mask=q_ok)
 
 
@@ -194,8 +163,9 @@ def _attn_bwd_packed_kernel(
 ):
     """All three gradients of the groups of one pack (every query and key of them sits in the tile).
 
-    The dots contracting over the tile's rows (P^T dO, dS K, dS^T Q) take non-finite entries zeroed and
-    dS zero across groups, so a NaN or an infinity reaches only its own group's gradients.
+    Its dots contract over the rows of every group of the pack, where a cross-group weight is an exact 0
+    but 0 * NaN is NaN: a non-finite input can make other groups of the pack NaN too (never fewer NaN
+    than the formula; isolating them cost up to 9 KB of register spills, docs/design-notes.md).
     """
     pid = tl.program_id(0)
     gpt = _groups_per_tile(Lq, Lk, BLOCK_M, BLOCK_N, True)
@@ -214,13 +184,11 @@ def _attn_bwd_packed_kernel(
     live = (slot_q[:, None] == slot_k[None, :]) & q_ok[:, None] & k_ok[None, :]
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     p = tl.exp2(tl.where(live, s - lse[:, None], float("-inf")))  # [BLOCK_M, BLOCK_N]
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    ds = tl.where(live, p * (dp - delta[:, None]), 0.0).to(q.dtype)
-    dv = tl.dot(tl.trans(p.to(do.dtype)), _finite_or_zero(do), input_precision=DOT_PREC)
-    dv = tl.where(_poisoned(tl.trans(live), do, DOT_PREC), float("nan"), dv)
-    # a non-finite q or k entry already made its own group's dS NaN, which carries it into dQ and dK
-    dq = tl.dot(ds, _finite_or_zero(k), input_precision=DOT_PREC) * sm_scale
-    dk = tl.dot(tl.trans(ds), _finite_or_zero(q), input_precision=DOT_PREC) * sm_scale
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dq = tl.dot(ds, k, input_precision=DOT_PREC) * sm_scale
+    dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PREC) * sm_scale
 
     _store_rows(dq_ptr, dq, gq, iq, q_ok, d, d_ok, G, H, stride_dqb, stride_dqg, stride_dql, stride_dqh, stride_dqd)
     _store_rows(dk_ptr, dk, gk, jk, k_ok, d, d_ok, G, H, stride_dkb, stride_dkg, stride_dkl, stride_dkh, stride_dkd)
@@ -622,8 +590,8 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns:
         [B, G, Lq, H, D], contiguous, in the input dtype (softmax statistics and accumulation in fp32).
         Differentiable in q, k and v (not twice). No host sync. A NaN input makes NaN exactly the
-        outputs and gradients the formula makes NaN, on both backends; no NaN or infinity reaches
-        another (b, g, h) group.
+        outputs and gradients the formula makes NaN, on both backends; the Triton kernels' packed
+        tiles (Lq, Lk <= 64) may also make the other groups sharing the tile NaN.
     """
     _check(q, k, v, scale, dropout_p)
     name = requested_backend()
