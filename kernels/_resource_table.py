@@ -8,7 +8,7 @@ FINGERPRINT: the kernel sources and triton version it was measured with.
 FINGERPRINT = {'kernels': {'_attn_bwd_dkdv_kernel': 'a9198dc0c402de01',
              '_attn_bwd_dq_kernel': '2d9c812cb5484e14',
              '_attn_bwd_packed_kernel': '066bfacd1136a7ae',
-             '_attn_fwd_kernel': 'ceca4a831669b66f'},
+             '_attn_fwd_kernel': 'e198f4004db9e562'},
  'triton': '3.9.0'}
 
 RESOURCES = {('_attn_bwd_dkdv_kernel', None, '16bit', 128, 16, 16, 4, 2): {'sm_80': (95, 0, 0, 17024),

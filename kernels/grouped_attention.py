@@ -143,7 +143,8 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows that matched no key; a NaN sum stays NaN (so does the lse)
-    _store_rows(o_ptr, acc / l_i[:, None], gq, iq, q_ok, d, d_ok, G, H, stride_ob, stride_og, stride_ol, stride_oh, stride_od)
+    _store_rows(o_ptr, acc / l_i[:, None], gq, iq, q_ok, d, d_ok, G, H,
+                stride_ob, stride_og, stride_ol, stride_oh, stride_od)
     tl.store(lse_ptr + gq.to(tl.int64) * Lq + iq, m_i + tl.log2(l_i), mask=q_ok)
 
 
