@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from mae_kernels.masked_mse_loss import normalise_patches
 from torch import nn
 
 from avfmae.config import ModelConfig
-from avfmae.embed import normalise_groups, patchify_audio, patchify_video
+from avfmae.embed import patchify_audio, patchify_video
 from avfmae.masking import PretrainMasks
 
 MODULE = "modeling_pretrain_av"
@@ -111,8 +112,8 @@ def make_loss_fn(model: nn.Module, cfg: ModelConfig, video: torch.Tensor, audio:
 
     def loss_fn() -> torch.Tensor:
         with torch.no_grad():  # HiCMAE builds its targets inside every step
-            target_v = normalise_groups(patchify_video(video, cfg.tubelet, cfg.patch_size), 3)[mask_v]
-            target_a = normalise_groups(patchify_audio(audio, cfg.audio_patch))[mask_a]
+            target_v = normalise_patches(patchify_video(video, cfg.tubelet, cfg.patch_size), 3)[mask_v]
+            target_a = normalise_patches(patchify_audio(audio, cfg.audio_patch))[mask_a]
         pred_v, pred_a, logits_v, logits_a = model(video, mask_v, audio, mask_a)
         loss = (F.mse_loss(pred_v.float().flatten(0, 1), target_v)
                 + F.mse_loss(pred_a.float().flatten(0, 1), target_a))
