@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from mae_kernels import indices_to_mask
 from mae_kernels.masked_mse_loss import normalise_patches
 from torch import nn
 
@@ -98,8 +99,7 @@ def build_model(root: Path, cfg: ModelConfig) -> nn.Module:
 
 def masked_positions(visible: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """bool [B, N], True where a token is masked (HiCMAE's ``bool_masked_pos``) for visible [B, M]."""
-    mask = torch.ones(visible.shape[0], num_tokens, dtype=torch.bool, device=visible.device)
-    return mask.scatter_(1, visible, False)
+    return ~indices_to_mask(visible, num_tokens)
 
 
 def make_loss_fn(model: nn.Module, cfg: ModelConfig, video: torch.Tensor, audio: torch.Tensor,

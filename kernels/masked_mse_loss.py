@@ -47,6 +47,7 @@ from .dispatch import (
     runs_triton,
 )
 from .gather_tokens import gather_rows_reference
+from .tiles import group_tile
 
 # --- Triton kernels ---------------------------------------------------------------------------------
 
@@ -126,14 +127,6 @@ def _masked_mse_bwd_kernel(
         grad = err * scale[:, None]
         tl.store(grad_ptr + b * stride_gradb + rm[:, None] * stride_gradm + cols[None, :] * stride_gradp,
                  grad.to(grad_ptr.dtype.element_ty), mask=tile_ok)
-
-
-def _tile(M: int, group_size: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_P): whole normalisation groups, at most 2048 values per program (4096 spilled 8 B
-    on sm_80 in the normalising backward at 2 x 2048: tests/test_kernels_compile.py checks every launch)."""
-    block_p = triton.next_power_of_2(group_size)
-    block_m = max(1, min(64, 2048 // block_p, triton.next_power_of_2(M)))
-    return block_m, block_p
 
 
 # --- reference --------------------------------------------------------------------------------------
@@ -239,7 +232,7 @@ def _loss_triton(pred, patches, idx, valid, norm_pix, eps, norm_groups):
     group_size = P // norm_groups
     valid_u8 = valid.to(torch.uint8) if valid is not None else None
     row_loss = torch.empty((B, M), device=pred.device, dtype=torch.float32)
-    block_m, block_p = _tile(M, group_size)
+    block_m, block_p = group_tile(M, group_size)
     grid = (triton.cdiv(M, block_m), B)
     _masked_mse_fwd_kernel[grid](
         pred, patches, idx, valid_u8 if valid_u8 is not None else idx, row_loss,
@@ -258,7 +251,7 @@ def _loss_backward_triton(grad_loss, pred, patches, idx, valid, norm_pix, eps, n
     valid_u8 = valid.to(torch.uint8) if valid is not None else None
     coef = (grad_loss.float() / (_valid_count(valid, B, M, pred) * P)).reshape(1).contiguous()
     grad = torch.empty_like(pred, memory_format=torch.contiguous_format)
-    block_m, block_p = _tile(M, group_size)
+    block_m, block_p = group_tile(M, group_size)
     grid = (triton.cdiv(M, block_m), B)
     _masked_mse_bwd_kernel[grid](
         pred, patches, idx, valid_u8 if valid_u8 is not None else idx, coef, grad,
