@@ -47,9 +47,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from mae_kernels.grouped_attention import SUPPORTED_HEAD_DIMS  # its owner: the head dims the kernels are tuned for
+
 from dali_pipelines.spec import ClipSpec
 
-SUPPORTED_HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128)  # what mae_kernels.grouped_attention accepts
 FUSIONS = ("iavcl", "hicmae", "iavcl_no_dier", "iavcl_no_hafe")  # the last two: Table 5's ablation rows
 LGI_LAYERS = ("improved", "vanilla")  # vanilla: MAE-DFER's LGI block, stages I-III (Table 4's middle row)
 
@@ -141,9 +142,12 @@ class ModelConfig:
         return math.prod([g // r for g, r in zip(self.audio_grid, self.audio_region)])
 
 
-def _kept(ratio: float, count: int, what: str) -> int:
+def kept_count(ratio: float, count: int, what: str = "mask ratio") -> int:
+    """How many of ``count`` positions stay visible at mask ratio ``ratio``: (1 - ratio) x count, which must
+    be a whole number between 1 and ``count``. The one owner of the rule: the config validates its ratios
+    with it and avfmae.masking's generators size their index tensors with it."""
     keep = (1.0 - ratio) * count
-    if abs(keep - round(keep)) > 1e-6 or not 1 <= round(keep) <= count:
+    if not 0.0 <= ratio < 1.0 or abs(keep - round(keep)) > 1e-6 or not 1 <= round(keep) <= count:
         raise ValueError(f"{what}: (1 - ratio) x {count} must be a whole number between 1 and {count}, "
                          f"got ratio {ratio} -> {keep:.4f} kept")
     return round(keep)
@@ -182,12 +186,12 @@ def _validate(cfg: ModelConfig) -> None:
         if len(region) != len(grid) or any(r <= 0 or g % r for g, r in zip(grid, region)):
             raise ValueError(f"{what} {region} must tile the token grid {grid}")
     t, h, w = cfg.video_region
-    _kept(cfg.video_mask_ratio, h * w, "video_mask_ratio (tube mask per region's spatial block)")
-    _kept(cfg.audio_mask_ratio, math.prod(cfg.audio_region), "audio_mask_ratio (per audio region)")
+    kept_count(cfg.video_mask_ratio, h * w, "video_mask_ratio (tube mask per region's spatial block)")
+    kept_count(cfg.audio_mask_ratio, math.prod(cfg.audio_region), "audio_mask_ratio (per audio region)")
     if cfg.video_grid[1] % 2 or cfg.video_grid[2] % 2:
         raise ValueError(f"running-cell decoder masking needs an even spatial grid, got {cfg.video_grid}")
-    _kept(cfg.video_decoder_mask_ratio, 4, "video_decoder_mask_ratio (per 2x2 running cell)")
-    _kept(cfg.audio_decoder_mask_ratio, cfg.num_audio_tokens, "audio_decoder_mask_ratio")
+    kept_count(cfg.video_decoder_mask_ratio, 4, "video_decoder_mask_ratio (per 2x2 running cell)")
+    kept_count(cfg.audio_decoder_mask_ratio, cfg.num_audio_tokens, "audio_decoder_mask_ratio")
     if not 0 <= cfg.drop_path < 1:
         raise ValueError(f"drop_path must lie in [0, 1), got {cfg.drop_path}")
     if cfg.temperature <= 0 or cfg.hcmcl_weight < 0:

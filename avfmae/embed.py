@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 from mae_kernels import gather_tokens
+from mae_kernels.masked_mse_loss import denormalise_patches
 from torch import nn
 
 VIDEO_PATCH_LAYOUT = "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)"
@@ -101,13 +102,6 @@ def frame_difference(patches: torch.Tensor, tubelet: int = 2) -> torch.Tensor:
     return rearrange(diff, "b n c pt s -> b n (c pt s)")
 
 
-def normalise_groups(patches: torch.Tensor, norm_groups: int = 1, eps: float = 1e-6) -> torch.Tensor:
-    """Zero-mean, unit-variance per group of P/G contiguous values (the loss's norm-pix target), fp32."""
-    x = rearrange(patches.float(), "b n (g s) -> b n g s", g=norm_groups)
-    x = (x - x.mean(dim=-1, keepdim=True)) / torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + eps)
-    return rearrange(x, "b n g s -> b n (g s)")
-
-
 def fill_predictions(patches: torch.Tensor, pred: torch.Tensor, idx: torch.Tensor, norm_groups: int = 1,
                      norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """Patches with the rows ``idx`` replaced by the predictions, for visualising reconstructions.
@@ -121,11 +115,7 @@ def fill_predictions(patches: torch.Tensor, pred: torch.Tensor, idx: torch.Tenso
         rows = gather_tokens(out, idx)
         values = pred.detach().float()
         if norm_pix:
-            grouped = rearrange(rows, "b m (g s) -> b m g s", g=norm_groups)
-            mean = grouped.mean(dim=-1, keepdim=True)
-            std = torch.sqrt(grouped.var(dim=-1, unbiased=False, keepdim=True) + eps)
-            values = rearrange(rearrange(values, "b m (g s) -> b m g s", g=norm_groups) * std + mean,
-                               "b m g s -> b m (g s)")
+            values = denormalise_patches(values, rows, norm_groups, eps)
         out.scatter_(1, idx.long().unsqueeze(-1).expand(-1, -1, out.shape[-1]), values)
     return out.to(patches.dtype)
 

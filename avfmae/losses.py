@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from mae_kernels import masked_mse_loss
+from mae_kernels.masked_mse_loss import normalise_patches
 
-from .embed import frame_difference, normalise_groups
+from .embed import frame_difference
 
 
 def reconstruction_loss(pred: torch.Tensor, patches: torch.Tensor, decode_idx: torch.Tensor,
@@ -38,7 +39,7 @@ def reconstruction_loss(pred: torch.Tensor, patches: torch.Tensor, decode_idx: t
     if frame_diff_tubelet is None:
         return masked_mse_loss(pred, patches, decode_idx, valid, norm_pix=True, norm_groups=norm_groups)
     with torch.no_grad():
-        target = frame_difference(normalise_groups(patches, norm_groups), frame_diff_tubelet).to(pred.dtype)
+        target = frame_difference(normalise_patches(patches, norm_groups), frame_diff_tubelet).to(pred.dtype)
     return masked_mse_loss(pred, target, decode_idx, valid, norm_pix=False)
 
 

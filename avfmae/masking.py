@@ -24,18 +24,9 @@ from dataclasses import dataclass
 
 import torch
 from einops import rearrange, repeat
-from mae_kernels import mask_to_indices  # the one owner of mask -> sorted positions (stable argsort)
+from mae_kernels import indices_to_mask, mask_to_indices  # the owners of positions <-> bool masks (no host sync)
 
-from .config import ModelConfig
-
-
-def kept_count(ratio: float, count: int) -> int:
-    """How many of ``count`` positions stay visible at mask ratio ``ratio`` (must be whole)."""
-    keep = (1.0 - ratio) * count
-    if not 0.0 <= ratio < 1.0 or abs(keep - round(keep)) > 1e-6 or round(keep) < 1:
-        raise ValueError(f"mask ratio {ratio} must leave a whole number (>= 1) of {count} positions, "
-                         f"got {keep:.4f}")
-    return round(keep)
+from .config import ModelConfig, kept_count  # kept_count's owner: the config validates ratios with it
 
 
 def _generator_device(generator: torch.Generator | None) -> torch.device:
@@ -125,16 +116,12 @@ def random_mask(num_tokens: int, ratio: float, batch: int, generator: torch.Gene
 
 def complement(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """The sorted positions [B, N - M] that ``idx`` [B, M] (distinct per row) does not list."""
-    present = torch.zeros(idx.shape[0], num_tokens, dtype=torch.bool, device=idx.device)
-    present.scatter_(1, idx.long(), True)
-    return mask_to_indices(~present, num_tokens - idx.shape[1])
+    return mask_to_indices(~indices_to_mask(idx, num_tokens), num_tokens - idx.shape[1])
 
 
 def contains(idx: torch.Tensor, query: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """bool [B, Mq]: whether each ``query`` position appears in ``idx`` (same row)."""
-    present = torch.zeros(idx.shape[0], num_tokens, dtype=torch.bool, device=idx.device)
-    present.scatter_(1, idx.long(), True)
-    return present.gather(1, query.long())
+    return indices_to_mask(idx, num_tokens).gather(1, query.long())
 
 
 # --- regions ----------------------------------------------------------------------------------------

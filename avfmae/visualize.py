@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mae_kernels import indices_to_mask
 
 from dali_pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 
@@ -24,8 +25,7 @@ from .embed import fill_predictions, patchify_audio, patchify_video, unpatchify_
 
 def _keep_only(patches: torch.Tensor, idx: torch.Tensor, fill: float) -> torch.Tensor:
     """Patches with every row outside ``idx`` set to ``fill`` ([B, N, P])."""
-    keep = torch.zeros(patches.shape[:2], dtype=torch.bool, device=patches.device)
-    keep.scatter_(1, idx.long(), True)
+    keep = indices_to_mask(idx, patches.shape[1])
     return torch.where(keep.unsqueeze(-1), patches, torch.full_like(patches, fill))
 
 

@@ -27,10 +27,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from mae_kernels import indices_to_mask
+from mae_kernels.masked_mse_loss import normalise_patches
 from torch import nn
 
 from avfmae.config import ModelConfig
-from avfmae.embed import normalise_groups, patchify_audio, patchify_video
+from avfmae.embed import patchify_audio, patchify_video
 from avfmae.masking import PretrainMasks
 
 MODULE = "modeling_pretrain_av"
@@ -97,8 +99,7 @@ def build_model(root: Path, cfg: ModelConfig) -> nn.Module:
 
 def masked_positions(visible: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """bool [B, N], True where a token is masked (HiCMAE's ``bool_masked_pos``) for visible [B, M]."""
-    mask = torch.ones(visible.shape[0], num_tokens, dtype=torch.bool, device=visible.device)
-    return mask.scatter_(1, visible, False)
+    return ~indices_to_mask(visible, num_tokens)
 
 
 def make_loss_fn(model: nn.Module, cfg: ModelConfig, video: torch.Tensor, audio: torch.Tensor,
@@ -111,8 +112,8 @@ def make_loss_fn(model: nn.Module, cfg: ModelConfig, video: torch.Tensor, audio:
 
     def loss_fn() -> torch.Tensor:
         with torch.no_grad():  # HiCMAE builds its targets inside every step
-            target_v = normalise_groups(patchify_video(video, cfg.tubelet, cfg.patch_size), 3)[mask_v]
-            target_a = normalise_groups(patchify_audio(audio, cfg.audio_patch))[mask_a]
+            target_v = normalise_patches(patchify_video(video, cfg.tubelet, cfg.patch_size), 3)[mask_v]
+            target_a = normalise_patches(patchify_audio(audio, cfg.audio_patch))[mask_a]
         pred_v, pred_a, logits_v, logits_a = model(video, mask_v, audio, mask_a)
         loss = (F.mse_loss(pred_v.float().flatten(0, 1), target_v)
                 + F.mse_loss(pred_a.float().flatten(0, 1), target_a))

@@ -26,9 +26,7 @@ ROLES = {"mae_kernels": "ours", "mae_way": "baseline"}  # benchmarks/report.py: 
 def masks(B, N, M, seed=0):
     gen = torch.Generator().manual_seed(seed)
     idx = torch.stack([torch.randperm(N, generator=gen)[:M].sort().values for _ in range(B)])
-    bool_mask = torch.zeros(B, N, dtype=torch.bool)
-    bool_mask.scatter_(1, idx, True)
-    return idx.to(DEVICE), bool_mask.to(DEVICE)
+    return idx.to(DEVICE), mae_kernels.indices_to_mask(idx, N).to(DEVICE)
 
 
 def tensors(B, N, C, requires_grad=False):

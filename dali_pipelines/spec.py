@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from mae_kernels.integrations.videomae import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from mae_kernels.integrations.videomae import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 from .augment import RandAugmentSpec
 
@@ -27,8 +29,8 @@ HICMAE_FBANK_MEAN = -4.2677393
 HICMAE_FBANK_STD = 4.5689974
 AUDIO_MEAN = HICMAE_FBANK_MEAN
 AUDIO_STD = 2 * HICMAE_FBANK_STD  # the divisor actually applied: (fbank - AUDIO_MEAN) / AUDIO_STD
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# IMAGENET_MEAN / IMAGENET_STD (imported above): owned by mae_kernels, the lowest layer, which installs on its own
+# and so cannot import them from here; VideoMAE's target unnormalises with the same (timm's) statistics.
 DEVICES = ("gpu", "cpu")
 VIDEO_DECODERS = ("dali", "torchcodec")
 BAD_CLIP_POLICIES = ("error", "skip")

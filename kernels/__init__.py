@@ -5,7 +5,8 @@ dispatcher (Triton on CUDA or under TRITON_INTERPRET=1, the reference otherwise;
 ``MAE_KERNELS_BACKEND=torch|triton`` or ``with mae_kernels.backend("torch"):``).
 This package stands alone: it needs torch and triton, nothing from avfmae (``pip install ./kernels``).
 ``mae_kernels.integrations.mae`` / ``.videomae`` adapt the conventions of MAE, VideoMAE and HiCMAE
-(see docs/drop-in.md); ``mask_to_indices`` turns a boolean mask into the positions the ops take.
+(see docs/drop-in.md); ``mask_to_indices`` turns a boolean mask into the positions the ops take,
+``indices_to_mask`` back.
 """
 
 from .assemble_decoder_tokens import assemble_decoder_tokens
@@ -13,9 +14,10 @@ from .dispatch import backend
 from .gather_tokens import gather_tokens
 from .grouped_attention import grouped_attention
 from .masked_mse_loss import masked_mse_loss
-from .masks import mask_to_indices
+from .masks import indices_to_mask, mask_to_indices
 
 __all__ = [
-    "grouped_attention", "gather_tokens", "assemble_decoder_tokens", "masked_mse_loss", "mask_to_indices", "backend",
+    "grouped_attention", "gather_tokens", "assemble_decoder_tokens", "masked_mse_loss", "mask_to_indices",
+    "indices_to_mask", "backend",
 ]
 __version__ = "0.1.0"

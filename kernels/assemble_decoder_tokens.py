@@ -29,7 +29,8 @@ from .dispatch import (
     requested_backend,
     runs_triton,
 )
-from .gather_tokens import gather_rows_reference, pos_strides, row_gradients, row_tile
+from .gather_tokens import gather_rows_reference, pos_strides, row_gradients
+from .tiles import row_tile
 
 # --- Triton kernel ----------------------------------------------------------------------------------
 

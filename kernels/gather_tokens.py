@@ -28,6 +28,7 @@ from .dispatch import (
     requested_backend,
     runs_triton,
 )
+from .tiles import row_tile
 
 # --- Triton kernels ---------------------------------------------------------------------------------
 
@@ -126,13 +127,6 @@ def _segment_sum_kernel(
 
 
 # --- launch helpers (shared with assemble_decoder_tokens) -------------------------------------------
-
-
-def row_tile(rows: int, channels: int, elem_bytes: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_C): ~16 KB of data per program, columns a power of two."""
-    block_c = min(triton.next_power_of_2(channels), 256 if elem_bytes >= 4 else 512)
-    block_rows = max(1, min(64, 4096 // block_c, triton.next_power_of_2(rows)))
-    return block_rows, block_c
 
 
 def index_csr(idx: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,6 +47,7 @@ from .dispatch import (
     runs_triton,
 )
 from .gather_tokens import gather_rows_reference
+from .tiles import group_tile
 
 # --- Triton kernels ---------------------------------------------------------------------------------
 
@@ -128,15 +129,29 @@ def _masked_mse_bwd_kernel(
                  grad.to(grad_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def _tile(M: int, group_size: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_P): whole normalisation groups, at most 2048 values per program (4096 spilled 8 B
-    on sm_80 in the normalising backward at 2 x 2048: tests/test_kernels_compile.py checks every launch)."""
-    block_p = triton.next_power_of_2(group_size)
-    block_m = max(1, min(64, 2048 // block_p, triton.next_power_of_2(M)))
-    return block_m, block_p
-
-
 # --- reference --------------------------------------------------------------------------------------
+
+
+def _grouped(x: torch.Tensor, norm_groups: int, channels_last: bool) -> torch.Tensor:
+    """[..., P] -> [..., G, P/G] in fp32 (fp64 kept): the groups each patch normalises over."""
+    *lead, P = x.shape
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    if channels_last:
+        return x.reshape(*lead, P // norm_groups, norm_groups).transpose(-1, -2)
+    return x.reshape(*lead, norm_groups, P // norm_groups)
+
+
+def _ungrouped(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if channels_last:
+        x = x.transpose(-1, -2)
+    return x.reshape(*x.shape[:-2], -1)
+
+
+def _group_stats(grouped: torch.Tensor, eps: float, unbiased: bool, eps_on_std: bool):
+    """(mean, spread) per group: spread = sqrt(var + eps), or std + eps with ``eps_on_std``."""
+    mean = grouped.mean(dim=-1, keepdim=True)
+    var = grouped.var(dim=-1, unbiased=unbiased, keepdim=True)
+    return mean, (var.sqrt() + eps if eps_on_std else torch.sqrt(var + eps))
 
 
 def normalise_patches(target: torch.Tensor, norm_groups: int = 1, eps: float = 1e-6, unbiased: bool = False,
@@ -145,21 +160,22 @@ def normalise_patches(target: torch.Tensor, norm_groups: int = 1, eps: float = 1
 
     Groups are G contiguous blocks of a (c p) patch, or with ``channels_last`` the G interleaved
     channels of a (p c) patch. Spread: sqrt(var + eps), or std + eps with ``eps_on_std``; the
-    variance is unbiased (divides by P/G - 1) with ``unbiased``.
+    variance is unbiased (divides by P/G - 1) with ``unbiased``. The one owner of the norm-pix
+    formula: avfmae's losses and visualisation use this and :func:`denormalise_patches`.
     """
-    *lead, P = target.shape
-    t = target.to(torch.promote_types(target.dtype, torch.float32))
-    if channels_last:
-        t = t.reshape(*lead, P // norm_groups, norm_groups).transpose(-1, -2)
-    else:
-        t = t.reshape(*lead, norm_groups, P // norm_groups)
-    mean = t.mean(dim=-1, keepdim=True)
-    var = t.var(dim=-1, unbiased=unbiased, keepdim=True)
-    spread = var.sqrt() + eps if eps_on_std else torch.sqrt(var + eps)
-    out = (t - mean) / spread
-    if channels_last:
-        out = out.transpose(-1, -2)
-    return out.reshape(*lead, P)
+    t = _grouped(target, norm_groups, channels_last)
+    mean, spread = _group_stats(t, eps, unbiased, eps_on_std)
+    return _ungrouped((t - mean) / spread, channels_last)
+
+
+def denormalise_patches(values: torch.Tensor, reference: torch.Tensor, norm_groups: int = 1, eps: float = 1e-6,
+                        unbiased: bool = False, eps_on_std: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """The inverse of :func:`normalise_patches` with ``reference``'s statistics: ``values`` (normalised
+    space, e.g. norm-pix predictions) mapped back as ``values * spread + mean`` of the matching
+    ``reference`` patches (same shape), in fp32 (fp64 kept). The MAE visualisation convention."""
+    ref = _grouped(reference, norm_groups, channels_last)
+    mean, spread = _group_stats(ref, eps, unbiased, eps_on_std)
+    return _ungrouped(_grouped(values, norm_groups, channels_last) * spread + mean, channels_last)
 
 
 def _target(patches, idx, norm_pix, eps, norm_groups, unbiased, eps_on_std, channels_last):
@@ -216,7 +232,7 @@ def _loss_triton(pred, patches, idx, valid, norm_pix, eps, norm_groups):
     group_size = P // norm_groups
     valid_u8 = valid.to(torch.uint8) if valid is not None else None
     row_loss = torch.empty((B, M), device=pred.device, dtype=torch.float32)
-    block_m, block_p = _tile(M, group_size)
+    block_m, block_p = group_tile(M, group_size)
     grid = (triton.cdiv(M, block_m), B)
     _masked_mse_fwd_kernel[grid](
         pred, patches, idx, valid_u8 if valid_u8 is not None else idx, row_loss,
@@ -235,7 +251,7 @@ def _loss_backward_triton(grad_loss, pred, patches, idx, valid, norm_pix, eps, n
     valid_u8 = valid.to(torch.uint8) if valid is not None else None
     coef = (grad_loss.float() / (_valid_count(valid, B, M, pred) * P)).reshape(1).contiguous()
     grad = torch.empty_like(pred, memory_format=torch.contiguous_format)
-    block_m, block_p = _tile(M, group_size)
+    block_m, block_p = group_tile(M, group_size)
     grid = (triton.cdiv(M, block_m), B)
     _masked_mse_bwd_kernel[grid](
         pred, patches, idx, valid_u8 if valid_u8 is not None else idx, coef, grad,

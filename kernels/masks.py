@@ -30,3 +30,19 @@ def mask_to_indices(mask: torch.Tensor, count: int, validate: bool = False) -> t
             raise ValueError(f"every mask row must hold count={count} True entries, got "
                              f"{sorted(set(per_row.tolist()))}")
     return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :count]
+
+
+def indices_to_mask(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The inverse of :func:`mask_to_indices`: bool [B, num_tokens], True at the positions ``idx`` [B, M] lists.
+
+    One scatter on ``idx``'s device: no host sync, a static shape. Repeated positions are simply True; the
+    complement (``~indices_to_mask(idx, N)``) is VideoMAE/HiCMAE's ``bool_masked_pos`` for visible ``idx``.
+    """
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 2:
+        raise TypeError(f"idx must be an int32/int64 tensor [B, M], got "
+                        f"{getattr(idx, 'dtype', type(idx).__name__)} of shape {tuple(getattr(idx, 'shape', ()))}")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, torch.SymInt)) or (
+            isinstance(num_tokens, int) and num_tokens < 0):
+        raise ValueError(f"num_tokens must be a non-negative int (N, the mask's width), got {num_tokens!r}")
+    mask = torch.zeros(idx.shape[0], num_tokens, dtype=torch.bool, device=idx.device)
+    return mask.scatter_(1, idx.long(), True)

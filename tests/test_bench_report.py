@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import avfmae
 from benchmarks import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +179,12 @@ def test_real_step_benchmark_run_through_the_report(tmp_path):
         info, median = b["extra_info"], b["stats"]["median"]
         assert info["flops_per_step"] > 1e9 and info["samples_per_s"] == pytest.approx(2 / median, rel=1e-3)
         assert info["TFLOP/s"] == pytest.approx(info["flops_per_step"] / median / 1e12, rel=1e-2, abs=1e-4)
-    assert timed["tiny-hicmae"]["extra_info"]["params_M"] == 0.8  # vanilla ViT baseline, smaller than ours
+    # params_M reports the timed model: count the same models' parameters here (meta device: no memory)
+    for label, task in (("tiny-avfmae", "pretrain"), ("tiny-hicmae", "hicmae_pretrain")):
+        with torch.device("meta"):
+            counted = sum(p.numel() for p in avfmae.build_model("tiny", task).parameters())
+        assert timed[label]["extra_info"]["params_M"] == pytest.approx(counted / 1e6, abs=0.005), label
+    assert timed["tiny-hicmae"]["extra_info"]["params_M"] < timed["tiny-avfmae"]["extra_info"]["params_M"]
     md_path, png = report.write_report(data, tmp_path)
     expected = timed["tiny-hicmae"]["stats"]["median"] / timed["tiny-avfmae"]["stats"]["median"]
     assert row(md_path.read_text(), "tiny-avfmae")[-1] == f"{expected:.2f}x"

@@ -162,6 +162,20 @@ def test_mask_to_indices_lists_true_positions_in_raster_order():
         mae_kernels.mask_to_indices(mask, 21)
 
 
+def test_indices_to_mask_marks_exactly_the_listed_positions():
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.rand(3, 20, generator=gen).argsort(dim=1)[:, :7]
+    mask = mae_kernels.indices_to_mask(idx.to(DEVICE), 20)
+    expected = torch.tensor([[j in set(row.tolist()) for j in range(20)] for row in idx])  # plain Python sets
+    assert mask.dtype == torch.bool and torch.equal(mask.cpu(), expected)
+    assert torch.equal(mae_kernels.mask_to_indices(mask, 7).cpu(), idx.sort(dim=1).values)  # round trip
+    assert masking.indices_to_mask is mae_kernels.indices_to_mask  # one owner, imported by avfmae
+    with pytest.raises(TypeError, match="idx must be an int32/int64 tensor"):
+        mae_kernels.indices_to_mask(idx.float(), 20)
+    with pytest.raises(ValueError, match="num_tokens must be a non-negative int"):
+        mae_kernels.indices_to_mask(idx, -1)
+
+
 # --- target normalisation conventions -------------------------------------------------------------------
 
 

@@ -3,13 +3,13 @@
 import math
 
 import torch
+from mae_kernels.masked_mse_loss import denormalise_patches, normalise_patches
 
 from avfmae.embed import (
     CubeEmbed,
     PatchEmbed,
     fill_predictions,
     frame_difference,
-    normalise_groups,
     patchify_audio,
     patchify_video,
     sinusoid_table,
@@ -72,18 +72,22 @@ def test_frame_difference_keeps_frame0_and_subtracts_it():
     torch.testing.assert_close(d[:, :, :, 1], x[:, :, :, 1] - x[:, :, :, 0])
 
 
-def test_normalise_groups_per_channel():
+def test_normalise_patches_per_channel():
+    # the norm-pix formula's owner (mae_kernels) on avfmae's (c ...) video layout: 3 contiguous groups
     patches = torch.randn(2, 3, 12) * 5 + 3
-    n = normalise_groups(patches, 3).view(2, 3, 3, 4)
+    n = normalise_patches(patches, 3).view(2, 3, 3, 4)
     torch.testing.assert_close(n.mean(-1), torch.zeros(2, 3, 3), atol=1e-5, rtol=0)
     torch.testing.assert_close(n.var(-1, unbiased=False), torch.ones(2, 3, 3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(denormalise_patches(n.view(2, 3, 12), patches, 3), patches, atol=1e-4, rtol=1e-5)
 
 
 def test_fill_predictions_undoes_normalisation():
     patches = torch.randn(2, 10, 12) * 4 + 1
     idx = torch.tensor([[1, 4, 7], [0, 2, 9]])
     rows = torch.stack([patches[b, idx[b]] for b in range(2)])
-    perfect = normalise_groups(rows, 3)
+    grouped = rows.view(2, 3, 3, 4)  # independent of the library: per-channel (x - mean) / sqrt(var + eps)
+    perfect = ((grouped - grouped.mean(-1, keepdim=True))
+               / torch.sqrt(grouped.var(-1, unbiased=False, keepdim=True) + 1e-6)).view(2, 3, 12)
     filled = fill_predictions(patches, perfect, idx, norm_groups=3)
     torch.testing.assert_close(filled, patches, atol=1e-4, rtol=1e-4)
     zeros = fill_predictions(patches, torch.zeros_like(rows), idx, norm_groups=1, norm_pix=False)

@@ -20,6 +20,8 @@ from ..gather_tokens import gather_tokens
 from ..masked_mse_loss import masked_mse_loss
 from ..masks import mask_to_indices
 
+# timm's ImageNet statistics (VideoMAE's input normalisation). The project's one owner: dali_pipelines.spec
+# re-exports them as IMAGENET_MEAN / IMAGENET_STD for its loaders and avfmae.visualize.
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
