@@ -3,7 +3,7 @@
     deepspeed train.py --config ds_configs/huge.json
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 train.py --config ds_configs/tiny.json
 
-The config is DeepSpeed's JSON plus an ``avfmae`` section (see avfmae/training.py: TrainConfig);
+The config is DeepSpeed's JSON plus an ``avfmae`` section (see avfmae/train_config.py: TrainConfig);
 ``--set key=value`` overrides a key of that section (value parsed as JSON when it parses).
 Stages (PSI, paper §3.5): ``pretrain`` (self-supervised), ``postpretrain`` (supervised on a labelled
 hybrid manifest), ``finetune`` (target dataset); the latter two start from ``init_checkpoint``, a

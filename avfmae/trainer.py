@@ -17,22 +17,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .checkpoints import CheckpointManager, atomic_write_text
+from .eval_views import average_views, eval_views
 from .mixup import AudioVisualMixup
-from .training import (
-    CheckpointManager,
-    ConfigError,
-    JsonlLog,
-    OutputLock,
-    RunError,
-    StopFlag,
-    TrainConfig,
-    atomic_write_text,
-    average_views,
-    eval_views,
-    lr_at,
-    mixing,
-    scaled_lrs,
-)
+from .output_lock import OutputLock
+from .runlog import JsonlLog
+from .schedule import lr_at, scaled_lrs
+from .stopping import RunError, StopFlag
+from .train_config import ConfigError, TrainConfig, mixing
 
 SUPERVISED = ("postpretrain", "finetune")
 
