@@ -54,7 +54,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     layer_decay: float | None = None     # fine-tuning: lr * layer_decay ** (top id - layer id), see Model.layer_id
-    drop_path: float = 0.0
+    drop_path: float | None = None      # stochastic depth; None: build_model's default for the task (its owner)
     label_smoothing: float = 0.0
     mixup: float = 0.0                   # mixup Beta(α, α) of the supervised stages; 0 = off
     cutmix: float = 0.0                  # CutMix Beta(α, α); 0 = off
@@ -215,7 +215,7 @@ def _validate(cfg: TrainConfig, base: Path) -> None:
         _fail("warmup_epochs", f"must lie in [0, epochs={cfg.epochs}), got {cfg.warmup_epochs}")
     if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
         _fail("layer_decay", f"must lie in (0, 1], got {cfg.layer_decay}")
-    if not 0 <= cfg.drop_path < 1:
+    if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
         _fail("drop_path", f"must lie in [0, 1), got {cfg.drop_path}")
     _validate_mixing(cfg)
     if cfg.compile not in COMPILE_MODES:
