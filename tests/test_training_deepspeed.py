@@ -72,11 +72,31 @@ def wait_until(ready, proc: subprocess.Popen, timeout: float, what: str) -> None
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}:\n{stop_tree(proc)}")
         if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no {what} within {timeout} s:\n{proc.communicate()[0][-3000:]}")
+            pytest.fail(f"no {what} within {timeout} s:\n{stop_tree(proc)}")
         time.sleep(0.5)
+
+
+def stop_tree(proc: subprocess.Popen) -> str:
+    """Kill ``proc`` and every process under it (the launcher's ranks hold its stdout open: killing the
+    runner alone leaves ``communicate`` waiting for them); the tail of its output."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for process in tree:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.kill()
+    try:
+        return proc.communicate(timeout=30)[0][-3000:]
+    except subprocess.TimeoutExpired:
+        return "(no output: a process still holds the pipe)"
 
 
 def events(out: Path, kind: str) -> list[dict]:
