@@ -13,6 +13,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,122 +180,166 @@ def _check_type(key: str, value: Any, hint: Any) -> None:
         _fail(key, f"must be {_type_name(hint)}{optional}, got {value!r} ({type(value).__name__})")
 
 
+@dataclass(frozen=True)
+class Rule:
+    """One check of the avfmae section: unless ``ok(cfg)``, a ConfigError ``avfmae.<key>: <why(cfg)>``.
+    ``key`` is a string or, where the offending key depends on the values, a function of the config."""
+
+    key: str | Callable[[TrainConfig], str]
+    ok: Callable[[TrainConfig], bool]
+    why: Callable[[TrainConfig], str]
+
+    def check(self, cfg: TrainConfig) -> None:
+        if not self.ok(cfg):
+            _fail(self.key if isinstance(self.key, str) else self.key(cfg), self.why(cfg))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _one_of(key: str, choices: tuple) -> Rule:
+    return Rule(key, lambda c: getattr(c, key) in choices,
+                lambda c: f"expected one of {choices}, got {getattr(c, key)!r}")
+
+
+def _positive(key: str) -> Rule:
+    return Rule(key, lambda c: isinstance(getattr(c, key), (int, float)) and getattr(c, key) > 0,
+                lambda c: f"must be a positive number, got {getattr(c, key)!r}")
+
+
+def _positive_int(key: str) -> Rule:
+    value = lambda c: getattr(c, key)  # noqa: E731
+    return Rule(key, lambda c: _number(value(c)) and isinstance(value(c), int) and value(c) >= 1,
+                lambda c: f"must be a positive integer, got {value(c)!r}")
+
+
+def _step_or_null(key: str) -> Rule:
+    value = lambda c: getattr(c, key)  # noqa: E731
+    return Rule(key, lambda c: value(c) is None or (isinstance(value(c), int) and value(c) >= 1),
+                lambda c: f"must be an integer >= 1 or null, got {value(c)!r}")
+
+
+def _flag(key: str) -> Rule:
+    return Rule(key, lambda c: isinstance(getattr(c, key), bool),
+                lambda c: f"must be true or false, got {getattr(c, key)!r}")
+
+
+def _within(key: str, interval: str, inside: Callable[[float], bool], optional: bool = False) -> Rule:
+    """``key`` in ``interval`` (written as the message gives it, e.g. "[0, 1)"); None passes if ``optional``."""
+    value = lambda c: getattr(c, key)  # noqa: E731
+    return Rule(key, lambda c: (optional and value(c) is None) or inside(value(c)),
+                lambda c: f"must lie in {interval}, got {value(c)}")
+
+
+def _mixing_key(cfg: TrainConfig) -> str:
+    return "mixup" if cfg.mixup > 0 else "cutmix"
+
+
+def _rand_augment_problem(cfg: TrainConfig) -> str | None:
+    if cfg.rand_augment is None:
+        return None
+    from dali_pipelines.augment import RandAugmentSpec
+
+    try:
+        RandAugmentSpec.parse(cfg.rand_augment)
+    except ValueError as err:
+        return str(err).removeprefix("rand_augment: ")
+    return None
+
+
+def _file_rules(base: Path) -> tuple[Rule, ...]:
+    """The files a config names exist (relative paths from the config file's directory ``base``)."""
+    def path(c: TrainConfig, key: str) -> str | None:
+        return c.resolve(getattr(c, key), base)
+
+    return tuple(Rule(key, lambda c, k=key: path(c, k) is None or Path(path(c, k)).exists(),
+                      lambda c, k=key: f"file not found: {path(c, k)}")
+                 for key in ("train_manifest", "val_manifest", "init_checkpoint"))
+
+
+# what the run is: checked before the files it names
+_STAGE_RULES = (
+    _one_of("size", SIZES),
+    _one_of("stage", STAGES),
+    Rule("num_outputs", lambda c: c.stage == "pretrain" or c.num_outputs >= 1,
+         lambda c: f"stage {c.stage!r} needs the number of classes/targets (>= 1)"),
+    Rule("video_only", lambda c: not (c.stage == "pretrain" and c.video_only),
+         lambda c: "pre-training is audio-visual; video_only applies to fine-tuning"),
+    Rule("train_manifest", lambda c: c.train_manifest is not None, lambda c: "is required"),
+)
+
+# every other key, in the order the checks report them
+_VALUE_RULES = (
+    *(_positive(key) for key in ("epochs", "lr", "lr_batch", "checkpoint_every_steps", "keep_checkpoints",
+                                 "log_every_steps", "data_threads", "eval_every_epochs", "max_nonfinite_steps")),
+    _positive_int("test_clips"),
+    _positive_int("test_crops"),
+    _step_or_null("max_steps"),
+    _step_or_null("stop_at_step"),
+    Rule("min_lr", lambda c: 0 <= c.min_lr <= c.lr, lambda c: f"must lie in [0, lr={c.lr}], got {c.min_lr}"),
+    Rule("warmup_epochs", lambda c: 0 <= c.warmup_epochs < c.epochs + 1e-9,
+         lambda c: f"must lie in [0, epochs={c.epochs}), got {c.warmup_epochs}"),
+    _within("layer_decay", "(0, 1]", lambda v: 0 < v <= 1, optional=True),
+    _within("drop_path", "[0, 1)", lambda v: 0 <= v < 1, optional=True),
+    # mixup / CutMix (the supervised stages)
+    *(Rule(key, lambda c, k=key: _number(getattr(c, k)) and math.isfinite(getattr(c, k)),
+           lambda c, k=key: f"must be a number, got {getattr(c, k)!r}")
+      for key in ("mixup", "cutmix", "mixup_switch_prob", "label_smoothing")),
+    *(Rule(key, lambda c, k=key: getattr(c, k) >= 0,
+           lambda c, k=key: f"must be >= 0 (a Beta(α, α) parameter; 0 = off), got {getattr(c, k)}")
+      for key in ("mixup", "cutmix")),
+    _flag("mixup_audio"),
+    _within("mixup_switch_prob", "[0, 1]", lambda v: 0 <= v <= 1),
+    _within("label_smoothing", "[0, 1)", lambda v: 0 <= v < 1),
+    Rule(_mixing_key, lambda c: not (mixing(c) and c.stage == "pretrain"),
+         lambda c: "mixup/cutmix apply to the supervised stages (postpretrain, finetune), not pre-training"),
+    Rule(_mixing_key, lambda c: not (mixing(c) and c.regression),
+         lambda c: "mixup/cutmix need class labels; regression stages never mix (set mixup and cutmix to 0)"),
+    # compilation and data
+    _one_of("compile", COMPILE_MODES),
+    _one_of("compile_backend", COMPILE_BACKENDS),
+    Rule("bad_clips", lambda c: c.bad_clips in ("error", "skip"),
+         lambda c: f"expected 'error' or 'skip', got {c.bad_clips!r}"),
+    _within("max_bad_clip_fraction", "[0, 1)", lambda v: 0 <= v < 1),
+    # augmentations
+    Rule("rand_augment", lambda c: _rand_augment_problem(c) is None, _rand_augment_problem),
+    Rule("random_erase", lambda c: _number(c.random_erase) and 0 <= c.random_erase <= 1,
+         lambda c: f"must be a probability in [0, 1], got {c.random_erase!r}"),
+    _positive_int("random_erase_count"),
+    Rule("random_erase_mode", lambda c: c.random_erase_mode == "pixel",
+         lambda c: f"only 'pixel' (per-pixel normal noise, the reference's) is implemented, "
+                   f"got {c.random_erase_mode!r}"),
+    _flag("audio_gain"),
+    # model variants and targets
+    _one_of("fusion", FUSIONS),
+    _one_of("lgi", LGI_LAYERS),
+    _flag("frame_diff_target"),
+    Rule("frame_diff_target", lambda c: not (c.frame_diff_target and c.stage != "pretrain"),
+         lambda c: "is a pre-training reconstruction target; the supervised stages have none"),
+    # where the data is decoded
+    Rule("data_device", lambda c: c.data_device in ("auto", "gpu", "cpu"),
+         lambda c: f"expected 'auto', 'gpu' or 'cpu', got {c.data_device!r}"),
+    Rule("data_video_decoder", lambda c: c.data_video_decoder in ("dali", "torchcodec"),
+         lambda c: f"expected 'dali' or 'torchcodec' (CPU only), got {c.data_video_decoder!r}"),
+    Rule("data_video_decoder", lambda c: not (c.data_video_decoder == "torchcodec" and c.data_device == "gpu"),
+         lambda c: "'torchcodec' decodes on the CPU (data_device 'cpu'); on the GPU DALI decodes with NVDEC"),
+    *(Rule(f"mask.{f.name}", lambda c, n=f.name: 0 < getattr(c.mask, n) < 1,
+           lambda c, n=f.name: f"must lie in (0, 1), got {getattr(c.mask, n)}")
+      for f in dataclasses.fields(MaskConfig)),
+)
+
+
 def _validate(cfg: TrainConfig, base: Path) -> None:
-    if cfg.size not in SIZES:
-        _fail("size", f"expected one of {SIZES}, got {cfg.size!r}")
-    if cfg.stage not in STAGES:
-        _fail("stage", f"expected one of {STAGES}, got {cfg.stage!r}")
-    if cfg.stage != "pretrain" and cfg.num_outputs < 1:
-        _fail("num_outputs", f"stage {cfg.stage!r} needs the number of classes/targets (>= 1)")
-    if cfg.stage == "pretrain" and cfg.video_only:
-        _fail("video_only", "pre-training is audio-visual; video_only applies to fine-tuning")
-    if cfg.train_manifest is None:
-        _fail("train_manifest", "is required")
-    for key in ("train_manifest", "val_manifest", "init_checkpoint"):
-        path = cfg.resolve(getattr(cfg, key), base)
-        if path is not None and not Path(path).exists():
-            _fail(key, f"file not found: {path}")
-    positive = {"epochs": cfg.epochs, "lr": cfg.lr, "lr_batch": cfg.lr_batch,
-                "checkpoint_every_steps": cfg.checkpoint_every_steps, "keep_checkpoints": cfg.keep_checkpoints,
-                "log_every_steps": cfg.log_every_steps, "data_threads": cfg.data_threads,
-                "eval_every_epochs": cfg.eval_every_epochs, "max_nonfinite_steps": cfg.max_nonfinite_steps}
-    for key, value in positive.items():
-        if not (isinstance(value, (int, float)) and value > 0):
-            _fail(key, f"must be a positive number, got {value!r}")
-    for key in ("test_clips", "test_crops"):
-        value = getattr(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            _fail(key, f"must be a positive integer, got {value!r}")
-    for key in ("max_steps", "stop_at_step"):
-        value = getattr(cfg, key)
-        if value is not None and not (isinstance(value, int) and value >= 1):
-            _fail(key, f"must be an integer >= 1 or null, got {value!r}")
-    if not 0 <= cfg.min_lr <= cfg.lr:
-        _fail("min_lr", f"must lie in [0, lr={cfg.lr}], got {cfg.min_lr}")
-    if not 0 <= cfg.warmup_epochs < cfg.epochs + 1e-9:
-        _fail("warmup_epochs", f"must lie in [0, epochs={cfg.epochs}), got {cfg.warmup_epochs}")
-    if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
-        _fail("layer_decay", f"must lie in (0, 1], got {cfg.layer_decay}")
-    if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
-        _fail("drop_path", f"must lie in [0, 1), got {cfg.drop_path}")
-    _validate_mixing(cfg)
-    if cfg.compile not in COMPILE_MODES:
-        _fail("compile", f"expected one of {COMPILE_MODES}, got {cfg.compile!r}")
-    if cfg.compile_backend not in COMPILE_BACKENDS:
-        _fail("compile_backend", f"expected one of {COMPILE_BACKENDS}, got {cfg.compile_backend!r}")
-    if cfg.bad_clips not in ("error", "skip"):
-        _fail("bad_clips", f"expected 'error' or 'skip', got {cfg.bad_clips!r}")
-    if not 0 <= cfg.max_bad_clip_fraction < 1:
-        _fail("max_bad_clip_fraction", f"must lie in [0, 1), got {cfg.max_bad_clip_fraction}")
-    _validate_augmentation(cfg)
-    if cfg.fusion not in FUSIONS:
-        _fail("fusion", f"expected one of {FUSIONS}, got {cfg.fusion!r}")
-    if cfg.lgi not in LGI_LAYERS:
-        _fail("lgi", f"expected one of {LGI_LAYERS}, got {cfg.lgi!r}")
-    if not isinstance(cfg.frame_diff_target, bool):
-        _fail("frame_diff_target", f"must be true or false, got {cfg.frame_diff_target!r}")
-    if cfg.frame_diff_target and cfg.stage != "pretrain":
-        _fail("frame_diff_target", "is a pre-training reconstruction target; the supervised stages have none")
-    if cfg.data_device not in ("auto", "gpu", "cpu"):
-        _fail("data_device", f"expected 'auto', 'gpu' or 'cpu', got {cfg.data_device!r}")
-    if cfg.data_video_decoder not in ("dali", "torchcodec"):
-        _fail("data_video_decoder", f"expected 'dali' or 'torchcodec' (CPU only), got {cfg.data_video_decoder!r}")
-    if cfg.data_video_decoder == "torchcodec" and cfg.data_device == "gpu":
-        _fail("data_video_decoder", "'torchcodec' decodes on the CPU (data_device 'cpu'); on the GPU DALI decodes "
-                                    "with NVDEC")
-    for key in dataclasses.fields(MaskConfig):
-        value = getattr(cfg.mask, key.name)
-        if not 0 < value < 1:
-            _fail(f"mask.{key.name}", f"must lie in (0, 1), got {value}")
-
-
-def _validate_augmentation(cfg: TrainConfig) -> None:
-    if cfg.rand_augment is not None:
-        from dali_pipelines.augment import RandAugmentSpec
-
-        try:
-            RandAugmentSpec.parse(cfg.rand_augment)
-        except ValueError as err:
-            _fail("rand_augment", str(err).removeprefix("rand_augment: "))
-    erase = cfg.random_erase
-    if isinstance(erase, bool) or not isinstance(erase, (int, float)) or not 0 <= erase <= 1:
-        _fail("random_erase", f"must be a probability in [0, 1], got {erase!r}")
-    count = cfg.random_erase_count
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        _fail("random_erase_count", f"must be a positive integer, got {count!r}")
-    if cfg.random_erase_mode != "pixel":
-        _fail("random_erase_mode", f"only 'pixel' (per-pixel normal noise, the reference's) is implemented, "
-                                   f"got {cfg.random_erase_mode!r}")
-    if not isinstance(cfg.audio_gain, bool):
-        _fail("audio_gain", f"must be true or false, got {cfg.audio_gain!r}")
+    """The section's rules in order (the first that fails raises): what the run is, the files it names,
+    then every value and the rules between values."""
+    for rule in (*_STAGE_RULES, *_file_rules(base), *_VALUE_RULES):
+        rule.check(cfg)
 
 
 def mixing(cfg: TrainConfig) -> bool:
     """Whether supervised training steps mix batches (mixup and/or CutMix)."""
     return cfg.mixup > 0 or cfg.cutmix > 0
-
-
-def _validate_mixing(cfg: TrainConfig) -> None:
-    numbers = {"mixup": cfg.mixup, "cutmix": cfg.cutmix, "mixup_switch_prob": cfg.mixup_switch_prob,
-               "label_smoothing": cfg.label_smoothing}
-    for key, value in numbers.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            _fail(key, f"must be a number, got {value!r}")
-    for key in ("mixup", "cutmix"):
-        if getattr(cfg, key) < 0:
-            _fail(key, f"must be >= 0 (a Beta(α, α) parameter; 0 = off), got {getattr(cfg, key)}")
-    if not isinstance(cfg.mixup_audio, bool):
-        _fail("mixup_audio", f"must be true or false, got {cfg.mixup_audio!r}")
-    if not 0 <= cfg.mixup_switch_prob <= 1:
-        _fail("mixup_switch_prob", f"must lie in [0, 1], got {cfg.mixup_switch_prob}")
-    if not 0 <= cfg.label_smoothing < 1:
-        _fail("label_smoothing", f"must lie in [0, 1), got {cfg.label_smoothing}")
-    if mixing(cfg):
-        key = "mixup" if cfg.mixup > 0 else "cutmix"
-        if cfg.stage == "pretrain":
-            _fail(key, "mixup/cutmix apply to the supervised stages (postpretrain, finetune), not pre-training")
-        if cfg.regression:
-            _fail(key, "mixup/cutmix need class labels; regression stages never mix (set mixup and cutmix to 0)")
 
 
 def apply_overrides(section: dict, overrides: list[str]) -> dict:
@@ -365,29 +410,44 @@ DS_ZERO_FLAGS = ("overlap_comm", "contiguous_gradients", "reduce_scatter", "allg
                  "round_robin_gradients", "stage3_gather_16bit_weights_on_model_save")
 
 
-def validate_deepspeed(raw: dict) -> None:
-    """The DeepSpeed keys the trainer relies on (types, ranges, batch arithmetic), checked before any
-    process group exists; keys not listed here are left to DeepSpeed. ``WORLD_SIZE`` (set by the
-    launcher in every rank) completes the batch arithmetic when present."""
+# (key, kind, minimum) of the scalar DeepSpeed keys the trainer relies on, per section, in checking order
+_DS_TOP_KEYS = (("gradient_clipping", "number", 0.0), ("steps_per_print", "int", 1),
+                ("wall_clock_breakdown", "bool", None))
+_DS_FP16_KEYS = (("loss_scale", "number", 0.0), ("min_loss_scale", "number", 0.0), ("initial_scale_power", "int", 0),
+                 ("loss_scale_window", "int", 1), ("hysteresis", "int", 1))
+_DS_ZERO_KEYS = (*((key, "int", 0) for key in DS_ZERO_SIZES), *((key, "bool", None) for key in DS_ZERO_FLAGS))
+
+
+def _ds_keys(section: dict, prefix: str, table: tuple) -> None:
+    for key, kind, minimum in table:
+        name = prefix + key
+        if kind == "int":
+            _ds_int(section, key, name, minimum=minimum)
+        elif kind == "number":
+            _ds_number(section, key, name, minimum=minimum)
+        else:
+            _ds_bool(section, key, name)
+
+
+def _ds_batch(raw: dict) -> None:
+    """micro x accumulation x processes = train_batch_size when it is given (processes: ``WORLD_SIZE``)."""
     micro = _ds_int(raw, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu", required=True)
     accum = _ds_int(raw, "gradient_accumulation_steps", "gradient_accumulation_steps") or 1
     total = _ds_int(raw, "train_batch_size", "train_batch_size")
     world = os.environ.get("WORLD_SIZE")
-    if total is not None:
-        if world is not None and world.isdigit() and total != micro * accum * int(world):
-            _ds_fail("train_batch_size", f"must equal train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
-                                         f"processes = {micro} x {accum} x {world} = {micro * accum * int(world)}, "
-                                         f"got {total} (or leave it out: DeepSpeed derives it)")
-        if total % (micro * accum):
-            _ds_fail("train_batch_size", f"must be a multiple of train_micro_batch_size_per_gpu x "
-                                         f"gradient_accumulation_steps = {micro * accum}, got {total}")
-    _ds_number(raw, "gradient_clipping", "gradient_clipping")
-    _ds_int(raw, "steps_per_print", "steps_per_print")
-    _ds_bool(raw, "wall_clock_breakdown", "wall_clock_breakdown")
-    for key in ("optimizer", "scheduler"):
-        if key in raw:
-            _ds_fail(key, "the trainer builds AdamW and the lr schedule from the avfmae section (lr, lr_batch, "
-                          "min_lr, warmup_epochs, betas, weight_decay); remove DeepSpeed's section")
+    if total is None:
+        return
+    if world is not None and world.isdigit() and total != micro * accum * int(world):
+        _ds_fail("train_batch_size", f"must equal train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
+                                     f"processes = {micro} x {accum} x {world} = {micro * accum * int(world)}, "
+                                     f"got {total} (or leave it out: DeepSpeed derives it)")
+    if total % (micro * accum):
+        _ds_fail("train_batch_size", f"must be a multiple of train_micro_batch_size_per_gpu x "
+                                     f"gradient_accumulation_steps = {micro * accum}, got {total}")
+
+
+def _ds_precision(raw: dict) -> None:
+    """At most one of fp16/bf16 enabled; fp16's loss-scaling keys."""
     enabled = []
     for key in ("fp16", "bf16"):
         section = _ds_object(raw, key)
@@ -396,20 +456,29 @@ def validate_deepspeed(raw: dict) -> None:
             enabled.append(key)
     if len(enabled) > 1:
         _ds_fail("fp16", "fp16 and bf16 are both enabled; enable at most one")
-    fp16 = _ds_object(raw, "fp16")
-    _ds_number(fp16, "loss_scale", "fp16.loss_scale")
-    _ds_number(fp16, "min_loss_scale", "fp16.min_loss_scale")
-    _ds_int(fp16, "initial_scale_power", "fp16.initial_scale_power", minimum=0)
-    _ds_int(fp16, "loss_scale_window", "fp16.loss_scale_window")
-    _ds_int(fp16, "hysteresis", "fp16.hysteresis")
+    _ds_keys(_ds_object(raw, "fp16"), "fp16.", _DS_FP16_KEYS)
+
+
+def _ds_zero(raw: dict) -> None:
     zero = _ds_object(raw, "zero_optimization")
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         _ds_fail("zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
-    for key in DS_ZERO_SIZES:
-        _ds_int(zero, key, f"zero_optimization.{key}", minimum=0)
-    for key in DS_ZERO_FLAGS:
-        _ds_bool(zero, key, f"zero_optimization.{key}")
+    _ds_keys(zero, "zero_optimization.", _DS_ZERO_KEYS)
+
+
+def validate_deepspeed(raw: dict) -> None:
+    """The DeepSpeed keys the trainer relies on (types, ranges, batch arithmetic), checked before any
+    process group exists; keys not listed here are left to DeepSpeed. ``WORLD_SIZE`` (set by the
+    launcher in every rank) completes the batch arithmetic when present."""
+    _ds_batch(raw)
+    _ds_keys(raw, "", _DS_TOP_KEYS)
+    for key in ("optimizer", "scheduler"):
+        if key in raw:
+            _ds_fail(key, "the trainer builds AdamW and the lr schedule from the avfmae section (lr, lr_batch, "
+                          "min_lr, warmup_epochs, betas, weight_decay); remove DeepSpeed's section")
+    _ds_precision(raw)
+    _ds_zero(raw)
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[dict, TrainConfig]:
