@@ -65,6 +65,20 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return int(sequence.generate_state(1, dtype=np.uint64)[0])
 
 
+def owned_elements(param: torch.Tensor) -> torch.Tensor:
+    """The elements of ``param`` this rank holds: the whole tensor, or under ZeRO-3 its partition
+    (``ds_tensor``) without the padding. DeepSpeed allocates a partition with ``torch.empty`` and copies
+    only the parameter's elements into it, so the tail of the last partition (and any partition past the
+    end) is uninitialised memory, NaN at random; it never reaches the model."""
+    part = getattr(param, "ds_tensor", None)
+    if part is None:
+        return param.detach()
+    group = getattr(param, "ds_process_group", None)
+    rank = dist.get_rank(group=group) if dist.is_initialized() else 0
+    valid = max(0, min(part.numel(), int(param.ds_numel) - part.numel() * rank))
+    return part.detach().reshape(-1).narrow(0, 0, valid)
+
+
 def improves(score: float, best: float | None) -> bool:
     """Whether ``score`` (higher is better) replaces ``best``: a NaN score never does; a finite score
     always replaces a missing or NaN best (a NaN would otherwise compare False forever)."""
@@ -649,7 +663,7 @@ class Trainer:
     def weights_finite(self) -> bool:
         """Whether every rank's parameters (its ZeRO-3 partition, or the full tensors) are finite: one
         reduction and one all-reduce per checkpoint, nothing per step."""
-        local = [getattr(p, "ds_tensor", p).detach() for p in self.engine.module.parameters()]
+        local = [owned_elements(p) for p in self.engine.module.parameters()]
         checks = [torch.isfinite(t).all() for t in local if t.numel()]
         ok = torch.stack(checks).all() if checks else torch.tensor(True)
         flag = ok.float().reshape(1).to(self.device)

@@ -197,3 +197,28 @@ def test_the_trainers_model_gets_build_models_drop_path_default(tmp_path, stage,
     _, set_cfg = load_config(tmp_path / "cfg.json", ["drop_path=0.2"])
     trainer.cfg = set_cfg
     assert trainer.build_model().cfg.drop_path == 0.2
+
+
+# --- the weights check under ZeRO-3 -------------------------------------------------------------------------
+
+
+def test_the_weights_check_reads_a_zero3_partition_without_its_padding(tmp_path):
+    """A ZeRO-3 partition is allocated with torch.empty and only the parameter's elements are copied in:
+    NaN garbage in the padding must not stop a healthy run (it did, at random, in the launcher tests);
+    a NaN among the real elements still does."""
+    from avfmae.trainer import owned_elements
+
+    module = torch.nn.Linear(3, 2)  # weight: 6 elements, bias: 2
+    for param in module.parameters():
+        with torch.no_grad():
+            partition = torch.full((8,), float("nan"))  # one rank, partition of 8: the tail is padding
+            partition[: param.numel()] = param.reshape(-1)
+        param.ds_tensor, param.ds_numel = partition, param.numel()
+    assert torch.equal(owned_elements(module.weight), module.weight.detach().reshape(-1))
+    trainer = Trainer.__new__(Trainer)
+    trainer.device, trainer.engine = torch.device("cpu"), SimpleNamespace(module=module)
+    assert trainer.weights_finite()
+    module.bias.ds_tensor[1] = float("inf")  # a real element of the partition diverged
+    assert not trainer.weights_finite()
+    plain = torch.nn.Linear(3, 2)  # no ZeRO-3: the whole tensor
+    assert torch.equal(owned_elements(plain.weight), plain.weight.detach())
