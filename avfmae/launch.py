@@ -5,10 +5,11 @@ to it ends the runner alone while its ``deepspeed.launcher.launch`` child and th
 ``launch`` itself, when signalled, terminates the ranks and kills them 30 s later, whether or not their
 checkpoint is written. This wrapper runs the runner in its own session and hands a SIGTERM or SIGINT
 straight to the ranks (the children of ``deepspeed.launcher.launch``), whose handler
-(``avfmae.training.StopFlag``) saves a checkpoint at the end of the step and exits 0; the launcher then
-ends by itself. A second signal goes to the whole process group (the launcher's own teardown). Where
-no local rank is found (multi-node runs through pdsh, whose runner forwards signals itself) the signal
-goes to the runner. Exit status: the runner's.
+(``avfmae.stopping.StopFlag``) saves a checkpoint at the end of the step and exits 5
+(``ExitCode.STOPPED_BY_SIGNAL``); the launcher then ends with that status (every rank has saved by
+then). A second signal goes to the whole process group (the launcher's own teardown). Where no local
+rank is found (multi-node runs through pdsh, whose runner forwards signals itself) the signal goes to
+the runner. Exit status: the runner's.
 
     python -m avfmae.launch --num_gpus 8 train.py --config ds_configs/huge.json
 """

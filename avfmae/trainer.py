@@ -8,33 +8,83 @@ interrupted epoch it had not consumed (the ones before it are not decoded again)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from .checkpoints import CheckpointManager, atomic_write_text
+from .eval_views import average_views, eval_views
 from .mixup import AudioVisualMixup
-from .training import (
-    CheckpointManager,
-    ConfigError,
-    JsonlLog,
-    OutputLock,
-    RunError,
-    StopFlag,
-    TrainConfig,
-    atomic_write_text,
-    average_views,
-    eval_views,
-    lr_at,
-    mixing,
-    scaled_lrs,
-)
+from .output_lock import OutputLock
+from .runlog import JsonlLog
+from .schedule import lr_at, scaled_lrs
+from .stopping import ExitCode, RunError, StopFlag, StopReason
+from .train_config import ConfigError, TrainConfig, mixing
 
 SUPERVISED = ("postpretrain", "finetune")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint carries besides DeepSpeed's own state (``client_state["train_state"]``, a dict)."""
+
+    step: int = 0                     # optimizer steps done
+    epoch: int = 0                    # epochs done (step // steps_per_epoch after each pass)
+    best_metric: float | None = None  # the best validation score so far (None: no evaluation yet)
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> TrainState:
+        """The state a checkpoint recorded; keys it lacks keep their defaults (older checkpoints)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The run's step counts, from the manifest and the batch arithmetic, fixed before the first step."""
+
+    steps_per_epoch: int  # optimizer steps per epoch
+    total: int            # optimizer steps of the whole run (epochs, or max_steps when lower)
+    warmup: int           # lr warm-up steps
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The RNG seed of one micro-step of one rank: a function of (seed, step, micro, rank) only, so a
+    resumed run draws what the uninterrupted one drew. NumPy's SeedSequence hashes the tuple (the
+    spawn key is the child index it was designed for), so distinct tuples get distinct, uncorrelated
+    streams for any accumulation depth or number of ranks (a packed integer would collide). 64 bits:
+    what ``torch.manual_seed`` and ``torch.Generator.manual_seed`` take."""
+    sequence = np.random.SeedSequence(entropy=seed, spawn_key=(step, micro, rank))
+    return int(sequence.generate_state(1, dtype=np.uint64)[0])
+
+
+def owned_elements(param: torch.Tensor) -> torch.Tensor:
+    """The elements of ``param`` this rank holds: the whole tensor, or under ZeRO-3 its partition
+    (``ds_tensor``) without the padding. DeepSpeed allocates a partition with ``torch.empty`` and copies
+    only the parameter's elements into it, so the tail of the last partition (and any partition past the
+    end) is uninitialised memory, NaN at random; it never reaches the model."""
+    part = getattr(param, "ds_tensor", None)
+    if part is None:
+        return param.detach()
+    group = getattr(param, "ds_process_group", None)
+    rank = dist.get_rank(group=group) if dist.is_initialized() else 0
+    valid = max(0, min(part.numel(), int(param.ds_numel) - part.numel() * rank))
+    return part.detach().reshape(-1).narrow(0, 0, valid)
+
+
+def improves(score: float, best: float | None) -> bool:
+    """Whether ``score`` (higher is better) replaces ``best``: a NaN score never does; a finite score
+    always replaces a missing or NaN best (a NaN would otherwise compare False forever)."""
+    if math.isnan(score):
+        return False
+    return best is None or math.isnan(best) or score > best
 
 
 def _is_rank0() -> bool:
@@ -98,8 +148,9 @@ def read_init_checkpoint(path: str, model: torch.nn.Module) -> dict:
 def model_arguments(cfg: TrainConfig) -> tuple[str, dict]:
     """(task, keyword arguments) of ``avfmae.build_model`` for a training config: the recipe keys that
     are model settings (drop-path, masks, targets, geometry, ablation variants) reach the model here."""
-    overrides = dict(drop_path=cfg.drop_path, checkpoint_activations=cfg.activation_checkpointing,
-                     fusion=cfg.fusion, lgi=cfg.lgi)
+    overrides = dict(checkpoint_activations=cfg.activation_checkpointing, fusion=cfg.fusion, lgi=cfg.lgi)
+    if cfg.drop_path is not None:  # None: build_model's task-dependent default (0.1 fine-tuning), one owner
+        overrides["drop_path"] = cfg.drop_path
     geometry = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, audio_frames=cfg.audio_frames)
     overrides.update({k: v for k, v in geometry.items() if v is not None})
     if cfg.stage == "pretrain":
@@ -142,9 +193,44 @@ class Trainer:
         self.claim_output_dir()
         self.stop = StopFlag()
         self.mixup = self.build_mixup()
-        self._val_loaders = None  # one per test view, built at the first evaluation
         self.nonfinite_streak = 0   # optimizer steps in a row with a non-finite loss term on some rank
         self.skipped_steps = 0      # steps DeepSpeed skipped (fp16 overflow)
+        # the batch arithmetic and the lr it scales: known from the config and the world size alone
+        self.accum = ds_config.get("gradient_accumulation_steps", 1)
+        self.global_batch = ds_config["train_micro_batch_size_per_gpu"] * self.accum * self.world
+        self.peak_lr, self.min_lr = scaled_lrs(cfg, self.global_batch)
+        self.lr = 0.0               # the schedule's value at the current step (set before each micro-step)
+        # built by the set-up steps of run(), in this order; the properties below name the missing step
+        self.manifests: dict | None = None   # read_manifests()
+        self._model_config = None            # build_model() (setup_engine())
+        self._engine = None                  # setup_engine()
+        self.optimizer = None                # setup_engine(): DeepSpeed's wrapper of the AdamW groups
+        self.progress = None                 # run(): the rank-0 progress bar
+        self._val_loaders = None             # val_loaders(): one per test view, built at the first evaluation
+
+    @property
+    def engine(self):
+        if getattr(self, "_engine", None) is None:
+            raise RuntimeError("Trainer.engine: no DeepSpeed engine yet; call setup_engine() first (run() does)")
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine) -> None:
+        self._engine = engine
+
+    @property
+    def model_config(self):
+        if getattr(self, "_model_config", None) is None:
+            raise RuntimeError("Trainer.model_config: no model yet; call build_model() (setup_engine() does) first")
+        return self._model_config
+
+    def manifest(self, key: str):
+        """The checked manifest ``key`` (``train_manifest`` or ``val_manifest``)."""
+        if self.manifests is None:
+            raise RuntimeError(f"Trainer.manifest({key!r}): call read_manifests() first (run() does)")
+        if key not in self.manifests:
+            raise ConfigError(f"config key avfmae.{key}: not set, and this step needs it")
+        return self.manifests[key]
 
     def claim_output_dir(self) -> None:
         """Rank 0 takes the output_dir's lock; a run without --resume may not write over a run's
@@ -171,7 +257,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
         with self.deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=_zero_stage(self.ds_config) == 3):
             model = build_model(cfg.size, task, **kwargs)
-        self.model_config = model.cfg
+        self._model_config = model.cfg
         return model
 
     def build_mixup(self) -> AudioVisualMixup | None:
@@ -209,9 +295,9 @@ class Trainer:
             print(f"  unexpected (ignored): {some(unexpected)}")
         self.log.write(event="init_checkpoint", init_checkpoint=path, missing=missing, unexpected=unexpected)
 
-    def build_optimizer(self, model: torch.nn.Module, global_batch: int) -> torch.optim.Optimizer:
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """AdamW over the model's parameter groups at the scaled peak lr (``scaled_lrs`` of the global batch)."""
         cfg = self.cfg
-        self.peak_lr, self.min_lr = scaled_lrs(cfg, global_batch)
         layer_decay = cfg.layer_decay if cfg.stage != "pretrain" and cfg.layer_decay is not None else 1.0
         groups = model.param_groups(weight_decay=cfg.weight_decay, layer_decay=layer_decay)
         kwargs = dict(lr=self.peak_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -219,10 +305,9 @@ class Trainer:
             kwargs["fused"] = True
         return torch.optim.AdamW(groups, **kwargs)
 
-    def build_loaders(self, start_epoch: int, start_batch: int = 0):
-        """The train loader for this rank (its first pass is ``start_epoch`` from micro-batch
-        ``start_batch``); keeps the arguments the validation loaders share with it (:meth:`val_loaders`)."""
-        from dali_pipelines import ClipSpec, LoaderOptions, build_loader
+    def loader_arguments(self) -> dict:
+        """The arguments the train and validation loaders share (needs the model's geometry)."""
+        from dali_pipelines import ClipSpec, LoaderOptions
 
         cfg, mc = self.cfg, self.model_config
         spec = ClipSpec.for_model(mc, **clip_augmentations(cfg))  # evaluation ignores the augmentations
@@ -231,10 +316,14 @@ class Trainer:
                                 num_shards=self.world, spec=spec, device_id=self.device.index if self.cuda else None,
                                 bad_clips=cfg.bad_clips, max_bad_clip_fraction=cfg.max_bad_clip_fraction,
                                 video_decoder=cfg.data_video_decoder)
-        common = dict(batch_size=self.ds_config["train_micro_batch_size_per_gpu"], options=options)
-        self._loader_args = common
-        return build_loader(self.manifests["train_manifest"], train=True, start_epoch=start_epoch,
-                            start_batch=start_batch, **common)
+        return dict(batch_size=self.ds_config["train_micro_batch_size_per_gpu"], options=options)
+
+    def build_loaders(self, start_epoch: int, start_batch: int = 0):
+        """The train loader for this rank: its first pass is ``start_epoch`` from micro-batch ``start_batch``."""
+        from dali_pipelines import build_loader
+
+        return build_loader(self.manifest("train_manifest"), train=True, start_epoch=start_epoch,
+                            start_batch=start_batch, **self.loader_arguments())
 
     def val_loaders(self) -> list:
         """One validation loader per test view (``test_clips`` x ``test_crops``), built once, on first use:
@@ -242,8 +331,8 @@ class Trainer:
         if self._val_loaders is None:
             from dali_pipelines import build_loader
 
-            self._val_loaders = [build_loader(self.manifests["val_manifest"], train=False, view=view,
-                                              **self._loader_args)
+            common = self.loader_arguments()
+            self._val_loaders = [build_loader(self.manifest("val_manifest"), train=False, view=view, **common)
                                  for view in eval_views(self.cfg)]
         return self._val_loaders
 
@@ -271,8 +360,6 @@ class Trainer:
         slice, gathered so that every rank draws the same conclusion: ``bad_clips: error`` stops with
         the list, ``skip`` drops those rows (logged) unless more than ``max_bad_clip_fraction`` are bad.
         The full checks run when a clip is first decoded (dali_pipelines.source.check_clip)."""
-        import dataclasses
-
         from dali_pipelines import ManifestError
         from dali_pipelines.source import quick_check
 
@@ -306,45 +393,47 @@ class Trainer:
                                                                                 for r, why in bad.items()})
         return dataclasses.replace(manifest, clips=tuple(c for r, c in enumerate(manifest.clips) if r not in bad))
 
-    def run(self) -> int:
-        """Train the configured stage to the end (or until stopped with a checkpoint); returns 0."""
+    def run(self) -> ExitCode:
+        """Train the configured stage to the end, or until stopped with a checkpoint (a signal,
+        ``stop_at_step``). Returns :attr:`ExitCode.COMPLETED` or the stop's exit code; a run that
+        cannot go on raises :class:`RunError` (or :class:`ConfigError`) on every rank instead."""
         self.read_manifests()
         self.setup_engine()
-        state = {"step": 0, "epoch": 0, "best_metric": None}
+        state = TrainState()
         if self.resume:
             state = self.load_resume(state)
         self.skipped_steps = int(getattr(self.engine, "skipped_steps", 0))  # a checkpoint restores DeepSpeed's count
-        steps_per_epoch, total = self.plan(self.micro_batches_per_epoch())
-        train_loader = self.build_loaders(start_epoch=state["step"] // steps_per_epoch,
-                                          start_batch=self.consumed_micro_batches(state, steps_per_epoch))
-        self.progress = self.progress_bar(total, state["step"])
-        stopped = None
-        while state["step"] < total and stopped is None:
-            stopped = self.train_epoch(train_loader, state, steps_per_epoch, total)
-            state["epoch"] = state["step"] // steps_per_epoch
-            epoch_done = state["step"] % steps_per_epoch == 0 or state["step"] >= total
-            due = epoch_done and (state["epoch"] % self.cfg.eval_every_epochs == 0 or state["step"] >= total)
+        plan = self.plan(self.micro_batches_per_epoch())
+        train_loader = self.build_loaders(start_epoch=state.step // plan.steps_per_epoch,
+                                          start_batch=self.consumed_micro_batches(state, plan))
+        self.progress = self.progress_bar(plan.total, state.step)
+        stopped: StopReason | None = None
+        while state.step < plan.total and stopped is None:
+            stopped = self.train_epoch(train_loader, state, plan)
+            state.epoch = state.step // plan.steps_per_epoch
+            epoch_done = state.step % plan.steps_per_epoch == 0 or state.step >= plan.total
+            due = epoch_done and (state.epoch % self.cfg.eval_every_epochs == 0 or state.step >= plan.total)
             # a signal leaves at once; stop_at_step at the end of an epoch still evaluates it first
-            if self.cfg.val_manifest and due and stopped != "signal":
+            if self.cfg.val_manifest and due and stopped is not StopReason.SIGNAL:
                 self.evaluate_and_keep_best(self.val_loaders(), state)
             if stopped is not None:
-                self.save(state, reason=f"signal {self.stop.signal_name}" if stopped == "signal" else stopped)
+                reason = f"signal {self.stop.signal_name}" if stopped is StopReason.SIGNAL else stopped.value
+                self.save(state, reason=reason)
         if self.progress is not None:
             self.progress.close()
-        if not stopped:
+        if stopped is None:
             self.finish(state, train_loader)
-        elif _is_rank0():
-            print(f"stopped at step {state['step']} with a checkpoint in {self.ckpt.directory}; "
-                  "continue with --resume", flush=True)
-        return 0
+            return ExitCode.COMPLETED
+        if _is_rank0():
+            print(f"stopped at step {state.step} ({stopped.value}) with a checkpoint in {self.ckpt.directory}; "
+                  f"continue with --resume (exit {int(stopped.exit_code)})", flush=True)
+        return stopped.exit_code
 
     def setup_engine(self) -> None:
         """Model (under zero.Init for ZeRO-3), init checkpoint, AdamW groups, DeepSpeed engine."""
         model = self.build_model()
         self.load_init_checkpoint(model)
-        self.accum = self.ds_config.get("gradient_accumulation_steps", 1)
-        global_batch = self.ds_config["train_micro_batch_size_per_gpu"] * self.accum * self.world
-        optimizer = self.build_optimizer(model, global_batch)
+        optimizer = self.build_optimizer(model)
         self.engine, self.optimizer, _, _ = self.deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
         self.compile_engine()
@@ -360,8 +449,8 @@ class Trainer:
         self.log.write(event="compile", mode=cfg.compile, backend=cfg.compile_backend,
                        compiled=bool(self.engine.is_compiled))
 
-    def plan(self, micro_batches_per_epoch: int) -> tuple[int, int]:
-        """(optimizer steps per epoch, total steps); sets the lr schedule."""
+    def plan(self, micro_batches_per_epoch: int) -> StepPlan:
+        """The run's step counts (and so the lr schedule's) from the micro-batches per epoch."""
         steps_per_epoch = micro_batches_per_epoch // self.accum
         if steps_per_epoch < 1:
             raise ValueError(f"train_manifest: {micro_batches_per_epoch} micro-batches per rank make no "
@@ -370,55 +459,55 @@ class Trainer:
         total = self.cfg.epochs * steps_per_epoch
         if self.cfg.max_steps is not None:
             total = min(total, self.cfg.max_steps)
-        self.schedule = dict(total=total, warmup=round(self.cfg.warmup_epochs * steps_per_epoch))
-        return steps_per_epoch, total
+        return StepPlan(steps_per_epoch=steps_per_epoch, total=total,
+                        warmup=round(self.cfg.warmup_epochs * steps_per_epoch))
 
     def micro_batches_per_epoch(self) -> int:
         """Micro-batches of every rank per epoch, from the manifest alone (before any loader exists)."""
         from dali_pipelines import LastBatchPolicy
         from dali_pipelines.source import batches_per_epoch
 
-        clips = len(self.manifests["train_manifest"])
+        clips = len(self.manifest("train_manifest"))
         micro = self.ds_config["train_micro_batch_size_per_gpu"]
         return batches_per_epoch(clips, self.rank, self.world, micro, LastBatchPolicy.DROP)
 
-    def consumed_micro_batches(self, state: dict, steps_per_epoch: int) -> int:
+    def consumed_micro_batches(self, state: TrainState, plan: StepPlan) -> int:
         """Micro-batches of the current epoch already trained on (non-zero only when resuming mid-epoch)."""
-        return (state["step"] % steps_per_epoch) * self.accum
+        return (state.step % plan.steps_per_epoch) * self.accum
 
-    def train_epoch(self, loader, state: dict, steps_per_epoch: int, total: int) -> str | None:
+    def train_epoch(self, loader, state: TrainState, plan: StepPlan) -> StopReason | None:
         """One pass of ``loader``: a whole epoch, or, resuming mid-epoch, the rest of it (the loader was
         built to start there, so ``i`` counts micro-batches from the epoch's start either way).
 
-        Returns None, or why the run stops here ("signal" or "stop_at_step"; the caller checkpoints).
+        Returns None, or why the run stops here (the caller checkpoints).
         """
         self.engine.train()
         clock, samples = time.time(), 0
-        for i, batch in enumerate(loader, start=self.consumed_micro_batches(state, steps_per_epoch)):
-            if state["step"] >= total:
+        for i, batch in enumerate(loader, start=self.consumed_micro_batches(state, plan)):
+            if state.step >= plan.total:
                 break  # max_steps reached mid-epoch
-            self.lr = lr_at(state["step"], total, self.schedule["warmup"], self.peak_lr, self.min_lr)
+            self.lr = lr_at(state.step, plan.total, plan.warmup, self.peak_lr, self.min_lr)
             self.set_lr(self.optimizer, self.lr)
             if i % self.accum == 0:
                 nonfinite = {}  # this rank's non-finite loss terms within the optimizer step
-            terms = self.train_micro_step(batch, state["step"], i % self.accum)
+            terms = self.train_micro_step(batch, state.step, i % self.accum)
             nonfinite.update({k: v for k, v in terms.items() if not math.isfinite(v)})
             samples += batch["video"].shape[0] * self.world
             if (i + 1) % self.accum:
                 continue
-            state["step"] += 1
+            state.step += 1
             rate = samples / max(time.time() - clock, 1e-9)
-            self.count_skipped_step(state["step"])
-            self.report_step(state, terms, rate, total)
-            if state["step"] % self.cfg.log_every_steps == 0:
+            self.count_skipped_step(state.step)
+            self.report_step(state, terms, rate, plan.total)
+            if state.step % self.cfg.log_every_steps == 0:
                 clock, samples = time.time(), 0
             stop, any_nonfinite = self.agree_flags(self.stop.requested, bool(nonfinite))
-            self.check_finite(state["step"], any_nonfinite, nonfinite)
+            self.check_finite(state.step, any_nonfinite, nonfinite)
             if stop:
-                return "signal"
-            if state["step"] == self.cfg.stop_at_step:
-                return "stop_at_step"
-            if state["step"] % self.cfg.checkpoint_every_steps == 0:
+                return StopReason.SIGNAL
+            if state.step == self.cfg.stop_at_step:
+                return StopReason.STOP_AT_STEP
+            if state.step % self.cfg.checkpoint_every_steps == 0:
                 self.save(state, reason="periodic")
         return None
 
@@ -456,33 +545,33 @@ class Trainer:
             raise RunError(f"stopped at step {step}: non-finite loss for {self.nonfinite_streak} step(s) in a row "
                            f"({where}); nothing was saved or exported after the first of them; {resume}")
 
-    def report_step(self, state: dict, terms: dict[str, float], rate: float, total: int) -> None:
+    def report_step(self, state: TrainState, terms: dict[str, float], rate: float, total: int) -> None:
         lr = self.lr  # the schedule's value; parameter groups scale it by their layer-decay lr_scale
-        if state["step"] % self.cfg.log_every_steps == 0 or state["step"] == total:
+        if state.step % self.cfg.log_every_steps == 0 or state.step == total:
             extra = {"skipped_steps": self.skipped_steps} if self.skipped_steps else {}
-            self.log.write(event="train", step=state["step"], lr=lr, samples_per_s=round(rate, 2), **terms, **extra)
+            self.log.write(event="train", step=state.step, lr=lr, samples_per_s=round(rate, 2), **terms, **extra)
         if self.progress is not None:
             self.progress.set_postfix({**{k: f"{v:.4f}" for k, v in terms.items()}, "lr": f"{lr:.2e}",
                                        "samples/s": f"{rate:.1f}"}, refresh=False)
             self.progress.update(1)
 
-    def finish(self, state: dict, train_loader) -> None:
+    def finish(self, state: TrainState, train_loader) -> None:
         """Final checkpoint, consolidated fp32 export, reconstructions (pre-training), summary."""
         tag = self.save(state, reason="final")
         if tag is None:
-            raise RunError(f"the run ended at step {state['step']} right after a non-finite loss: no final checkpoint, "
+            raise RunError(f"the run ended at step {state.step} right after a non-finite loss: no final checkpoint, "
                            f"no export; the last checkpoint is {self.ckpt.latest_tag()} in {self.ckpt.directory}")
         self.export(tag, self.out / "model_fp32.pt")
         if self.cfg.stage == "pretrain" and self.cfg.reconstruction_png:
             self.write_reconstructions(train_loader)
         if _is_rank0():
-            summary = {"steps": state["step"], "best_metric": state["best_metric"]}
+            summary = {"steps": state.step, "best_metric": state.best_metric}
             print(f"done: {json.dumps(summary)}; weights in {self.out / 'model_fp32.pt'}", flush=True)
         _barrier()
 
     def train_micro_step(self, batch: dict, step: int, micro: int) -> dict[str, float]:
         # one seed per (step, micro-step, rank): identical randomness whether or not the run resumed
-        seed = ((self.cfg.seed * 1_000_003 + step) * 64 + micro) * 4096 + self.rank
+        seed = step_seed(self.cfg.seed, step, micro, self.rank)
         torch.manual_seed(seed)
         engine = self.engine
         if self.cfg.stage == "pretrain":
@@ -548,33 +637,33 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
-    def save(self, state: dict, reason: str) -> str | None:
+    def save(self, state: TrainState, reason: str) -> str | None:
         """Checkpoint the current step (None: not saved, the weights follow a non-finite loss)."""
         if self.nonfinite_streak:
             if _is_rank0():
-                print(f"step {state['step']}: no {reason} checkpoint after a non-finite loss", flush=True)
-            self.log.write(event="checkpoint_refused", step=state["step"], reason=reason)
+                print(f"step {state.step}: no {reason} checkpoint after a non-finite loss", flush=True)
+            self.log.write(event="checkpoint_refused", step=state.step, reason=reason)
             return None
-        tag = self.ckpt.tag_for(state["step"])
+        tag = self.ckpt.tag_for(state.step)
         if tag in self.ckpt.tags() and self.ckpt.problem(tag) is None:
             # this very state is saved already (best and stop at one step; a resumed run with nothing left
             # to do): never overwrite a complete checkpoint
-            self.log.write(event="checkpoint", step=state["step"], tag=tag, reason=reason, saved_before=True)
+            self.log.write(event="checkpoint", step=state.step, tag=tag, reason=reason, saved_before=True)
             return tag
         if not self.weights_finite():
-            raise RunError(f"step {state['step']}: the weights hold NaN/inf (the last update diverged while its loss "
+            raise RunError(f"step {state.step}: the weights hold NaN/inf (the last update diverged while its loss "
                            f"was still finite); no {reason} checkpoint written. The last checkpoint is "
                            f"{self.ckpt.latest_tag()} in {self.ckpt.directory}: fix the cause (lr, data, precision) "
                            "and continue with --resume")
-        tag = self.ckpt.save(self.engine, state["step"], client_state={"train_state": dict(state)},
+        tag = self.ckpt.save(self.engine, state.step, client_state={"train_state": dataclasses.asdict(state)},
                              is_rank0=self.rank == 0, barrier=_barrier, world=self.world)
-        self.log.write(event="checkpoint", step=state["step"], tag=tag, reason=reason)
+        self.log.write(event="checkpoint", step=state.step, tag=tag, reason=reason)
         return tag
 
     def weights_finite(self) -> bool:
         """Whether every rank's parameters (its ZeRO-3 partition, or the full tensors) are finite: one
         reduction and one all-reduce per checkpoint, nothing per step."""
-        local = [getattr(p, "ds_tensor", p).detach() for p in self.engine.module.parameters()]
+        local = [owned_elements(p) for p in self.engine.module.parameters()]
         checks = [torch.isfinite(t).all() for t in local if t.numel()]
         ok = torch.stack(checks).all() if checks else torch.tensor(True)
         flag = ok.float().reshape(1).to(self.device)
@@ -582,7 +671,7 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def load_resume(self, state: dict) -> dict:
+    def load_resume(self, state: TrainState) -> TrainState:
         """Load the newest checkpoint complete on every rank (see CheckpointManager). Newer, unusable
         tags are renamed out of the way, never deleted; none usable among several is a RunError."""
         mine = {tag: self.ckpt.problem(tag, self.world) for tag in self.ckpt.tags()}
@@ -608,10 +697,10 @@ class Trainer:
         path, client = self.engine.load_checkpoint(str(self.ckpt.directory), tag=tag)
         if path is None or not client or "train_state" not in client:
             raise RunError(f"--resume: DeepSpeed could not load {self.ckpt.directory / tag}")
-        restored = dict(client["train_state"])
+        restored = TrainState.from_checkpoint(client["train_state"])
         if _is_rank0():
-            print(f"resumed from {tag} (step {restored['step']})", flush=True)
-        self.log.write(event="resume", tag=tag, step=restored["step"], skipped=skipped)
+            print(f"resumed from {tag} (step {restored.step})", flush=True)
+        self.log.write(event="resume", tag=tag, step=restored.step, skipped=skipped)
         return restored
 
     def export(self, tag: str, path: Path) -> None:
@@ -655,7 +744,7 @@ class Trainer:
         self.engine.train()
         return index[order], out[order], lab[order]
 
-    def evaluate_and_keep_best(self, loaders: list, state: dict) -> None:
+    def evaluate_and_keep_best(self, loaders: list, state: TrainState) -> None:
         """Scores of the validation set, one pass per test view; a clip's prediction averages its views
         (softmax probabilities, or regression outputs: :func:`average_views`)."""
         from . import metrics
@@ -667,17 +756,17 @@ class Trainer:
         outputs = average_views([out for _, out, _ in views], self.cfg.regression)
         scores, key = metrics.evaluation_scores(labels if self.cfg.regression else labels.long(), outputs,
                                                 self.cfg.regression)
-        self.log.write(event="eval", step=state["step"], epoch=state["epoch"], samples=len(labels),
+        self.log.write(event="eval", step=state.step, epoch=state.epoch, samples=len(labels),
                        views=len(views), **scores)
         if _is_rank0():
-            print(f"eval epoch {state['epoch']}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-        if state["best_metric"] is None or scores[key] > state["best_metric"]:
-            state["best_metric"] = scores[key]
+            print(f"eval epoch {state.epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        if improves(scores[key], state.best_metric):
+            state.best_metric = scores[key]
             tag = self.save(state, reason="best")
             if tag is not None:
                 self.export(tag, self.out / "best_fp32.pt")
             if _is_rank0():
-                best = {"best": scores, "step": state["step"], "epoch": state["epoch"]}
+                best = {"best": scores, "step": state.step, "epoch": state.epoch}
                 atomic_write_text(self.out / "metrics.json", json.dumps(best, indent=2))
 
     # --- pictures -------------------------------------------------------------------------------------

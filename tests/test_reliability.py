@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from avfmae.trainer import TrainState
 from avfmae.training import CheckpointManager, OutputLock, RunError, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -524,7 +525,7 @@ def test_no_checkpoint_is_written_right_after_a_non_finite_loss(tmp_path):
     trainer = bookkeeping(tmp_path)
     trainer.rank = 0
     trainer.check_finite(5, True, {"loss": float("nan")})
-    assert trainer.save({"step": 5}, reason="periodic") is None  # the engine is never asked
+    assert trainer.save(TrainState(step=5), reason="periodic") is None  # the engine is never asked
     assert logged(tmp_path, "checkpoint_refused") == [{"event": "checkpoint_refused", "step": 5, "reason": "periodic",
                                                        "time": logged(tmp_path, "checkpoint_refused")[0]["time"]}]
     assert trainer.ckpt.tags() == ["step_00000004"]
@@ -559,7 +560,7 @@ def test_weights_that_went_non_finite_are_never_checkpointed(tmp_path):
         module.bias[1] = float("inf")  # an update diverged while the loss that drove it was finite
     assert not trainer.weights_finite()
     with pytest.raises(RunError, match="step 9: the weights hold NaN/inf .* The last checkpoint is step_00000004"):
-        trainer.save({"step": 9}, reason="periodic")
+        trainer.save(TrainState(step=9), reason="periodic")
     assert trainer.ckpt.tags() == ["step_00000004"]
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from avfmae.launch import local_ranks
-from avfmae.training import CheckpointManager
+from avfmae.training import CheckpointManager, ExitCode
 
 from .test_training_deepspeed import DEEPSPEED, ROOT, config, dataset, events  # noqa: F401 (fixture)
 
@@ -46,7 +46,7 @@ def test_resume_skips_a_damaged_checkpoint_and_a_diverging_run_stops_without_sav
     out = tmp_path / "run"
     ckpt = out / "checkpoints"
     first = run(config(dataset, out, stop_at_step=2, checkpoint_every_steps=1, keep_checkpoints=5))
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.returncode == ExitCode.STOPPED_AT_STEP == 4, first.stdout[-3000:] + first.stderr[-3000:]
     assert CheckpointManager(ckpt).tags() == ["step_00000002", "step_00000001"]
     (ckpt / "step_00000002" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()  # one rank's shard lost
     (ckpt / "latest").write_bytes(b"\xff\xfe garbage \x00")
@@ -55,7 +55,7 @@ def test_resume_skips_a_damaged_checkpoint_and_a_diverging_run_stops_without_sav
     # resumed with an lr that makes the loss non-finite: stops at the first bad step, exit 3, saves nothing
     second = run(config(dataset, out, lr=1e30, max_nonfinite_steps=1), "--resume")
     output = second.stdout + second.stderr
-    assert second.returncode == 3, output[-3000:]
+    assert second.returncode == ExitCode.RUN_ERROR == 3, output[-3000:]
     assert "step_00000001 is the newest checkpoint complete on every rank" in output
     assert "skipped step_00000002: file zero_pp_rank_1_mp_rank_00_model_states.pt is missing" in output
     assert "non-finite loss for 1 step(s) in a row" in output and "loss_video=nan" in output
@@ -87,7 +87,7 @@ def test_sigterm_to_the_launcher_wrapper_reaches_every_rank(dataset, tmp_path): 
     assert len(ranks) == 2 and all("train.py" in " ".join(p.cmdline()) for p in ranks)
     proc.send_signal(signal.SIGTERM)  # the one process a scheduler knows: not the process group
     output, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == ExitCode.STOPPED_BY_SIGNAL == 5, output[-3000:]
     saved = events(out, "checkpoint")
     assert saved and saved[-1]["reason"] == "signal SIGTERM", output[-3000:]
     assert (out / "checkpoints" / "latest").read_text() == saved[-1]["tag"]

@@ -1,0 +1,224 @@
+"""The trainer's own bookkeeping (avfmae/trainer.py): per-micro-step seeds, the best-checkpoint rule,
+what run() returns for each way a run ends, and the order its set-up steps need."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from avfmae.stopping import ExitCode, StopReason
+from avfmae.trainer import Trainer, TrainState, improves, step_seed
+from avfmae.training import JsonlLog
+
+from .test_training_deepspeed import DEEPSPEED, ROOT, config, dataset, events, wait_until  # noqa: F401 (fixture)
+
+
+def old_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The packed integer the trainer used before step_seed (kept here to show its collisions)."""
+    return ((seed * 1_000_003 + step) * 64 + micro) * 4096 + rank
+
+
+# --- seeds --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("a, b", [
+    ((0, 1, 0, 0), (0, 0, 64, 0)),       # 64 accumulation steps: micro 64 of step 0 is micro 0 of step 1
+    ((0, 0, 1, 0), (0, 0, 0, 4096)),     # 4096 ranks: rank 4096 of micro 0 is rank 0 of micro 1
+    ((1, 0, 0, 0), (0, 1_000_003, 0, 0)),  # the seed's multiplier: seed 1 step 0 is seed 0 step 1000003
+])
+def test_step_seeds_differ_where_the_packed_integer_collided(a, b):
+    assert old_seed(*a) == old_seed(*b)  # the collision the old formula had
+    assert step_seed(*a) != step_seed(*b)
+    # and the streams differ, not just the seeds
+    draws = [torch.rand(8, generator=torch.Generator().manual_seed(step_seed(*t))) for t in (a, b)]
+    assert not torch.equal(*draws)
+
+
+def test_step_seeds_are_distinct_over_deep_accumulation_and_many_ranks():
+    keys = [(s, step, micro, rank) for s in (0, 1) for step in (0, 1, 2) for micro in (0, 1, 63, 64, 65, 200)
+            for rank in (0, 1, 4095, 4096, 4097, 10_000)]
+    seeds = [step_seed(*k) for k in keys]
+    assert len(set(seeds)) == len(keys)
+    assert len({old_seed(*k) for k in keys}) < len(keys)  # the old formula did collide on this grid
+    assert all(0 <= s < 2**64 for s in seeds)  # what torch.manual_seed and Generator.manual_seed accept
+
+
+def test_a_step_seed_depends_on_its_arguments_only():
+    # a resumed run (another process) must draw what the uninterrupted one drew
+    code = "from avfmae.trainer import step_seed; print(step_seed(7, 123, 3, 5))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert int(out.stdout) == step_seed(7, 123, 3, 5)
+    torch.manual_seed(step_seed(7, 123, 3, 5))  # accepted as a torch seed
+
+
+# --- the best checkpoint ----------------------------------------------------------------------------------
+
+
+def test_improves_treats_nan_as_never_best():
+    nan = float("nan")
+    assert improves(0.5, None) and improves(0.5, nan)  # a NaN best is replaced by the next finite score
+    assert not improves(nan, None) and not improves(nan, 0.5) and not improves(nan, nan)
+    assert improves(0.6, 0.5) and not improves(0.5, 0.5) and not improves(0.4, 0.5)
+
+
+def test_the_best_checkpoint_follows_a_finite_score_after_a_nan_one(tmp_path, monkeypatch):
+    """evaluate_and_keep_best with a NaN then finite scores: the finite ones are saved and exported
+    (a bare ``score > best`` stays False forever once best is NaN)."""
+    import avfmae.metrics as metrics
+
+    scores = iter([float("nan"), 0.25, 0.125, 0.5])
+    monkeypatch.setattr(metrics, "evaluation_scores", lambda *a: ({"war": next(scores)}, "war"))
+    trainer = Trainer.__new__(Trainer)  # the evaluation bookkeeping only: no process group, no engine
+    trainer.cfg = SimpleNamespace(regression=False)
+    trainer.rank, trainer.out, trainer.log = 0, tmp_path, JsonlLog(tmp_path / "log.jsonl")
+    view = (torch.arange(4), torch.zeros(4, 3), torch.zeros(4))
+    trainer.predict = lambda loader: view
+    saved, exported = [], []
+    trainer.save = lambda state, reason: saved.append((state.step, reason)) or f"step_{state.step:08d}"
+    trainer.export = lambda tag, path: exported.append((tag, path.name))
+    state = TrainState()
+    for step in (1, 2, 3, 4):
+        state.step, state.epoch = step, step
+        trainer.evaluate_and_keep_best([None], state)
+    assert state.best_metric == 0.5
+    assert saved == [(2, "best"), (4, "best")]
+    assert exported == [("step_00000002", "best_fp32.pt"), ("step_00000004", "best_fp32.pt")]
+    best = json.loads((tmp_path / "metrics.json").read_text())
+    assert best["step"] == 4 and best["best"] == {"war": 0.5}
+
+
+def test_train_state_round_trips_through_a_checkpoints_dict():
+    import dataclasses
+
+    state = TrainState(step=7, epoch=2, best_metric=0.5)
+    assert TrainState.from_checkpoint(dataclasses.asdict(state)) == state
+    assert TrainState.from_checkpoint({"step": 3}) == TrainState(step=3)  # keys a checkpoint lacks: defaults
+    assert math.isnan(TrainState.from_checkpoint({"best_metric": float("nan")}).best_metric)
+
+
+# --- set-up order and exit codes ----------------------------------------------------------------------------
+
+
+def test_steps_that_need_an_earlier_one_name_it():
+    trainer = Trainer.__new__(Trainer)
+    with pytest.raises(RuntimeError, match=r"setup_engine\(\) first"):
+        _ = trainer.engine
+    with pytest.raises(RuntimeError, match=r"build_model\(\)"):
+        _ = trainer.model_config
+    trainer.manifests = None
+    with pytest.raises(RuntimeError, match=r"read_manifests\(\) first"):
+        trainer.manifest("val_manifest")
+    trainer.manifests = {"train_manifest": object()}
+    with pytest.raises(ValueError, match="avfmae.val_manifest: not set"):
+        trainer.manifest("val_manifest")
+
+
+def test_every_way_a_run_ends_has_its_own_exit_code():
+    codes = [ExitCode.COMPLETED, ExitCode.CONFIG_ERROR, ExitCode.RUN_ERROR,
+             *(reason.exit_code for reason in StopReason)]
+    assert len(set(codes)) == len(codes) == len(ExitCode)
+    assert ExitCode.COMPLETED == 0 and all(c != 0 and c != 1 for c in codes[1:])  # 1: Python's uncaught exception
+    assert StopReason.SIGNAL.exit_code == 5 and StopReason.STOP_AT_STEP.exit_code == 4  # README's table
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process(cfg: Path) -> subprocess.Popen:
+    """train.py as one rank without the launcher (the cheapest real run: no second process)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEEPSPEED.exists(), reason="needs the `train` extra (deepspeed)")
+@pytest.mark.parametrize("ending", ["completed", "stop_at_step", "signal"])
+def test_run_returns_the_exit_code_of_how_it_ended(dataset, tmp_path, ending):  # noqa: F811
+    out = tmp_path / ending
+    settings = {"completed": dict(max_steps=1), "stop_at_step": dict(stop_at_step=1),
+                "signal": dict(epochs=50)}[ending]
+    cfg = config(dataset, out, reconstruction_png=False, ds={"zero_optimization": {"stage": 0}}, **settings)
+    proc = _single_process(cfg)
+    if ending == "signal":
+        wait_until(lambda: (out / "log.jsonl").exists() and events(out, "train"), proc, 240, "first train record")
+        proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    expected = {"completed": ExitCode.COMPLETED, "stop_at_step": ExitCode.STOPPED_AT_STEP,
+                "signal": ExitCode.STOPPED_BY_SIGNAL}[ending]
+    assert proc.returncode == expected, output[-3000:]
+    saved = events(out, "checkpoint")
+    reason = {"completed": "final", "stop_at_step": "stop_at_step", "signal": "signal SIGTERM"}[ending]
+    assert saved and saved[-1]["reason"] == reason, output[-3000:]
+    assert (out / "model_fp32.pt").exists() == (ending == "completed")
+
+
+# --- drop-path: build_model owns the default ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage, task, kwargs", [
+    ("pretrain", "pretrain", {}),
+    ("finetune", "finetune", {"num_outputs": 4}),
+    ("postpretrain", "finetune", {"num_outputs": 4}),
+])
+def test_the_trainers_model_gets_build_models_drop_path_default(tmp_path, stage, task, kwargs):
+    import contextlib
+
+    import avfmae
+    from avfmae.training import load_config
+
+    (tmp_path / "train.csv").write_text("video,audio,label\n")
+    section = {"size": "tiny", "stage": stage, "train_manifest": "train.csv", "output_dir": "out"}
+    if stage != "pretrain":
+        section["num_outputs"] = 4
+    (tmp_path / "cfg.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "avfmae": section}))
+    ds_config, cfg = load_config(tmp_path / "cfg.json")
+    assert cfg.drop_path is None  # the config leaves it to the model
+    trainer = Trainer.__new__(Trainer)  # build_model only: no process group, so zero.Init (off at stage 0) stubbed
+    zero = SimpleNamespace(Init=lambda config_dict_or_path, enabled: contextlib.nullcontext())
+    trainer.cfg, trainer.ds_config, trainer.deepspeed = cfg, ds_config, SimpleNamespace(zero=zero)
+    built = trainer.build_model()
+    reference = avfmae.build_model("tiny", task, **kwargs).cfg.drop_path
+    assert built.cfg.drop_path == reference == (0.1 if task == "finetune" else 0.0)
+    # a value in the config still wins
+    _, set_cfg = load_config(tmp_path / "cfg.json", ["drop_path=0.2"])
+    trainer.cfg = set_cfg
+    assert trainer.build_model().cfg.drop_path == 0.2
+
+
+# --- the weights check under ZeRO-3 -------------------------------------------------------------------------
+
+
+def test_the_weights_check_reads_a_zero3_partition_without_its_padding(tmp_path):
+    """A ZeRO-3 partition is allocated with torch.empty and only the parameter's elements are copied in:
+    NaN garbage in the padding must not stop a healthy run (it did, at random, in the launcher tests);
+    a NaN among the real elements still does."""
+    from avfmae.trainer import owned_elements
+
+    module = torch.nn.Linear(3, 2)  # weight: 6 elements, bias: 2
+    for param in module.parameters():
+        with torch.no_grad():
+            partition = torch.full((8,), float("nan"))  # one rank, partition of 8: the tail is padding
+            partition[: param.numel()] = param.reshape(-1)
+        param.ds_tensor, param.ds_numel = partition, param.numel()
+    assert torch.equal(owned_elements(module.weight), module.weight.detach().reshape(-1))
+    trainer = Trainer.__new__(Trainer)
+    trainer.device, trainer.engine = torch.device("cpu"), SimpleNamespace(module=module)
+    assert trainer.weights_finite()
+    module.bias.ds_tensor[1] = float("inf")  # a real element of the partition diverged
+    assert not trainer.weights_finite()
+    plain = torch.nn.Linear(3, 2)  # no ZeRO-3: the whole tensor
+    assert torch.equal(owned_elements(plain.weight), plain.weight.detach())
