@@ -18,19 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import FUSIONS, LGI_LAYERS
+from .config import CONFIGS, FUSIONS, LGI_LAYERS, ModelConfig
 
 STAGES = ("pretrain", "postpretrain", "finetune")
 PATH_KEYS = ("train_manifest", "val_manifest", "init_checkpoint", "output_dir")
-SIZES = ("tiny", "base", "large", "huge")
+SIZES = tuple(CONFIGS)  # the model registry owns the size names
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 @dataclass(frozen=True)
 class MaskConfig:
-    video_ratio: float = 0.9
-    audio_ratio: float = 0.8125
-    video_decoder_ratio: float = 0.5
-    audio_decoder_ratio: float = 0.5
+    """The config's ``mask`` section; its defaults are ModelConfig's (their one owner)."""
+
+    video_ratio: float = _MODEL_DEFAULTS["video_mask_ratio"]
+    audio_ratio: float = _MODEL_DEFAULTS["audio_mask_ratio"]
+    video_decoder_ratio: float = _MODEL_DEFAULTS["video_decoder_mask_ratio"]
+    audio_decoder_ratio: float = _MODEL_DEFAULTS["audio_decoder_mask_ratio"]
 
 
 @dataclass(frozen=True)

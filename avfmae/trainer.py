@@ -427,6 +427,9 @@ class Trainer:
         if _is_rank0():
             print(f"stopped at step {state.step} ({stopped.value}) with a checkpoint in {self.ckpt.directory}; "
                   f"continue with --resume (exit {int(stopped.exit_code)})", flush=True)
+        # The launcher kills the other ranks as soon as one exits non-zero: nobody leaves before every
+        # rank is past its last write (rank 0's `latest`, the log line).
+        _barrier()
         return stopped.exit_code
 
     def setup_engine(self) -> None:

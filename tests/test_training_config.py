@@ -263,3 +263,18 @@ def test_latest_pointing_at_a_missing_tag_is_ignored(tmp_path):
     assert (tmp_path / "latest").read_text() == "step_00000009"
     assert CheckpointManager(tmp_path).latest_tag() is None
     assert not list(tmp_path.glob(".latest.tmp*"))
+
+
+def test_a_config_without_a_mask_section_trains_the_papers_mask_ratios(tmp_path):
+    from avfmae import build_model
+    from avfmae.trainer import model_arguments
+
+    _, train = load_config(write_config(tmp_path))
+    task, kwargs = model_arguments(train)
+    cfg = build_model("tiny", task, **kwargs).cfg
+    # Paper §3.1-3.2 / DESIGN.md: encoder masks 90% of the video tubes and 13 of 16 audio patches per
+    # region (the paper's 80%, rounded to whole patches); the decoder masks keep half of the tokens.
+    assert (cfg.video_mask_ratio, cfg.audio_mask_ratio) == (0.9, 0.8125)
+    assert (cfg.video_decoder_mask_ratio, cfg.audio_decoder_mask_ratio) == (0.5, 0.5)
+    _, custom = load_config(write_config(tmp_path, mask={"video_ratio": 0.8}))
+    assert build_model("tiny", task, **model_arguments(custom)[1]).cfg.video_mask_ratio == 0.8
