@@ -160,6 +160,7 @@ def test_cli_reads_the_newest_json_and_rejects_bad_input(tmp_path, monkeypatch, 
     assert not (tmp_path / "rejected").exists()
 
 
+@pytest.mark.slow
 def test_real_step_benchmark_run_through_the_report(tmp_path):
     """Two tiny step cases and the (skipped) HiCMAE peer, run by pytest-benchmark, then the report."""
     ids = ["tiny-avfmae", "tiny-hicmae", "tiny-hicmae-official"]
@@ -191,6 +192,7 @@ def test_real_step_benchmark_run_through_the_report(tmp_path):
     assert png is not None and "tiny-hicmae-official" in md_path.read_text()
 
 
+@pytest.mark.slow
 def test_plain_benchmark_run_writes_its_own_report(tmp_path):
     """`pytest benchmarks --benchmark-only` with no --benchmark-json still leaves JSON and report behind."""
     env = dict(os.environ, BENCH_REPORT_DIR=str(tmp_path))

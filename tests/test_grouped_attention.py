@@ -155,6 +155,7 @@ def test_looped_tilings(monkeypatch, tile, Lq, Lk):
 
 # no shrinking: every example runs the interpreter, and shrinking a failure took minutes; the failing
 # example is still reported (and replayed first on the next run)
+@pytest.mark.slow
 @settings(phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(B=st.integers(1, 2), G=st.integers(1, 3), Lq=st.integers(1, 80), Lk=st.integers(1, 80),
        H=st.integers(1, 2), D=st.sampled_from(SUPPORTED_HEAD_DIMS), scale=st.none() | st.floats(0.05, 2.0))
@@ -292,7 +293,7 @@ def _check_nan_contract(got, want, own, packs_leak):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("where", ["q", "k", "v", "grad_out"])
-@pytest.mark.parametrize("L", [5, 70], ids=["packed", "looped"])
+@pytest.mark.parametrize("L", [pytest.param(5, id="packed"), pytest.param(70, id="looped", marks=pytest.mark.slow)])
 def test_nan_gives_the_maths_nan_pattern(backend, where, L):
     """A NaN in one entry of one (b, g, h) group: output and gradients are NaN where the formula's are
     (float64 ground truth) and equal to it elsewhere. torch's CPU kernel returned 0 for a NaN query row,
@@ -313,7 +314,7 @@ def test_nan_gives_the_maths_nan_pattern(backend, where, L):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("L", [5, 70], ids=["packed", "looped"])
+@pytest.mark.parametrize("L", [pytest.param(5, id="packed"), pytest.param(70, id="looped", marks=pytest.mark.slow)])
 def test_infinity_makes_its_group_non_finite(backend, L):
     """An infinite entry leaves its own group non-finite somewhere and, outside the pack, every other group
     as it was without it (whether it shows as inf or NaN inside is the arithmetic's business)."""

@@ -225,6 +225,7 @@ def test_frame_difference_target_option():
     assert not torch.isclose(out["loss_video"], plain_err[valid].mean()), "the option changes the video target"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not INTERPRETED, reason="compares the interpreter with the reference on CPU")
 def test_triton_and_reference_backends_agree_on_tiny_model():
     torch.manual_seed(0)
