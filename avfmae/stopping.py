@@ -35,9 +35,6 @@ class RunError(RuntimeError):
     to do. ``train.py`` prints it and exits with :attr:`ExitCode.RUN_ERROR`."""
 
 
-RUN_ERROR_EXIT = ExitCode.RUN_ERROR  # the name train.py used before ExitCode
-
-
 class StopFlag:
     """Set by SIGTERM/SIGINT so the loop can checkpoint and leave instead of dying mid-step."""
 

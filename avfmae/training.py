@@ -18,7 +18,7 @@ from .eval_views import average_views, eval_views
 from .output_lock import OutputLock
 from .runlog import JsonlLog
 from .schedule import lr_at, scaled_lrs
-from .stopping import RUN_ERROR_EXIT, ExitCode, RunError, StopFlag, StopReason
+from .stopping import ExitCode, RunError, StopFlag, StopReason
 from .train_config import (
     COMPILE_BACKENDS,
     COMPILE_MODES,
@@ -39,7 +39,7 @@ from .train_config import (
 
 __all__ = [
     "TAG_PATTERN", "CheckpointManager", "atomic_write_text", "average_views", "eval_views", "OutputLock",
-    "JsonlLog", "lr_at", "scaled_lrs", "RUN_ERROR_EXIT", "ExitCode", "RunError", "StopFlag", "StopReason",
+    "JsonlLog", "lr_at", "scaled_lrs", "ExitCode", "RunError", "StopFlag", "StopReason",
     "COMPILE_BACKENDS",
     "COMPILE_MODES", "DS_ZERO_FLAGS", "DS_ZERO_SIZES", "PATH_KEYS", "SIZES", "STAGES", "ConfigError", "MaskConfig",
     "TrainConfig", "apply_overrides", "load_config", "mixing", "parse_train_config", "validate_deepspeed",

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -17,7 +16,14 @@ import torch
 from avfmae.launch import local_ranks
 from avfmae.training import CheckpointManager, ExitCode
 
-from .test_training_deepspeed import DEEPSPEED, ROOT, config, dataset, events  # noqa: F401 (fixture)
+from .test_training_deepspeed import (  # noqa: F401 (fixture)
+    DEEPSPEED,
+    ROOT,
+    config,
+    dataset,
+    events,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -78,10 +84,7 @@ def test_sigterm_to_the_launcher_wrapper_reaches_every_rank(dataset, tmp_path): 
     cmd = [sys.executable, "-m", "avfmae.launch", "--num_gpus", "2", "--master_port", str(next(_port)),
            str(ROOT / "train.py"), "--config", str(cfg)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and (not (out / "log.jsonl").exists() or not events(out, "train")):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.5)
+    wait_until(lambda: (out / "log.jsonl").exists() and events(out, "train"), proc, 240, "first train record")
     (runner,) = psutil.Process(proc.pid).children()
     ranks = local_ranks(runner.pid)
     assert len(ranks) == 2 and all("train.py" in " ".join(p.cmdline()) for p in ranks)
