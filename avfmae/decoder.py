@@ -49,11 +49,17 @@ class Decoder(Checkpointed, nn.Module):
         if len(skips) != len(self.blocks) - 1:
             raise ValueError(f"skips must hold {len(self.blocks) - 1} feature maps (decoder depth - 1), "
                              f"got {len(skips)}")
-        proj = self.encoder_to_decoder(enc)                                   # [B, Me, D]
+        if any(f.shape != enc.shape for f in skips):
+            raise ValueError(f"skips must match enc's shape {tuple(enc.shape)} (same tokens, same order), "
+                             f"got {[tuple(f.shape) for f in skips]}")
+        # one projection for the encoder tokens and every skip map: same weight, same token count, so
+        # the maps ride as one sequence (one matmul forward, two backward, whatever the depth)
+        proj, *projected_skips = self.encoder_to_decoder(torch.cat([enc, *skips], dim=1)).split(
+            enc.shape[1], dim=1)                                              # [B, Me, D] each
         pos = self.pos.to(proj.dtype)
         x = assemble_decoder_tokens(proj, self.mask_token(proj.dtype), pos, enc_idx, dec_idx)
         skip_pos = gather_tokens(pos.expand(proj.shape[0], -1, -1), enc_idx)  # [B, Me, D]
-        contexts = [self.encoder_to_decoder(f) + skip_pos for f in skips]
+        contexts = [f + skip_pos for f in projected_skips]
         for j, block in enumerate(self.blocks):
             x = self.run(block, x) if j == 0 else self.run(block, x, contexts[-j])  # [B, Me+Md, D]
         return self.head(self.norm(x[:, -dec_idx.shape[1]:]))

@@ -69,6 +69,21 @@ class _AttentionBlock(nn.Module):
         return x + dp(self.mlp(self.mlp_norm(x)))
 
 
+class GatePair(Linear):
+    """Eq. 9's two channel gates, W_s [F^s, F^c] + b_s and W_c [F^s, F^c] + b_c, as one Linear
+    ``in_dim -> 2 * out_dim`` (rows: the self gate, then the cross gate): both read the same input, so
+    one matmul computes them (one launch forward and two backward instead of two and four). Each half
+    is initialised as its own ``in_dim -> out_dim`` Linear would be (Xavier-uniform over that shape)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__(in_dim, 2 * out_dim)
+
+    def reset_parameters(self) -> None:
+        for half in self.weight.data.chunk(2, dim=0):
+            nn.init.xavier_uniform_(half)
+        nn.init.zeros_(self.bias)
+
+
 class DenseInteraction(nn.Module):
     """One modality's half of a DiER unit (eqs. 9–11)."""
 
@@ -77,8 +92,7 @@ class DenseInteraction(nn.Module):
         super().__init__()
         self.self_block = _AttentionBlock(dim, num_heads, mlp_ratio, qkv_bias, eps, cross=False, drop_path=drop_path)
         self.cross_block = _AttentionBlock(dim, num_heads, mlp_ratio, qkv_bias, eps, cross=True, drop_path=drop_path)
-        self.gate_self = Linear(2 * dim, dim)
-        self.gate_cross = Linear(2 * dim, dim)
+        self.gates = GatePair(2 * dim, dim)
         self.norm = LayerNorm(dim, eps)
 
     def forward(self, f: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -86,7 +100,8 @@ class DenseInteraction(nn.Module):
         f_s = self.self_block(f)                       # eq. 10
         f_c = self.cross_block(f, other)               # eq. 11
         f_sc = torch.cat([f_s, f_c], dim=-1)
-        fused = torch.sigmoid(self.gate_self(f_sc)) * f_s + torch.sigmoid(self.gate_cross(f_sc)) * f_c
+        gate_s, gate_c = torch.sigmoid(self.gates(f_sc)).chunk(2, dim=-1)
+        fused = gate_s * f_s + gate_c * f_c
         return self.norm(fused)                        # eq. 9
 
 
@@ -192,20 +207,23 @@ class HAFE(nn.Module):
         self.audio_mlp_norm = LayerNorm(dim, eps)
         self.audio_mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def _feedback(self, f3: torch.Tensor, av: torch.Tensor, norm_q: nn.Module, mlp_norm: nn.Module,
-                  mlp: nn.Module) -> torch.Tensor:
-        f4 = f3 + self.drop_path(self.feedback_attn(norm_q(f3).unsqueeze(1), av).squeeze(1))   # eq. 16
-        return f4 + self.drop_path(mlp(mlp_norm(f4)))
+    def _feedback(self, f3_v: torch.Tensor, f3_a: torch.Tensor,
+                  f_av: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 16's MHCA for both modalities in one call: the module is shared and its keys/values are
+        F_av for both, and query rows attend independently, so the video and audio queries ride in one
+        sequence (one q/kv/proj projection and one attention instead of two each; F_av's keys and
+        values are computed once). Stochastic depth stays independent per modality."""
+        queries = torch.cat([self.video_norm_q(f3_v), self.audio_norm_q(f3_a)], dim=1).unsqueeze(1)
+        attended = self.feedback_attn(queries, self.feedback_norm_av(f_av).unsqueeze(1)).squeeze(1)
+        fed_v, fed_a = attended.split([f3_v.shape[1], f3_a.shape[1]], dim=1)
+        return f3_v + self.drop_path(fed_v), f3_a + self.drop_path(fed_a)
 
     def forward(self, stacked_v: torch.Tensor, stacked_a: torch.Tensor,
                 f_av: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """stacked_m [B, Lm, N_c, C], f_av [B, Lav, C] -> (F_v^4 [B, Lv, C], F_a^4 [B, La, C])."""
-        av = self.feedback_norm_av(f_av).unsqueeze(1)
-        f4_v = self._feedback(self.video_units(stacked_v), av, self.video_norm_q, self.video_mlp_norm,
-                              self.video_mlp)
-        f4_a = self._feedback(self.audio_units(stacked_a), av, self.audio_norm_q, self.audio_mlp_norm,
-                              self.audio_mlp)
-        return f4_v, f4_a
+        f4_v, f4_a = self._feedback(self.video_units(stacked_v), self.audio_units(stacked_a), f_av)
+        return (f4_v + self.drop_path(self.video_mlp(self.video_mlp_norm(f4_v))),
+                f4_a + self.drop_path(self.audio_mlp(self.audio_mlp_norm(f4_a))))
 
 
 class IAVCL(nn.Module):

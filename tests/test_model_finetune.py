@@ -112,7 +112,7 @@ def test_no_weight_decay_and_layer_ids(classifier):
     assert classifier.layer_id("audio_encoder.region_tokens.weight") == top  # reference: full rate
     assert classifier.layer_id("audio_encoder.layers.1.mlp.fc1.weight") == 2
     assert classifier.layer_id("video_encoder.norm.weight") == top
-    assert classifier.layer_id("fusion.units.0.video.gate_self.weight") == depth + 1
+    assert classifier.layer_id("fusion.units.0.video.gates.weight") == depth + 1
     assert classifier.layer_id("fusion.units.1.audio.cross_block.attn.q_bias") == depth + 2
     assert classifier.layer_id("fusion.refine.in_proj.weight") == top
     assert classifier.layer_id("head.weight") == top

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from avfmae.iavcl import IAVCL, DenseInteraction, EvolutionaryRefinement, UnitAggregation
+from avfmae.iavcl import HAFE, IAVCL, DenseInteraction, EvolutionaryRefinement, GatePair, UnitAggregation
 from tests.test_model_lgi_former import randomise, ref_mha
 
 C, H = 64, 2
@@ -21,12 +21,39 @@ def test_dense_interaction_matches_eq_9_to_11():
     di = randomise(DenseInteraction(C, H), seed=3)
     f, other = torch.randn(2, 8, C), torch.randn(2, 5, C)
     out = di(f, other)
+    (w_s, w_c), (b_s, b_c) = di.gates.weight.chunk(2), di.gates.bias.chunk(2)   # eq. 9's two gates
     for b in range(2):
         f_s = ref_block(di.self_block, f[b])                           # eq. 10
         f_c = ref_block(di.cross_block, f[b], other[b])                # eq. 11: keys from the other modality
         f_sc = torch.cat([f_s, f_c], -1)
-        ref = di.norm(torch.sigmoid(di.gate_self(f_sc)) * f_s + torch.sigmoid(di.gate_cross(f_sc)) * f_c)
+        ref = di.norm(torch.sigmoid(f_sc @ w_s.T + b_s) * f_s + torch.sigmoid(f_sc @ w_c.T + b_c) * f_c)
         torch.testing.assert_close(out[b], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_gate_pair_initialises_each_gate_as_its_own_linear():
+    torch.manual_seed(0)
+    gates = GatePair(2 * 256, 256)
+    bound = math.sqrt(6 / (2 * 256 + 256))          # Xavier-uniform of one 2C -> C gate, not of 2C -> 2C
+    for half in gates.weight.detach().chunk(2):
+        assert half.abs().max() <= bound and half.abs().max() > 0.95 * bound
+        assert abs(half.var().item() - bound ** 2 / 3) < 0.05 * bound ** 2 / 3
+    assert not gates.bias.any()
+
+
+def test_hafe_feedback_matches_eq_16_per_modality():
+    # both modalities' queries share one MHCA call; each must get what a call of its own would give
+    hafe = randomise(HAFE(C, H), seed=6)
+    stacked_v, stacked_a, f_av = torch.randn(2, 7, 2, C), torch.randn(2, 3, 2, C), torch.randn(2, 4, C)
+    f4_v, f4_a = hafe(stacked_v, stacked_a, f_av)
+    av = hafe.feedback_norm_av(f_av)
+    for f4, units, norm_q, mlp_norm, mlp in ((f4_v, hafe.video_units(stacked_v), hafe.video_norm_q,
+                                              hafe.video_mlp_norm, hafe.video_mlp),
+                                             (f4_a, hafe.audio_units(stacked_a), hafe.audio_norm_q,
+                                              hafe.audio_mlp_norm, hafe.audio_mlp)):
+        for b in range(2):
+            ref = units[b] + ref_mha(hafe.feedback_attn, norm_q(units[b]), av[b])     # eq. 16
+            ref = ref + mlp(mlp_norm(ref))
+            torch.testing.assert_close(f4[b], ref, atol=1e-4, rtol=1e-4)
 
 
 def test_er_layer_matches_eqs_12_13():
