@@ -84,6 +84,21 @@ class GatePair(Linear):
         nn.init.zeros_(self.bias)
 
 
+_SPLIT_GATES = ("gate_self.", "gate_cross.")  # their names in checkpoints written before GatePair
+
+
+def merge_split_gates(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with every DiER unit's ``gate_self.*`` / ``gate_cross.*`` pair (checkpoints written
+    before :class:`GatePair`) stacked into ``gates.*``, self gate first; other entries unchanged."""
+    merged = dict(state)
+    for key in state:
+        prefix, sep, param = key.rpartition(_SPLIT_GATES[0])
+        pair = [f"{prefix}{name}{param}" for name in _SPLIT_GATES]
+        if sep and all(k in merged for k in pair):
+            merged[f"{prefix}gates.{param}"] = torch.cat([merged.pop(k) for k in pair])
+    return merged
+
+
 class DenseInteraction(nn.Module):
     """One modality's half of a DiER unit (eqs. 9–11)."""
 

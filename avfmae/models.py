@@ -31,7 +31,7 @@ from .config import ModelConfig, get_config
 from .decoder import Decoder
 from .embed import patchify_audio, patchify_video
 from .hicmae import HiCMAEFusion, ViTEncoder
-from .iavcl import IAVCL
+from .iavcl import IAVCL, merge_split_gates
 from .layers import LayerNorm, LearnedTokens
 from .lgi_former import EncoderOutput, LGIEncoder
 from .losses import hcmcl_loss, reconstruction_loss
@@ -404,11 +404,12 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
 
 
 def unwrapped_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """A checkpoint's state dict unwrapped from ``{"model"|"module"|"state_dict": ...}``, ``module.`` dropped."""
+    """A checkpoint's state dict unwrapped from ``{"model"|"module"|"state_dict": ...}``, ``module.`` dropped,
+    DiER gates written as two Linears (older checkpoints) merged into today's ``gates``."""
     for wrapper in ("model", "module", "state_dict"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
             state_dict = state_dict[wrapper]
-    return {str(k).removeprefix("module."): v for k, v in state_dict.items()}
+    return merge_split_gates({str(k).removeprefix("module."): v for k, v in state_dict.items()})
 
 
 def pretrained_encoder_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -82,14 +82,39 @@ NO_KERNEL_OPS = frozenset(f"aten::{name}" for name in (
 ))
 
 
+# what runs a matmul (GEMM) or a convolution: on CPU the aten op or inductor's extern call; on CUDA the
+# BLAS/cuDNN kernel, or a GEMM template inductor generated (``triton_tem_*``) — one per matmul the math
+# needs, whatever surrounds it
+MATMUL_OPS = frozenset(f"aten::{name}" for name in (
+    "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "_scaled_mm", "convolution",
+    "_convolution", "convolution_backward", "mkldnn_convolution",
+))
+CUDA_MATMUL_MARKERS = ("gemm", "gemv", "cutlass", "xmma", "cublas", "splitkreduce", "conv", "triton_tem_")
+
+
+@dataclass(frozen=True)
+class LaunchCounts:
+    """Kernels one call launches, and the matmuls/convolutions among them."""
+
+    total: int
+    matmuls: int
+
+
 def count_launches(step: Callable[[], object]) -> int:
-    """Kernels one call of ``step`` launches, read from the profiler.
+    """Kernels one call of ``step`` launches, read from the profiler (see :func:`count_launch_kinds`)."""
+    return count_launch_kinds(step).total
+
+
+def count_launch_kinds(step: Callable[[], object]) -> LaunchCounts:
+    """Kernels one call of ``step`` launches, and how many of them are matmuls, read from the profiler.
 
     On CUDA: every device kernel. On CPU: the outermost aten ops (what eager code dispatches) that run
     a kernel (views and empty buffers do not count), and inside a compiled graph each kernel inductor
     generated and each extern call it makes (matmuls, custom ops) — with
     ``torch._inductor.config.cpp.enable_kernel_profile`` set before compiling, so generated CPU kernels
-    show up as profiler events.
+    show up as profiler events. Matmuls are counted apart because fusion cannot remove them: inductor
+    (or any compiler) merges elementwise work into its neighbours, but every weight matrix still costs
+    one GEMM forward and up to two backward.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -100,8 +125,12 @@ def count_launches(step: Callable[[], object]) -> int:
         step()
     events = prof.events()
     if cuda:
-        return sum(1 for e in events if e.device_type == DeviceType.CUDA)
-    return sum(1 for e in events if e.device_type == DeviceType.CPU and _is_launch(e))
+        names = [e.name for e in events if e.device_type == DeviceType.CUDA]
+        matmuls = sum(1 for n in names if any(m in n.lower() for m in CUDA_MATMUL_MARKERS))
+    else:
+        names = [e.name for e in events if e.device_type == DeviceType.CPU and _is_launch(e)]
+        matmuls = sum(1 for n in names if n in MATMUL_OPS)
+    return LaunchCounts(len(names), matmuls)
 
 
 def _is_launch(event) -> bool:

@@ -76,6 +76,27 @@ def test_video_only_and_regression_heads():
     torch.testing.assert_close(reg.compute_loss(out, target), torch.nn.functional.mse_loss(out, target))
 
 
+def test_checkpoints_with_the_gates_as_two_linears_still_load():
+    # written before DiER's gates became one GatePair: gate_self.* and gate_cross.* per unit and modality
+    torch.manual_seed(0)
+    pre = avfmae.build_model("tiny", "pretrain")
+    old = {}
+    for k, v in pre.state_dict().items():
+        prefix, sep, param = k.rpartition("gates.")
+        if sep:
+            old[f"{prefix}gate_self.{param}"], old[f"{prefix}gate_cross.{param}"] = v.chunk(2)
+        else:
+            old[k] = v
+    assert sum(".gate_self." in k for k in old) == 2 * 2 * 2      # weight + bias, 2 units, 2 modalities
+    ft = avfmae.build_model("tiny", "finetune", num_outputs=4)
+    missing, unexpected = ft.load_pretrained_encoders({"model": old})
+    assert unexpected == [] and not any("gate" in k for k in missing)
+    own = ft.state_dict()
+    for k, v in pre.state_dict().items():
+        if k.startswith("fusion."):
+            assert torch.equal(own[k], v), k
+
+
 def test_load_pretrained_encoders_from_pretraining_checkpoint():
     torch.manual_seed(0)
     pre = avfmae.build_model("tiny", "pretrain")

@@ -140,7 +140,7 @@ def test_layer_decay_scales_at_base_match_the_reference():
         "audio_encoder.layers.0.mlp.fc1.weight": 12,
         "video_encoder.layers.9.r2l_attn.proj.weight": 3,
         "fusion.units.0.video.self_block.attn.qkv_weight": 2,
-        "fusion.units.1.audio.gate_cross.weight": 1,
+        "fusion.units.1.audio.gates.weight": 1,
         "video_encoder.region_tokens.weight": 0,
         "audio_encoder.norm.weight": 0,
         "fusion.refine.in_proj.weight": 0,
