@@ -9,6 +9,7 @@ size), so per-colour-channel normalisation is a normalisation over 3 contiguous 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from mae_kernels import gather_tokens
 from mae_kernels.masked_mse_loss import denormalise_patches
@@ -18,45 +19,76 @@ VIDEO_PATCH_LAYOUT = "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)"
 AUDIO_PATCH_LAYOUT = "b c (h ph) (w pw) -> b (h w) (c ph pw)"
 
 
-class _PatchConv3d(nn.Conv3d):
+class _PatchProjection:
+    """A conv with kernel = stride is a Linear over each flattened patch, (c k...) order. Called on the
+    image/video it runs the conv over every patch; called on gathered patches ``[B, M, P]`` (laid out
+    by :func:`patchify_video` / :func:`patchify_audio`) it runs the same weights as that Linear, so an
+    encoder embeds only the tokens it keeps. One module either way: ZeRO-3 gathers its weights around
+    both calls."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter
+
     # MAE: initialise the patch projection like a Linear over the flattened patch. Done in
     # reset_parameters so it runs inside the conv's own __init__ (ZeRO-3 partitions right after).
     def reset_parameters(self) -> None:
         nn.init.xavier_uniform_(self.weight.view(self.weight.shape[0], -1))
         nn.init.zeros_(self.bias)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            return F.linear(x, self.weight.flatten(1), self.bias)
+        return super().forward(x)  # type: ignore[misc]
 
-class _PatchConv2d(nn.Conv2d):
-    def reset_parameters(self) -> None:
-        nn.init.xavier_uniform_(self.weight.view(self.weight.shape[0], -1))
-        nn.init.zeros_(self.bias)
+
+class _PatchConv3d(_PatchProjection, nn.Conv3d):
+    pass
+
+
+class _PatchConv2d(_PatchProjection, nn.Conv2d):
+    pass
+
+
+def _gather_rows(patches: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    # plain indexing, not gather_tokens: the input needs no gradient, and inductor folds the patch
+    # layout into this gather's loads (the patchified copy of the whole input is never written)
+    return torch.take_along_dim(patches, rows.unsqueeze(-1), dim=1)
 
 
 class CubeEmbed(nn.Module):
     """Video cube embedding: Conv3d with kernel = stride = (tubelet, patch, patch).
 
-    ``[B, 3, T, H, W] -> [B, (T/tubelet)(H/patch)(W/patch), C]`` in raster (t, h, w) order.
+    ``[B, 3, T, H, W] -> [B, (T/tubelet)(H/patch)(W/patch), C]`` in raster (t, h, w) order; with
+    ``rows [B, M]`` (raster positions) only those tokens, in that order: ``embed(v)[b, rows[b]]``
+    without spending a FLOP on the others.
     """
 
     def __init__(self, dim: int, tubelet: int = 2, patch: int = 16, in_chans: int = 3) -> None:
         super().__init__()
+        self.tubelet, self.patch = tubelet, patch
         self.proj = _PatchConv3d(in_chans, dim, (tubelet, patch, patch), stride=(tubelet, patch, patch))
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is not None:
+            return self.proj(_gather_rows(patchify_video(video, self.tubelet, self.patch), rows))
         return rearrange(self.proj(video), "b c t h w -> b (t h w) c")
 
 
 class PatchEmbed(nn.Module):
     """Audio patch embedding: Conv2d with kernel = stride = patch.
 
-    ``[B, 1, T_a, F] -> [B, (T_a/patch)(F/patch), C]`` in raster (time, freq) order.
+    ``[B, 1, T_a, F] -> [B, (T_a/patch)(F/patch), C]`` in raster (time, freq) order; ``rows`` as in
+    :class:`CubeEmbed`.
     """
 
     def __init__(self, dim: int, patch: int = 16, in_chans: int = 1) -> None:
         super().__init__()
+        self.patch = patch
         self.proj = _PatchConv2d(in_chans, dim, patch, stride=patch)
 
-    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+    def forward(self, audio: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is not None:
+            return self.proj(_gather_rows(patchify_audio(audio, self.patch), rows))
         return rearrange(self.proj(audio), "b c h w -> b (h w) c")
 
 

@@ -11,7 +11,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-from mae_kernels import gather_tokens
 from torch import nn
 
 from .config import ModelConfig
@@ -46,10 +45,10 @@ class ViTEncoder(Checkpointed, nn.Module):
     def forward(self, inputs: torch.Tensor, visible: torch.Tensor | None = None,
                 hidden_layers: Sequence[int] = ()) -> EncoderOutput:
         """Encode the ``visible`` tokens [B, M] (all when None), emitted in the order ``visible`` lists."""
-        tokens = self.embed(inputs)                                            # [B, N, C]
-        B, N = tokens.shape[:2]
-        order = visible if visible is not None else torch.arange(N, device=tokens.device).expand(B, -1)
-        x = gather_tokens(tokens, order, self.pos.to(tokens.dtype))            # [B, M, C]
+        B = inputs.shape[0]
+        order = visible if visible is not None else torch.arange(self.num_tokens, device=inputs.device).expand(B, -1)
+        x = self.embed(inputs, order)                                          # [B, M, C]: kept patches only
+        x = x + self.pos.to(x.dtype)[order]
         hidden: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             x = self.run(layer, x)

@@ -24,7 +24,6 @@ from typing import NamedTuple
 
 import torch
 from einops import rearrange
-from mae_kernels import gather_tokens
 from torch import nn
 
 from .config import ModelConfig
@@ -160,10 +159,12 @@ class LGIEncoder(Checkpointed, nn.Module):
         visible: optional [B, M] raster positions to keep (region-aware mask, any order); all tokens
             when None. hidden_layers: 0-based layers whose normalised local tokens to return.
         """
-        tokens = self.embed(inputs)                                            # [B, N, C]
-        B = tokens.shape[0]
+        B = inputs.shape[0]
         order = self.emitted_order(visible, B)
-        x = gather_tokens(tokens, order, self.pos.to(tokens.dtype))            # [B, K*Z, C]
+        # only the kept patches are embedded (the masked ones would be dropped right away), and in the
+        # order the layers want them
+        x = self.embed(inputs, order)                                          # [B, K*Z, C]
+        x = x + self.pos.to(x.dtype)[order]
         x = rearrange(x, "b (k z) c -> b k z c", k=self.num_regions)           # [B, K, Z, C]
         s = self.region_tokens(x.dtype).expand(B, -1, -1)                      # [B, K, C]
         hidden: dict[int, torch.Tensor] = {}

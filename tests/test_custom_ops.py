@@ -84,6 +84,6 @@ def test_export_encoder_keeps_the_custom_ops():
 
     exported = torch.export.export(Encode(), (video, visible))
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    assert {"mae_kernels.gather_tokens.default", "mae_kernels.grouped_attention.default"} <= targets
+    assert "mae_kernels.grouped_attention.default" in targets
     other = model.sample_masks(2, "cpu", torch.Generator().manual_seed(1)).video_visible
     torch.testing.assert_close(exported.module()(video, other), encoder(video, other).tokens)

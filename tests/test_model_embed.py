@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from mae_kernels.masked_mse_loss import denormalise_patches, normalise_patches
 
@@ -53,6 +54,27 @@ def test_embedding_token_order_matches_patch_order():
         aembed.proj.weight[1] = 1.0
         aembed.proj.bias.zero_()
     torch.testing.assert_close(aembed(audio)[0, :, 1], patchify_audio(audio)[0].sum(-1), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("modality", ["video", "audio"])
+def test_embedding_only_the_kept_rows_equals_embedding_all_then_gathering(modality):
+    # the encoders embed only the tokens they keep: a conv with kernel = stride is a per-patch Linear
+    torch.manual_seed(0)
+    if modality == "video":
+        embed, inputs, n = CubeEmbed(8, tubelet=2, patch=16), torch.randn(2, 3, 4, 32, 48), 12
+    else:
+        embed, inputs, n = PatchEmbed(8, patch=16), torch.randn(2, 1, 64, 32), 8
+    rows = torch.stack([torch.randperm(n)[:5], torch.randperm(n)[:5]])   # any order, as the encoders ask
+    weight = torch.randn(2, 5, 8)
+    got = embed(inputs, rows)
+    (got * weight).sum().backward()
+    got_grads = [p.grad.clone() for p in embed.parameters()]
+    embed.zero_grad()
+    want = torch.take_along_dim(embed(inputs), rows.unsqueeze(-1), dim=1)
+    (want * weight).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, p in zip(got_grads, embed.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_sinusoid_table_values():
