@@ -35,8 +35,9 @@ counted once outside the timing by FlopCounterMode on the torch reference path w
 backend, so attention is counted on every device), TFLOP/s, samples_per_s, host_syncs and aten_ops
 (forward+backward of the eager model, counted by ``avfmae.op_count``), launches (kernels one step
 launches: CUDA kernels on a GPU; on CPU, for compiled cases, the kernels and extern calls the
-compiled graphs run), compile_s and, on CUDA, peak_mem_gb (max_memory_allocated during the timed
-steps). ``BENCH_STEP_CASES=avfmae,hicmae`` restricts the cases.
+compiled graphs run) and launches_matmul (the GEMMs and convolutions among them), optimizer_ms (the
+AdamW update alone, timed after the step rounds), compile_s and, on CUDA, peak_mem_gb
+(max_memory_allocated during the timed steps). ``BENCH_STEP_CASES=avfmae,hicmae`` restricts the cases.
 """
 
 from __future__ import annotations
@@ -219,7 +220,23 @@ def make_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], backe
         optimizer.zero_grad(set_to_none=True)
         _synchronize()
 
+    step.optimizer = optimizer  # type: ignore[attr-defined]
     return step
+
+
+def optimizer_seconds(step: Callable[[], None], fwd_bwd: Callable[[], None], rounds: int = 3) -> float:
+    """Median time of the AdamW update alone, on the gradients of one forward+backward (what a step
+    spends outside the model: it scales with the parameter count, not with the tokens)."""
+    fwd_bwd()
+    times = []
+    for _ in range(rounds):
+        _synchronize()
+        start = time.perf_counter()
+        step.optimizer.step()  # type: ignore[attr-defined]
+        _synchronize()
+        times.append(time.perf_counter() - start)
+    step.optimizer.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
+    return sorted(times)[len(times) // 2]
 
 
 BACKEND_LABEL = {"auto": "mae_kernels (Triton)", "torch": "torch reference"}
@@ -271,6 +288,7 @@ def test_pretrain_step(benchmark, hicmae_path, size: str, case: str) -> None:
         torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(step, rounds=_rounds(), iterations=1, warmup_rounds=1 if CUDA else 0)
     median = benchmark.stats.stats.median
+    optimizer_s = optimizer_seconds(step, forward_backward(loss_fn, spec.backend))
     info = benchmark.extra_info
     info.update(role=spec.role, model=spec.model, size=size, batch=batch,
                 backend=BACKEND_LABEL[spec.backend] + ("" if CUDA else " (no CUDA)"),
@@ -280,7 +298,7 @@ def test_pretrain_step(benchmark, hicmae_path, size: str, case: str) -> None:
                 device=torch.cuda.get_device_name() if CUDA else "cpu")
     info["TFLOP/s"] = round(flops / median / 1e12, 4)
     info.update(counts)
-    info.update(launches=launches.total, launches_matmul=launches.matmuls)
+    info.update(launches=launches.total, launches_matmul=launches.matmuls, optimizer_ms=round(optimizer_s * 1e3, 1))
     if spec.compile_mode is not None:
         info.update(compile_mode=spec.compile_mode, compile_s=round(compile_s, 1))
     if CUDA:

@@ -72,6 +72,24 @@ def test_step_group_ratios_headline_and_files(tmp_path):
     assert "Paper (Table 4)" in md and "| torch | 2.13.0 |" in md and "0123456789ab on main" in md
 
 
+def test_step_goals_show_time_launch_and_matmul_ratios_and_the_model_alone(tmp_path):
+    group = "pretrain step base B=2"
+    cases = [bench(group, "base-avfmae-compiled", 2.0, "ours", launches=1800, launches_matmul=1000, optimizer_ms=700.0),
+             bench(group, "base-avfmae-table4-compiled", 1.5, "ours", optimizer_ms=600.0),
+             bench(group, "base-hicmae-compiled", 1.6, "reference", launches=900, launches_matmul=500),
+             bench(group, "base-hicmae-official", 1.8, "peer", optimizer_ms=300.0),
+             bench(group, "base-hicmae", 1.9, "baseline")]
+    md = report.write_report(run(cases), tmp_path)[0].read_text()
+    goals = {tuple(line.split(" | ")[1:3]): line for line in md.splitlines()
+             if line.startswith(f"| {group} |") and (" ≥ " in line or " ≤ " in line)}
+    table4 = goals["avfmae-table4-compiled ≥ 1.46x hicmae-official", "1.20x; model alone (step − optimizer) 1.67x"]
+    assert table4.endswith("| no |")                             # 1.8 / 1.5 s; (1.8 - 0.3) / (1.5 - 0.6)
+    assert ("avfmae-compiled ≥ 1.2x hicmae-official", "0.90x; model alone (step − optimizer) 1.15x") in goals
+    assert ("avfmae-compiled launches ≤ 1.3x hicmae-compiled's",
+            "2.00x (1800 / 900); matmuls alone 2.00x (1000 / 500)") in goals
+    assert row(md, "base-avfmae-compiled")[-4:-1] == ["1800", "1000", "700"]   # launches, matmuls, optimizer (ms)
+
+
 def data_case(loader, codec, clips_per_s, clips_per_cpu_s, role):
     return bench(f"data loading {codec}", f"{loader}-{codec}", 32 / clips_per_s, role, loader=loader, codec=codec,
                  decoder=loader.upper(), clips_per_s=clips_per_s, clips_per_cpu_s=clips_per_cpu_s, threads=2)
@@ -180,6 +198,7 @@ def test_real_step_benchmark_run_through_the_report(tmp_path):
         info, median = b["extra_info"], b["stats"]["median"]
         assert info["flops_per_step"] > 1e9 and info["samples_per_s"] == pytest.approx(2 / median, rel=1e-3)
         assert info["TFLOP/s"] == pytest.approx(info["flops_per_step"] / median / 1e12, rel=1e-2, abs=1e-4)
+        assert 0 < info["launches_matmul"] < info["launches"] and 0 < info["optimizer_ms"] < median * 1e3
     # params_M reports the timed model: count the same models' parameters here (meta device: no memory)
     for label, task in (("tiny-avfmae", "pretrain"), ("tiny-hicmae", "hicmae_pretrain")):
         with torch.device("meta"):
