@@ -21,10 +21,10 @@ AUDIO_PATCH_LAYOUT = "b c (h ph) (w pw) -> b (h w) (c ph pw)"
 
 class _PatchProjection:
     """A conv with kernel = stride is a Linear over each flattened patch, (c k...) order. Called on the
-    image/video it runs the conv over every patch; called on gathered patches ``[B, M, P]`` (laid out
-    by :func:`patchify_video` / :func:`patchify_audio`) it runs the same weights as that Linear, so an
-    encoder embeds only the tokens it keeps. One module either way: ZeRO-3 gathers its weights around
-    both calls."""
+    image/video it runs the conv over every patch; called with ``flattened=True`` on gathered patches
+    ``[B, M, P]`` (laid out by :func:`patchify_video` / :func:`patchify_audio`) it runs the same weights
+    as that Linear, so an encoder embeds only the tokens it keeps. One module either way: ZeRO-3 gathers
+    its weights around both calls."""
 
     weight: nn.Parameter
     bias: nn.Parameter
@@ -35,8 +35,8 @@ class _PatchProjection:
         nn.init.xavier_uniform_(self.weight.view(self.weight.shape[0], -1))
         nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
+    def forward(self, x: torch.Tensor, flattened: bool = False) -> torch.Tensor:
+        if flattened:
             return F.linear(x, self.weight.flatten(1), self.bias)
         return super().forward(x)  # type: ignore[misc]
 
@@ -70,7 +70,7 @@ class CubeEmbed(nn.Module):
 
     def forward(self, video: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         if rows is not None:
-            return self.proj(_gather_rows(patchify_video(video, self.tubelet, self.patch), rows))
+            return self.proj(_gather_rows(patchify_video(video, self.tubelet, self.patch), rows), flattened=True)
         return rearrange(self.proj(video), "b c t h w -> b (t h w) c")
 
 
@@ -88,7 +88,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, audio: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         if rows is not None:
-            return self.proj(_gather_rows(patchify_audio(audio, self.patch), rows))
+            return self.proj(_gather_rows(patchify_audio(audio, self.patch), rows), flattened=True)
         return rearrange(self.proj(audio), "b c h w -> b (h w) c")
 
 
