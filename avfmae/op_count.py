@@ -89,7 +89,9 @@ MATMUL_OPS = frozenset(f"aten::{name}" for name in (
     "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "_scaled_mm", "convolution",
     "_convolution", "convolution_backward", "mkldnn_convolution",
 ))
-CUDA_MATMUL_MARKERS = ("gemm", "gemv", "cutlass", "xmma", "cublas", "splitkreduce", "conv", "triton_tem_")
+# (not "conv": inductor names its casts "..._convert_element_type_..."; cuDNN's convolutions are
+# implicit GEMMs and say so; "nvjet": cuBLAS's Hopper kernels)
+CUDA_MATMUL_MARKERS = ("gemm", "gemv", "cutlass", "xmma", "cublas", "cudnn", "nvjet", "splitkreduce", "triton_tem_")
 
 
 @dataclass(frozen=True)
@@ -126,11 +128,17 @@ def count_launch_kinds(step: Callable[[], object]) -> LaunchCounts:
     events = prof.events()
     if cuda:
         names = [e.name for e in events if e.device_type == DeviceType.CUDA]
-        matmuls = sum(1 for n in names if any(m in n.lower() for m in CUDA_MATMUL_MARKERS))
+        matmuls = sum(1 for n in names if is_cuda_matmul_kernel(n))
     else:
         names = [e.name for e in events if e.device_type == DeviceType.CPU and _is_launch(e)]
         matmuls = sum(1 for n in names if n in MATMUL_OPS)
     return LaunchCounts(len(names), matmuls)
+
+
+def is_cuda_matmul_kernel(name: str) -> bool:
+    """Whether a CUDA kernel's name is a GEMM's (cuBLAS, cuDNN, CUTLASS, inductor's GEMM templates)."""
+    lowered = name.lower()
+    return any(marker in lowered for marker in CUDA_MATMUL_MARKERS)
 
 
 def _is_launch(event) -> bool:

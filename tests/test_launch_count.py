@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch._inductor import config as inductor_config
 
-from avfmae.op_count import count_launch_kinds
+from avfmae.op_count import count_launch_kinds, is_cuda_matmul_kernel
 
 # forward: two addmm; backward: dX and dW of the second layer, dW only of the first (x needs no grad)
 MLP_MATMULS = 2 + 3
@@ -38,3 +38,18 @@ def test_compiled_launches_fuse_the_elementwise_work_but_not_the_matmuls(monkeyp
     counts = count_launch_kinds(lambda: compiled(x).square().sum().backward())
     assert counts.matmuls == MLP_MATMULS
     assert 0 < counts.total - counts.matmuls < eager.total - eager.matmuls
+
+
+@pytest.mark.parametrize("name,matmul", [
+    ("ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_tn", True),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off", True),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", True),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_32x6_tn_align8>(Params)", True),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>(Params)", True),
+    ("triton_tem_fused_addmm_gelu_0", True),
+    ("triton_poi_fused__to_copy_convert_element_type_native_layer_norm_0", False),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int, Functor, Array)", False),
+    ("_attn_fwd_kernel", False),
+])
+def test_cuda_kernel_names_are_told_apart(name, matmul):
+    assert is_cuda_matmul_kernel(name) is matmul
