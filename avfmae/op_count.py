@@ -102,11 +102,6 @@ class LaunchCounts:
     matmuls: int
 
 
-def count_launches(step: Callable[[], object]) -> int:
-    """Kernels one call of ``step`` launches, read from the profiler (see :func:`count_launch_kinds`)."""
-    return count_launch_kinds(step).total
-
-
 def count_launch_kinds(step: Callable[[], object]) -> LaunchCounts:
     """Kernels one call of ``step`` launches, and how many of them are matmuls, read from the profiler.
 

@@ -366,10 +366,10 @@ STEP_GOALS = (
 def _model_only_ratio(base: Case | None, case: Case | None) -> float | None:
     """Like :func:`ratio`, with each case's optimizer update (``optimizer_ms``) taken out of its step time:
     AdamW's cost follows the parameter count, which the models' FLOPs and launches do not."""
-    if ratio(base, case) is None:
+    if ratio(base, case) is None or "optimizer_ms" not in base.extra or "optimizer_ms" not in case.extra:  # type: ignore[union-attr]
         return None
-    spent = [c.median - c.extra.get("optimizer_ms", float("nan")) / 1e3 for c in (base, case)]  # type: ignore[union-attr]
-    return spent[0] / spent[1] if all(t > 0 for t in spent) else None
+    spent = [c.median - c.extra["optimizer_ms"] / 1e3 for c in (base, case)]  # type: ignore[union-attr]
+    return spent[0] / spent[1] if min(spent) > 0 else None
 
 
 def step_goals(groups: dict[str, list[Case]]) -> list[str]:
