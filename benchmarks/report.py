@@ -505,7 +505,11 @@ def render_chart(groups: dict[str, list[Case]], path: Path, title: str) -> bool:
     bars = chart_bars(groups)
     if not bars:
         return False
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # optional (run_gpu.sh's image may lack it): the markdown carries every figure
+        print("benchmarks.report: matplotlib is not installed, so no chart is drawn", file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

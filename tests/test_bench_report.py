@@ -72,6 +72,15 @@ def test_step_group_ratios_headline_and_files(tmp_path):
     assert "Paper (Table 4)" in md and "| torch | 2.13.0 |" in md and "0123456789ab on main" in md
 
 
+def test_without_matplotlib_the_markdown_is_written_without_a_chart(tmp_path, monkeypatch):
+    # run_gpu.sh promises matplotlib is optional: a GPU image without it must still get its report
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    md_path, png = report.write_report(run(STEP_CASES), tmp_path, "x.json")
+    md = md_path.read_text()
+    assert png is None and list(tmp_path.glob("*.png")) == [] and "![" not in md
+    assert row(md, "avfmae")[-1] == "2.50x"
+
+
 def test_step_goals_show_time_launch_and_matmul_ratios_and_the_model_alone(tmp_path):
     group = "pretrain step base B=2"
     cases = [bench(group, "base-avfmae-compiled", 2.0, "ours", launches=1800, launches_matmul=1000, optimizer_ms=700.0),
