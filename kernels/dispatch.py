@@ -49,6 +49,36 @@ def _interpreter_requested() -> bool:
 _INTERPRETED_AT_IMPORT = _interpreter_requested()
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def interpreter_numpy_clash(triton_version: str, numpy_version: str) -> bool:
+    """Whether Triton's interpreter breaks on this numpy: before Triton 3.7 it turns a loop bound into
+    a Python int with ``int(one-element array)``, which numpy 2.4 refuses (triton-lang/triton#9171,
+    fixed in 3.7.0), so every kernel with a ``range`` over a runtime value fails."""
+    return _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4)
+
+
+def _interpreter_blocker() -> str | None:
+    """Why the interpreter cannot run here (read once, at import: the ops must not read metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        triton_version, numpy_version = version("triton"), version("numpy")
+    except PackageNotFoundError:
+        return None
+    if not interpreter_numpy_clash(triton_version, numpy_version):
+        return None
+    return (f"Triton {triton_version}'s interpreter cannot run with numpy {numpy_version} (it converts "
+            "one-element arrays to ints, which numpy 2.4 refuses; triton-lang/triton#9171): install "
+            "triton>=3.7 or numpy<2.4, or use mae_kernels.backend('torch') for the reference implementation.")
+
+
+_INTERPRETER_BLOCKER = _interpreter_blocker() if _INTERPRETED_AT_IMPORT else None
+
+
 def interpreter_enabled() -> bool:
     """True when Triton runs its CPU interpreter instead of compiling kernels.
 
@@ -63,6 +93,8 @@ def interpreter_enabled() -> bool:
             "`TRITON_INTERPRET=1 python ...` or os.environ at the top of conftest.py), or use "
             "mae_kernels.backend('torch') for the reference implementation."
         )
+    if requested and _INTERPRETER_BLOCKER:
+        raise RuntimeError(_INTERPRETER_BLOCKER)
     return requested
 
 

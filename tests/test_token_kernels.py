@@ -238,6 +238,29 @@ def test_assemble_errors_name_the_argument():
 # --- dispatch ---------------------------------------------------------------------------------------
 
 
+def test_interpreter_refuses_a_numpy_its_triton_cannot_run_with(monkeypatch):
+    # Triton < 3.7's interpreter turns loop bounds into ints in a way numpy 2.4 refuses: every kernel
+    # would fail deep inside Triton; the dispatcher names the clash instead (triton-lang/triton#9171)
+    import importlib.metadata
+
+    from mae_kernels import dispatch
+
+    clash = dispatch.interpreter_numpy_clash
+    assert clash("3.6.0", "2.4.6") and clash("3.0.0", "2.5.5") and clash("3.6.0+git1234", "2.4.0rc1")
+    assert not clash("3.7.0", "2.5.5") and not clash("3.6.0", "2.2.6") and not clash("3.10.1", "2.4.0")
+    versions = {"triton": "3.6.0", "numpy": "2.4.6"}
+    monkeypatch.setattr(importlib.metadata, "version", versions.__getitem__)
+    message = dispatch._interpreter_blocker()
+    assert "Triton 3.6.0" in message and "numpy 2.4.6" in message and "triton>=3.7 or numpy<2.4" in message
+    monkeypatch.setattr(dispatch, "_INTERPRETER_BLOCKER", message)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("MAE_KERNELS_BACKEND", "auto")
+    with pytest.raises(RuntimeError, match="numpy 2.4 refuses"):
+        dispatch.use_triton(torch.zeros(1))
+    versions["numpy"] = "2.2.6"
+    assert dispatch._interpreter_blocker() is None
+
+
 def test_dispatch_choice(monkeypatch):
     from mae_kernels import dispatch
 
