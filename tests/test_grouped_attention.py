@@ -1,10 +1,13 @@
 """grouped_attention: Triton (interpreter on CPU) against the SDPA reference, values and gradients.
 
 Inputs are laid out as the model hands them over: q, k, v are strided views of one fused projection
-(cross attention: q alone, k and v from a fused kv projection), never copies. fp32 is checked against a
-float64 ground truth; fp16/bf16 with FlashAttention's criterion (error vs an fp32 ground truth at most
-twice PyTorch's own error in that dtype, plus one ulp of the output). bf16 runs on a GPU only: the
-interpreter's tl.dot on bf16 operands returns garbage (it multiplies the raw 16-bit patterns).
+(cross attention: q alone, k and v from a fused kv projection), never copies. Every dtype passes
+FlashAttention's criterion (error vs a wider ground truth at most twice PyTorch's own error in that
+dtype, plus one ulp of the output); fp32 may instead be within 2e-5 of its float64 truth. Each bound
+covers the other's blind spot: where an exact result is 0 (one key: dk = 0) only rounding is left,
+which grows with Lq and the scale and differs between Triton releases; where torch's own error is
+tiny, 2e-5 is the looser one. bf16 runs on a GPU only: the interpreter's tl.dot on bf16 operands
+returns garbage (it multiplies the raw 16-bit patterns).
 """
 
 import importlib
@@ -71,17 +74,17 @@ def check_against_reference(q, k, v, scale=None, seed=1):
     up = [x.detach().to(wide).requires_grad_() for x in (q, k, v)]
     truth = out_and_grads(grouped_attention_reference, *up, g.to(wide), scale)
     names = ("out", "dq", "dk", "dv")
-    if q.dtype == torch.float32:
-        for name, a, b in zip(names, got, truth):
-            assert_close_fp32(a, b, name)
-        return
     same = out_and_grads(grouped_attention_reference, q, k, v, g, scale)
     ulp = torch.finfo(q.dtype).eps
     for name, a, b, c in zip(names, got, truth, same):
         err = (a.float() - b).abs().max().item()
         torch_err = (c.float() - b).abs().max().item()
         bound = 2 * torch_err + ulp * b.abs().max().item()
-        assert err <= bound, f"{name} ({q.dtype}): max error {err:.3g} > {bound:.3g} (torch's {torch_err:.3g})"
+        if err <= bound:  # FlashAttention's criterion, every dtype
+            continue
+        assert q.dtype == torch.float32, \
+            f"{name} ({q.dtype}): max error {err:.3g} > {bound:.3g} (torch's {torch_err:.3g})"
+        assert_close_fp32(a, b, name)
 
 
 # --- every LGI stage shape, every tiling -------------------------------------------------------------
