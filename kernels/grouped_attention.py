@@ -361,26 +361,39 @@ _LOOPED_CONFIGS = [
 _TUNING_KEY = ["Lq", "Lk", "BLOCK_D", "DOT_PREC"]
 
 
-def _autotuned(kernel, configs, prune):
+# the autotuned launch sites: kernel, and whether it runs packed tiles (several groups per tile)
+TUNED_LAUNCHES = {
+    "fwd_packed": (_attn_fwd_kernel, True),
+    "fwd_looped": (_attn_fwd_kernel, False),
+    "bwd_packed": (_attn_bwd_packed_kernel, True),
+    "bwd_dq": (_attn_bwd_dq_kernel, False),
+    "bwd_dkdv": (_attn_bwd_dkdv_kernel, False),
+}
+
+
+@functools.cache
+def tuner(name: str) -> triton.runtime.autotuner.Autotuner:
+    """The autotuner of launch site ``name`` (a key of TUNED_LAUNCHES), built at its first launch.
+
+    Not at import: before 3.4 or so, Triton's Autotuner asks for the active GPU driver when it is
+    constructed, so with triton 3.3.1 on a machine without a GPU ``import mae_kernels`` failed with
+    "0 active drivers", reference backend included.
+    """
+    kernel, packed = TUNED_LAUNCHES[name]
+    configs, prune = (_PACKED_CONFIGS, _prune_packed) if packed else (_LOOPED_CONFIGS, _prune_looped)
     prune = functools.partial(prune, kernel=kernel.fn.__name__)
     return triton.autotune(configs=configs, key=_TUNING_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_fwd_packed = _autotuned(_attn_fwd_kernel, _PACKED_CONFIGS, _prune_packed)
-_fwd_looped = _autotuned(_attn_fwd_kernel, _LOOPED_CONFIGS, _prune_looped)
-_bwd_packed = _autotuned(_attn_bwd_packed_kernel, _PACKED_CONFIGS, _prune_packed)
-_bwd_dq = _autotuned(_attn_bwd_dq_kernel, _LOOPED_CONFIGS, _prune_looped)
-_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _LOOPED_CONFIGS, _prune_looped)
-
-
-def _launch(tuned, plain, grid_of, pack: bool, *args, **constexprs) -> None:
+def _launch(name: str, grid_of, *args, **constexprs) -> None:
     """Autotuned launch on CUDA; under the interpreter one fixed tiling (autotune would time them all)."""
+    kernel, packed = TUNED_LAUNCHES[name]
     if interpreter_enabled():
-        block_m, block_n = INTERPRETER_TILES["packed" if pack else "looped"]
+        block_m, block_n = INTERPRETER_TILES["packed" if packed else "looped"]
         meta = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-        plain[grid_of(meta)](*args, **constexprs, **meta)
+        kernel[grid_of(meta)](*args, **constexprs, **meta)
     else:
-        tuned[grid_of](*args, **constexprs)
+        tuner(name)[grid_of](*args, **constexprs)
 
 
 def _common(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int, int, int, dict]:
@@ -401,10 +414,10 @@ def _attention_forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tenso
     args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             NG, G, H, Lq, Lk, D, scale * LOG2E)
     if packs(Lq, Lk):
-        _launch(_fwd_packed, _attn_fwd_kernel, _packed_grid(NG, Lq, Lk), True, *args, PACK=True, **constexprs)
+        _launch("fwd_packed", _packed_grid(NG, Lq, Lk), *args, PACK=True, **constexprs)
     else:
         grid = lambda meta: (NG, triton.cdiv(Lq, meta["BLOCK_M"]))
-        _launch(_fwd_looped, _attn_fwd_kernel, grid, False, *args, PACK=False, **constexprs)
+        _launch("fwd_looped", grid, *args, PACK=False, **constexprs)
     return out, lse
 
 
@@ -416,15 +429,15 @@ def _attention_backward(q, k, v, out, lse, grad_out, scale: float):
     strides = (*q.stride(), *k.stride(), *v.stride())
     sizes = (NG, G, H, Lq, Lk, D, scale, scale * LOG2E)
     if packs(Lq, Lk):
-        _launch(_bwd_packed, _attn_bwd_packed_kernel, _packed_grid(NG, Lq, Lk), True,
+        _launch("bwd_packed", _packed_grid(NG, Lq, Lk),
                 q, k, v, out, grad_out, lse, dq, dk, dv, *strides, *out.stride(), *grad_out.stride(),
                 *dq.stride(), *dk.stride(), *dv.stride(), *sizes, **constexprs)
         return dq, dk, dv
     delta = torch.empty_like(lse)
-    _launch(_bwd_dq, _attn_bwd_dq_kernel, lambda meta: (NG, triton.cdiv(Lq, meta["BLOCK_M"])), False,
+    _launch("bwd_dq", lambda meta: (NG, triton.cdiv(Lq, meta["BLOCK_M"])),
             q, k, v, out, grad_out, lse, delta, dq, *strides, *out.stride(), *grad_out.stride(), *dq.stride(),
             *sizes, **constexprs)
-    _launch(_bwd_dkdv, _attn_bwd_dkdv_kernel, lambda meta: (NG, triton.cdiv(Lk, meta["BLOCK_N"])), False,
+    _launch("bwd_dkdv", lambda meta: (NG, triton.cdiv(Lk, meta["BLOCK_N"])),
             q, k, v, grad_out, lse, delta, dk, dv, *strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
             *sizes, **constexprs)
     return dq, dk, dv

@@ -27,11 +27,11 @@ from tests.helpers.kernel_resources import TABLE_HEAD_DIMS, fingerprint, measure
 
 ga = importlib.import_module("mae_kernels.grouped_attention")  # the package re-exports a function of that name
 TUNERS = {  # autotuner -> (kernel, PACK argument or None)
-    "fwd_packed": (ga._fwd_packed, "_attn_fwd_kernel", True),
-    "fwd_looped": (ga._fwd_looped, "_attn_fwd_kernel", False),
-    "bwd_packed": (ga._bwd_packed, "_attn_bwd_packed_kernel", None),
-    "bwd_dq": (ga._bwd_dq, "_attn_bwd_dq_kernel", None),
-    "bwd_dkdv": (ga._bwd_dkdv, "_attn_bwd_dkdv_kernel", None),
+    "fwd_packed": (ga.tuner("fwd_packed"), "_attn_fwd_kernel", True),
+    "fwd_looped": (ga.tuner("fwd_looped"), "_attn_fwd_kernel", False),
+    "bwd_packed": (ga.tuner("bwd_packed"), "_attn_bwd_packed_kernel", None),
+    "bwd_dq": (ga.tuner("bwd_dq"), "_attn_bwd_dq_kernel", None),
+    "bwd_dkdv": (ga.tuner("bwd_dkdv"), "_attn_bwd_dkdv_kernel", None),
 }
 
 

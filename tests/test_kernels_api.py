@@ -305,3 +305,25 @@ def test_interpreter_switched_on_after_import_says_what_to_do(tmp_path):
                          timeout=300)
     assert "set after mae_kernels was imported" in out.stdout, out.stdout + out.stderr
     assert "before the first `import mae_kernels`" in out.stdout
+
+
+# --- importing needs no GPU driver ------------------------------------------------------------------------
+
+
+def test_import_builds_no_autotuner_so_it_needs_no_gpu_driver(tmp_path):
+    # older Triton (3.3.1 seen) asks for the active GPU driver when an Autotuner is constructed: built
+    # at import, they made `import mae_kernels` fail on a machine without a GPU, reference path included
+    code = ("import torch, triton.runtime.autotuner as at\n"
+            "def refuse(*args, **kwargs):\n"
+            "    raise RuntimeError('0 active drivers')\n"
+            "at.Autotuner.__init__ = refuse\n"
+            "import mae_kernels\n"
+            "x, idx = torch.randn(1, 3, 4), torch.zeros(1, 2, dtype=torch.long)\n"
+            "q = torch.randn(1, 2, 5, 1, 16)\n"
+            "with mae_kernels.backend('torch'):\n"
+            "    print(mae_kernels.gather_tokens(x, idx).shape, mae_kernels.grouped_attention(q, q, q).shape)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MAE_KERNELS_BACKEND")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[0] == "torch.Size([1, 2, 4]) torch.Size([1, 2, 5, 1, 16])"

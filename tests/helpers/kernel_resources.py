@@ -109,7 +109,7 @@ def source_hash(fn) -> str:
 def autotuned_kernels() -> dict:
     """The @triton.jit kernels behind the package's autotuners, by name."""
     ga = importlib.import_module("mae_kernels.grouped_attention")
-    return {t.fn.fn.__name__: t.fn for t in vars(ga).values() if isinstance(t, Autotuner)}
+    return {kernel.fn.__name__: kernel for kernel, _ in ga.TUNED_LAUNCHES.values()}
 
 
 def fingerprint() -> dict:
