@@ -9,12 +9,18 @@ This package stands alone: it needs torch and triton, nothing from avfmae (``pip
 ``indices_to_mask`` back.
 """
 
-from .assemble_decoder_tokens import assemble_decoder_tokens
-from .dispatch import backend
-from .gather_tokens import gather_tokens
-from .grouped_attention import grouped_attention
-from .masked_mse_loss import masked_mse_loss
-from .masks import indices_to_mask, mask_to_indices
+import torch as _torch
+
+from . import _requirements
+
+_requirements.check_torch(_torch.__version__)
+
+from .assemble_decoder_tokens import assemble_decoder_tokens  # noqa: E402
+from .dispatch import backend  # noqa: E402
+from .gather_tokens import gather_tokens  # noqa: E402
+from .grouped_attention import grouped_attention  # noqa: E402
+from .masked_mse_loss import masked_mse_loss  # noqa: E402
+from .masks import indices_to_mask, mask_to_indices  # noqa: E402
 
 __all__ = [
     "grouped_attention", "gather_tokens", "assemble_decoder_tokens", "masked_mse_loss", "mask_to_indices",

@@ -7,6 +7,7 @@ Each behaviour runs on both backends (Triton under the interpreter on CPU) again
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mae_kernels
 import pytest
@@ -327,3 +328,18 @@ def test_import_builds_no_autotuner_so_it_needs_no_gpu_driver(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split("\n")[0] == "torch.Size([1, 2, 4]) torch.Size([1, 2, 5, 1, 16])"
+
+
+def test_too_old_torch_is_named_at_import_and_the_floor_matches_the_package_metadata():
+    import tomllib
+    from mae_kernels import _requirements
+
+    with pytest.raises(ImportError, match=r"needs torch>=2\.5 .* found torch 2\.4\.1"):
+        _requirements.check_torch("2.4.1")
+    for version in ("2.5.1", "2.13.0+cpu", "2.10.0.dev20260101", "3.0.0"):
+        _requirements.check_torch(version)
+    floor = ".".join(map(str, _requirements.MIN_TORCH))
+    root = Path(__file__).resolve().parents[1]
+    for pyproject in (root / "pyproject.toml", root / "kernels" / "pyproject.toml"):
+        deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+        assert f"torch>={floor}" in deps, pyproject
