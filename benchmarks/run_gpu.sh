@@ -10,7 +10,9 @@
 #   RUN_GPU_STAGES=tests,sync benchmarks/run_gpu.sh   # some stages only: tests, sync, step, kernels, report
 #
 # Environment (all optional):
-#   HICMAE_PATH        HiCMAE checkout: also time HiCMAE's own model (needs timm)
+#   HICMAE_PATH        HiCMAE checkout: also time HiCMAE's own model (needs timm). Without network, bring
+#                      its *.py files along, e.g. in .peers/hicmae (git ignores .peers/; under 1 MB, seen
+#                      running with torch 2.11 and timm 1.0.31) and set HICMAE_PATH=.peers/hicmae
 #   BENCH_STEP_SIZES   sizes of the step cases, default base,huge
 #   BENCH_STEP_BATCH   per-size batch, default base=32,huge=8
 #   BENCH_STEP_CASES   step cases, default: eager, compiled and CUDA-graph AVF-MAE++ / Table 4 / HiCMAE
