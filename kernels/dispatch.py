@@ -33,6 +33,8 @@ from collections.abc import Iterator
 
 import torch
 
+from . import _requirements
+
 BACKENDS = ("auto", "torch", "triton")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernels compute in
 FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64: reference backend only
@@ -49,18 +51,6 @@ def _interpreter_requested() -> bool:
 _INTERPRETED_AT_IMPORT = _interpreter_requested()
 
 
-def _major_minor(version: str) -> tuple[int, int]:
-    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-
-
-def interpreter_numpy_clash(triton_version: str, numpy_version: str) -> bool:
-    """Whether Triton's interpreter breaks on this numpy: before Triton 3.7 it turns a loop bound into
-    a Python int with ``int(one-element array)``, which numpy 2.4 refuses (triton-lang/triton#9171,
-    fixed in 3.7.0), so every kernel with a ``range`` over a runtime value fails."""
-    return _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4)
-
-
 def _interpreter_blocker() -> str | None:
     """Why the interpreter cannot run here (read once, at import: the ops must not read metadata)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -69,7 +59,7 @@ def _interpreter_blocker() -> str | None:
         triton_version, numpy_version = version("triton"), version("numpy")
     except PackageNotFoundError:
         return None
-    if not interpreter_numpy_clash(triton_version, numpy_version):
+    if not _requirements.interpreter_numpy_clash(triton_version, numpy_version):
         return None
     return (f"Triton {triton_version}'s interpreter cannot run with numpy {numpy_version} (it converts "
             "one-element arrays to ints, which numpy 2.4 refuses; triton-lang/triton#9171): install "

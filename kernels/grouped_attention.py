@@ -375,9 +375,9 @@ TUNED_LAUNCHES = {
 def tuner(name: str) -> triton.runtime.autotuner.Autotuner:
     """The autotuner of launch site ``name`` (a key of TUNED_LAUNCHES), built at its first launch.
 
-    Not at import: before 3.4 or so, Triton's Autotuner asks for the active GPU driver when it is
-    constructed, so with triton 3.3.1 on a machine without a GPU ``import mae_kernels`` failed with
-    "0 active drivers", reference backend included.
+    Not at import: triton 3.3.1's Autotuner asks for the active GPU driver when it is constructed
+    (3.6 and 3.9 do not), so on a machine without a GPU ``import mae_kernels`` failed with "0 active
+    drivers", reference backend included.
     """
     kernel, packed = TUNED_LAUNCHES[name]
     configs, prune = (_PACKED_CONFIGS, _prune_packed) if packed else (_LOOPED_CONFIGS, _prune_looped)

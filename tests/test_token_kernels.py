@@ -243,9 +243,9 @@ def test_interpreter_refuses_a_numpy_its_triton_cannot_run_with(monkeypatch):
     # would fail deep inside Triton; the dispatcher names the clash instead (triton-lang/triton#9171)
     import importlib.metadata
 
-    from mae_kernels import dispatch
+    from mae_kernels import _requirements, dispatch
 
-    clash = dispatch.interpreter_numpy_clash
+    clash = _requirements.interpreter_numpy_clash
     assert clash("3.6.0", "2.4.6") and clash("3.0.0", "2.5.5") and clash("3.6.0+git1234", "2.4.0rc1")
     assert not clash("3.7.0", "2.5.5") and not clash("3.6.0", "2.2.6") and not clash("3.10.1", "2.4.0")
     versions = {"triton": "3.6.0", "numpy": "2.4.6"}
