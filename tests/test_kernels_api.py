@@ -294,6 +294,13 @@ def test_zero_copy_multi_head_attention_idiom():
 # --- TRITON_INTERPRET after import ----------------------------------------------------------------------
 
 
+def fresh_python(code: str, cwd) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new interpreter, as a user would: no TRITON_INTERPRET, no backend override."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MAE_KERNELS_BACKEND")}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_interpreter_switched_on_after_import_says_what_to_do(tmp_path):
     code = ("import os, torch, mae_kernels\n"
             "os.environ['TRITON_INTERPRET'] = '1'\n"
@@ -301,9 +308,7 @@ def test_interpreter_switched_on_after_import_says_what_to_do(tmp_path):
             "    mae_kernels.gather_tokens(torch.randn(1, 3, 4), torch.zeros(1, 2, dtype=torch.long))\n"
             "except RuntimeError as e:\n"
             "    print(e)\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MAE_KERNELS_BACKEND")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = fresh_python(code, tmp_path)
     assert "set after mae_kernels was imported" in out.stdout, out.stdout + out.stderr
     assert "before the first `import mae_kernels`" in out.stdout
 
@@ -323,9 +328,7 @@ def test_import_builds_no_autotuner_so_it_needs_no_gpu_driver(tmp_path):
             "q = torch.randn(1, 2, 5, 1, 16)\n"
             "with mae_kernels.backend('torch'):\n"
             "    print(mae_kernels.gather_tokens(x, idx).shape, mae_kernels.grouped_attention(q, q, q).shape)\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MAE_KERNELS_BACKEND")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = fresh_python(code, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split("\n")[0] == "torch.Size([1, 2, 4]) torch.Size([1, 2, 5, 1, 16])"
 
