@@ -6,6 +6,9 @@
 
 comma := ,
 TEST_EXTRAS := dev,bench,data,train
+# test processes: most tests run one thread (the Triton interpreter, launcher ranks waiting), so two
+# workers on a 2-core machine use both cores; files stay whole so module fixtures are built once
+TEST_WORKERS ?= 2
 DEMO_EXTRAS := data,train
 BENCH_EXTRAS := $(TEST_EXTRAS)$(if $(HICMAE_PATH),$(comma)hicmae)
 
@@ -16,7 +19,7 @@ demo:
 test:
 	@scripts/setup_env.sh $(TEST_EXTRAS)
 	.venv/bin/python -m ruff check .
-	.venv/bin/python -m pytest tests -q -p no:cacheprovider --durations=15
+	.venv/bin/python -m pytest tests -q -p no:cacheprovider --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 bench:
 	@scripts/setup_env.sh $(BENCH_EXTRAS)

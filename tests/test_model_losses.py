@@ -1,7 +1,6 @@
 """Losses: eq. 3 through masked_mse_loss, HCMCL InfoNCE, and its all-gather across ranks."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 
 from avfmae.embed import frame_difference
 from avfmae.losses import hcmcl_loss, info_nce, pooled_embedding, reconstruction_loss
+from tests.helpers.ports import free_port
 
 
 def norm_pix(x, groups, eps=1e-6):
@@ -71,12 +71,6 @@ def test_frame_difference_target():
 # --- distributed: the global batch is contrasted on every rank --------------------------------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_loss(rank, world, port, e_v, e_a, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -99,7 +93,7 @@ def test_info_nce_all_gathers_across_ranks():
     full = info_nce(full_v, full_a, 0.07)
     full.backward()
     results = mp.Manager().dict()
-    mp.spawn(_rank_loss, args=(2, _free_port(), e_v, e_a, results), nprocs=2, join=True)
+    mp.spawn(_rank_loss, args=(2, free_port(), e_v, e_a, results), nprocs=2, join=True)
     # the mean of the ranks' losses is the single-process loss over the whole batch ...
     torch.testing.assert_close((results[0][0] + results[1][0]) / 2, full.detach())
     # ... and the gradient reaching each rank's features is world_size x its share of the global one

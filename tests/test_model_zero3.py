@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.ports import free_port
+
 deepspeed = pytest.importorskip("deepspeed", reason="needs the `train` extra")
 SCRIPT = Path(__file__).with_name("helpers") / "zero3_step.py"
 
@@ -20,7 +22,7 @@ SCRIPT = Path(__file__).with_name("helpers") / "zero3_step.py"
 @pytest.mark.slow
 def test_zero3_matches_plain_training_for_every_model():
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MAE_KERNELS_BACKEND": "torch"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "29588"], capture_output=True, text=True, env=env,
+    result = subprocess.run([sys.executable, str(SCRIPT), str(free_port())], capture_output=True, text=True, env=env,
                             timeout=600)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]

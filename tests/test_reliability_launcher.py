@@ -15,6 +15,7 @@ import torch
 
 from avfmae.launch import local_ranks
 from avfmae.training import CheckpointManager, ExitCode
+from tests.helpers.ports import free_port
 
 from .test_training_deepspeed import (  # noqa: F401 (fixture)
     DEEPSPEED,
@@ -29,14 +30,13 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not DEEPSPEED.exists(), reason="needs the `train` extra (deepspeed launcher)"),
 ]
-_port = iter(range(29800, 29900))
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
 def run(cfg: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """One launch; retried on another port when the port is taken (other test sessions use this range)."""
+    """One launch; retried on another port when the free port was taken before the launcher bound it."""
     for _ in range(3):
-        cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(next(_port)), str(ROOT / "train.py"),
+        cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
                "--config", str(cfg), *extra]
         result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
         if "address already in use" not in (result.stdout + result.stderr).lower():
@@ -81,7 +81,7 @@ def test_resume_skips_a_damaged_checkpoint_and_a_diverging_run_stops_without_sav
 def test_sigterm_to_the_launcher_wrapper_reaches_every_rank(dataset, tmp_path):  # noqa: F811
     out = tmp_path / "terminated"
     cfg = config(dataset, out, epochs=50)
-    cmd = [sys.executable, "-m", "avfmae.launch", "--num_gpus", "2", "--master_port", str(next(_port)),
+    cmd = [sys.executable, "-m", "avfmae.launch", "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "train.py"), "--config", str(cfg)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_until(lambda: (out / "log.jsonl").exists() and events(out, "train"), proc, 240, "first train record")

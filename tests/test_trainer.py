@@ -5,7 +5,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from avfmae.stopping import ExitCode, StopReason
 from avfmae.trainer import Trainer, TrainState, improves, step_seed
 from avfmae.training import JsonlLog
+from tests.helpers.ports import free_port
 
 from .test_training_deepspeed import DEEPSPEED, ROOT, config, dataset, events, wait_until  # noqa: F401 (fixture)
 
@@ -130,16 +130,10 @@ def test_every_way_a_run_ends_has_its_own_exit_code():
     assert StopReason.SIGNAL.exit_code == 5 and StopReason.STOP_AT_STEP.exit_code == 4  # README's table
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single_process(cfg: Path) -> subprocess.Popen:
     """train.py as one rank without the launcher (the cheapest real run: no second process)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+           "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
