@@ -15,6 +15,7 @@ import torch
 
 import avfmae
 from benchmarks import report
+from tests.helpers.subprocess_env import own_session_env
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = "NVIDIA H100 80GB HBM3"
@@ -192,7 +193,7 @@ def test_real_step_benchmark_run_through_the_report(tmp_path):
     """Two tiny step cases and the (skipped) HiCMAE peer, run by pytest-benchmark, then the report."""
     ids = ["tiny-avfmae", "tiny-hicmae", "tiny-hicmae-official"]
     out = tmp_path / "run.json"
-    env = dict(os.environ, BENCH_STEP_ROUNDS="2", HICMAE_PATH="")
+    env = own_session_env(BENCH_STEP_ROUNDS="2", HICMAE_PATH="")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
            f"--benchmark-json={out}"] + [f"benchmarks/test_bench_step.py::test_pretrain_step[{i}]" for i in ids]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -223,7 +224,7 @@ def test_real_step_benchmark_run_through_the_report(tmp_path):
 @pytest.mark.slow
 def test_plain_benchmark_run_writes_its_own_report(tmp_path):
     """`pytest benchmarks --benchmark-only` with no --benchmark-json still leaves JSON and report behind."""
-    env = dict(os.environ, BENCH_REPORT_DIR=str(tmp_path))
+    env = own_session_env(BENCH_REPORT_DIR=str(tmp_path))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
            "benchmarks/test_bench_tokens.py", "-k", "gather"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

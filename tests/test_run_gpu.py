@@ -3,18 +3,19 @@ CPU, with the syncs counted at the dispatcher instead of by CUDA), records its o
 comes out. On a GPU machine the same script runs the real thing."""
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.subprocess_env import own_session_env
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def test_run_gpu_script_runs_every_stage_on_cpu(tmp_path):
-    env = {**os.environ, "RUN_GPU_ON_CPU": "1", "OUT_DIR": str(tmp_path), "HICMAE_PATH": ""}
+    env = own_session_env(RUN_GPU_ON_CPU="1", OUT_DIR=str(tmp_path), HICMAE_PATH="")
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
