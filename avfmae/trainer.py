@@ -300,10 +300,10 @@ class Trainer:
         cfg = self.cfg
         layer_decay = cfg.layer_decay if cfg.stage != "pretrain" and cfg.layer_decay is not None else 1.0
         groups = model.param_groups(weight_decay=cfg.weight_decay, layer_decay=layer_decay)
-        kwargs = dict(lr=self.peak_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        if self.cuda:
-            kwargs["fused"] = True
-        return torch.optim.AdamW(groups, **kwargs)
+        # torch's fused AdamW has CPU and CUDA kernels: one pass over all parameters, no host sync on
+        # CUDA, and ~6x the for-loop update on a 2-core CPU (design notes, "The optimizer is fused")
+        return torch.optim.AdamW(groups, lr=self.peak_lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                 fused=True)
 
     def loader_arguments(self) -> dict:
         """The arguments the train and validation loaders share (needs the model's geometry)."""
