@@ -3,7 +3,6 @@ checkpoint and a garbage ``latest`` on --resume, a run that goes non-finite, and
 wrapper. Checkpoints present before each failure stay there, loadable."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,10 +18,12 @@ from tests.helpers.ports import free_port
 
 from .test_training_deepspeed import (  # noqa: F401 (fixture)
     DEEPSPEED,
+    LAUNCH_ENV,
     ROOT,
     config,
     dataset,
     events,
+    run_launcher,
     wait_until,
 )
 
@@ -30,18 +31,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not DEEPSPEED.exists(), reason="needs the `train` extra (deepspeed launcher)"),
 ]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-
-
-def run(cfg: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """One launch; retried on another port when the free port was taken before the launcher bound it."""
-    for _ in range(3):
-        cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
-               "--config", str(cfg), *extra]
-        result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-        if "address already in use" not in (result.stdout + result.stderr).lower():
-            return result
-    return result
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -51,7 +40,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 def test_resume_skips_a_damaged_checkpoint_and_a_diverging_run_stops_without_saving(dataset, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     ckpt = out / "checkpoints"
-    first = run(config(dataset, out, stop_at_step=2, checkpoint_every_steps=1, keep_checkpoints=5))
+    first = run_launcher(config(dataset, out, stop_at_step=2, checkpoint_every_steps=1, keep_checkpoints=5))
     assert first.returncode == ExitCode.STOPPED_AT_STEP == 4, first.stdout[-3000:] + first.stderr[-3000:]
     assert CheckpointManager(ckpt).tags() == ["step_00000002", "step_00000001"]
     (ckpt / "step_00000002" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()  # one rank's shard lost
@@ -59,7 +48,7 @@ def test_resume_skips_a_damaged_checkpoint_and_a_diverging_run_stops_without_sav
     damaged, kept = snapshot(ckpt / "step_00000002"), {"step_00000001": snapshot(ckpt / "step_00000001")}
 
     # resumed with an lr that makes the loss non-finite: stops at the first bad step, exit 3, saves nothing
-    second = run(config(dataset, out, lr=1e30, max_nonfinite_steps=1), "--resume")
+    second = run_launcher(config(dataset, out, lr=1e30, max_nonfinite_steps=1), "--resume")
     output = second.stdout + second.stderr
     assert second.returncode == ExitCode.RUN_ERROR == 3, output[-3000:]
     assert "step_00000001 is the newest checkpoint complete on every rank" in output
@@ -83,7 +72,7 @@ def test_sigterm_to_the_launcher_wrapper_reaches_every_rank(dataset, tmp_path): 
     cfg = config(dataset, out, epochs=50)
     cmd = [sys.executable, "-m", "avfmae.launch", "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "train.py"), "--config", str(cfg)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=LAUNCH_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_until(lambda: (out / "log.jsonl").exists() and events(out, "train"), proc, 240, "first train record")
     (runner,) = psutil.Process(proc.pid).children()
     ranks = local_ranks(runner.pid)

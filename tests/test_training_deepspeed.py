@@ -54,14 +54,31 @@ def config(dataset: Path, out: Path, stage: str = "pretrain", ds: dict | None = 
     return path
 
 
+LAUNCH_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def launcher_command(cfg: Path, *extra: str) -> list[str]:
+    """DeepSpeed's launcher running train.py on 2 CPU ranks, rendezvous on a port free right now."""
+    return [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
+            "--config", str(cfg), *extra]
+
+
+def run_launcher(cfg: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """One launch to its end; retried on another port when the free port was taken before the launcher
+    bound it (the tests run in parallel workers)."""
+    for _ in range(3):
+        result = subprocess.run(launcher_command(cfg, *extra), cwd=ROOT, env=LAUNCH_ENV, capture_output=True,
+                                text=True, timeout=timeout)
+        if "address already in use" not in (result.stdout + result.stderr).lower():
+            break
+    return result
+
+
 def launch(cfg: Path, *extra: str, timeout: int = 300, wait: bool = True, expect: int = ExitCode.COMPLETED):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
-           "--config", str(cfg), *extra]
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.Popen(launcher_command(cfg, *extra), cwd=ROOT, env=LAUNCH_ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    result = run_launcher(cfg, *extra, timeout=timeout)
     assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -185,10 +202,7 @@ def test_sigterm_saves_a_resumable_checkpoint(dataset, tmp_path):
 def test_a_bad_config_fails_fast_under_the_launcher(dataset, tmp_path):
     out = tmp_path / "bad"
     cfg = config(dataset, out, mask={"video_ratio": 1.5})
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()),
-                             str(ROOT / "train.py"), "--config", str(cfg)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = run_launcher(cfg, timeout=120)
     assert result.returncode != 0
     assert "bad config: config key avfmae.mask.video_ratio: must lie in (0, 1), got 1.5" in result.stderr
     assert "Traceback" not in result.stderr
