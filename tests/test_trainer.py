@@ -163,6 +163,18 @@ def test_run_returns_the_exit_code_of_how_it_ended(dataset, tmp_path, ending):  
 # --- drop-path: build_model owns the default ------------------------------------------------------------
 
 
+def _tiny_config(tmp_path: Path, stage: str):
+    """A loaded (ds_config, TrainConfig) pair for tiny at ``stage`` (an empty manifest: nothing is read)."""
+    from avfmae.training import load_config
+
+    (tmp_path / "train.csv").write_text("video,audio,label\n")
+    section = {"size": "tiny", "stage": stage, "train_manifest": "train.csv", "output_dir": "out"}
+    if stage != "pretrain":
+        section["num_outputs"] = 4
+    (tmp_path / "cfg.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "avfmae": section}))
+    return load_config(tmp_path / "cfg.json")
+
+
 @pytest.mark.parametrize("stage, task, kwargs", [
     ("pretrain", "pretrain", {}),
     ("finetune", "finetune", {"num_outputs": 4}),
@@ -174,12 +186,7 @@ def test_the_trainers_model_gets_build_models_drop_path_default(tmp_path, stage,
     import avfmae
     from avfmae.training import load_config
 
-    (tmp_path / "train.csv").write_text("video,audio,label\n")
-    section = {"size": "tiny", "stage": stage, "train_manifest": "train.csv", "output_dir": "out"}
-    if stage != "pretrain":
-        section["num_outputs"] = 4
-    (tmp_path / "cfg.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "avfmae": section}))
-    ds_config, cfg = load_config(tmp_path / "cfg.json")
+    ds_config, cfg = _tiny_config(tmp_path, stage)
     assert cfg.drop_path is None  # the config leaves it to the model
     trainer = Trainer.__new__(Trainer)  # build_model only: no process group, so zero.Init (off at stage 0) stubbed
     zero = SimpleNamespace(Init=lambda config_dict_or_path, enabled: contextlib.nullcontext())
@@ -197,12 +204,8 @@ def test_the_optimizer_is_the_fused_adamw_on_cpu_and_updates_like_the_for_loop_o
     """build_optimizer steps torch's fused AdamW on every device (its CPU kernel is 3.3x the for-loop
     update at base); one update with the config's groups matches the for-loop AdamW's."""
     import avfmae
-    from avfmae.training import load_config
 
-    (tmp_path / "train.csv").write_text("video,audio,label\n")
-    section = {"size": "tiny", "stage": "pretrain", "train_manifest": "train.csv", "output_dir": "out"}
-    (tmp_path / "cfg.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "avfmae": section}))
-    _, cfg = load_config(tmp_path / "cfg.json")
+    _, cfg = _tiny_config(tmp_path, "pretrain")
     torch.manual_seed(0)
     fused_model = avfmae.build_model("tiny", "pretrain")
     loop_model = avfmae.build_model("tiny", "pretrain")
