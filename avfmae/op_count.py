@@ -4,6 +4,10 @@ A host sync (``.item()``, ``bool(tensor)``, ``nonzero``, ...) makes the CPU wait
 drained its queue, so a step with syncs cannot run ahead of the GPU nor be captured as one CUDA
 graph. Syncs show up at the dispatcher as the ops below, whatever Python line caused them; a
 ``TorchDispatchMode`` sees every op, on CPU as on CUDA, so the counts are testable without a GPU.
+
+A mode is switched off while it handles an op, so the ops a custom op's Python body dispatches
+(``mae_kernels``' references, the Triton launchers' allocations) would go unseen: the counter runs
+the body of a ``torch.library.custom_op`` itself, with the mode on again.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # aten ops that read device data back to the host (``item``/``tolist``/``bool``/``int`` on a tensor
@@ -46,7 +51,8 @@ class OpCounts:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every aten op dispatched inside the ``with`` block (forward and backward alike)."""
+    """Counts every op dispatched inside the ``with`` block (forward and backward alike): aten ops, and
+    each custom op once plus the ops its Python body dispatches."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,6 +62,10 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         self.counter[name] += 1
+        custom = OPDEFS.get(func._schema.name)
+        if custom is not None:
+            with self:  # the body's own ops (a sync inside a custom op is still a sync of the step)
+                return custom._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
         if name in ("_to_copy", "copy_") and _device_to_host(name, args, out):
             self.counter[DEVICE_TO_HOST] += 1  # e.g. .cpu() or .tolist() of a CUDA tensor

@@ -64,6 +64,23 @@ def test_counter_sees_syncs():
         assert count_ops(lambda: (y.tolist(), y.cpu())).syncs.get("device_to_host", 0) >= 1
 
 
+@torch.library.custom_op("avfmae_test::reads_back", mutates_args=())
+def _reads_back(x: torch.Tensor) -> torch.Tensor:
+    return x * x.sum().item()  # a sync hidden inside a custom op's body
+
+
+def test_counter_sees_syncs_inside_custom_ops():
+    """A mode is off while it handles an op: the counter must still see what a custom op's body does,
+    or a sync inside one of mae_kernels' ops would pass the tests below unseen."""
+    counts = count_ops(lambda: _reads_back(torch.ones(3)))
+    assert counts.num_syncs == 1 and set(counts.syncs) <= {"item", "_local_scalar_dense"}
+    assert counts.by_op["reads_back"] == 1 and counts.by_op["sum"] == 1
+    with mae_kernels.backend("torch"):
+        q = torch.randn(1, 2, 5, 2, 16)
+        inner = count_ops(lambda: mae_kernels.grouped_attention(q, q, q)).by_op
+    assert inner["grouped_attention"] == 1 and inner["_scaled_dot_product_flash_attention_for_cpu"] == 1
+
+
 def _op_steps():
     B, N, M, C = 2, 12, 5, 16
     x = torch.randn(B, N, C, requires_grad=True)
