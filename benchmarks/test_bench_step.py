@@ -147,13 +147,18 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+# torch's AdamW implementations: one fused kernel per parameter group, per-tensor ops batched over a
+# group, a Python loop over the tensors
+ADAMW_IMPLEMENTATIONS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}
+
+
+def _optimizer(model: torch.nn.Module, implementation: str = "fused") -> torch.optim.Optimizer:
     """AdamW as HiCMAE/VideoMAE pre-train: no decay on 1-D parameters, betas (0.9, 0.95); torch's fused
     implementation on CPU and CUDA alike, as train.py steps, for every case."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.05},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), fused=True)
+    return torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), **ADAMW_IMPLEMENTATIONS[implementation])
 
 
 def _inputs(cfg: avfmae.ModelConfig, batch: int):
