@@ -1,9 +1,9 @@
 """DeepSpeed checkpoints that a crash mid-save cannot corrupt.
 
-Each save goes to a new tag directory; only when every rank has finished does rank 0 write the
-completion marker (every file and its size) and atomically repoint ``latest`` (temporary file, fsync,
-``os.replace``); ``--resume`` picks the newest tag complete on every rank; only tags older than the
-kept complete ones are pruned.
+Each save goes to a new tag directory and every rank fsyncs what it wrote there; only when every rank
+has finished does rank 0 write the completion marker (every file and its size) and atomically repoint
+``latest`` (:func:`atomic_write`); ``--resume`` picks the newest tag complete on every rank; only tags
+older than the kept complete ones are pruned, and only after the new one is durable.
 """
 
 from __future__ import annotations
@@ -13,24 +13,51 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from .stopping import RunError
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory: its entries) to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(fh)`` into a temporary file next to ``path``, fsync it, ``os.replace`` it onto ``path``,
+    fsync the directory: after a crash ``path`` holds the old bytes or all the new ones (without the
+    file's fsync the rename can reach the disk before the data, leaving an empty ``path``)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under ``directory``, then the directories bottom-up and ``directory``'s parent
+    (whose entry names it)."""
+    for root, _dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
+    fsync_path(directory.parent)
 
 
 TAG_PATTERN = re.compile(r"step_(\d{8})")
@@ -145,11 +172,16 @@ class CheckpointManager:
         tag = self.tag_for(step)
         self.directory.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
-        barrier()  # every rank has written its shard before the marker and the pointer move
+        # DeepSpeed writes its shards with plain torch.save (no fsync): without this, after a power loss
+        # the pruning below can be on disk while the new shards are not, leaving no complete checkpoint.
+        # Every rank flushes what it sees of the tag once its own save returned, so each file is flushed
+        # complete at least by the rank that wrote it (on a node-local or network file system too).
+        fsync_tree(self.directory / tag)
+        barrier()  # every rank has written and flushed its shard before the marker and the pointer move
         if is_rank0:
             self.write_marker(tag, step, world)
             atomic_write_text(self.directory / self.LATEST, tag)
-            self._prune(keep_tag=tag)
+            self._prune(keep_tag=tag)  # only now: the new tag is durable, complete and named by `latest`
         barrier()
         return tag
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoints import CheckpointManager, atomic_write_text
+from .checkpoints import CheckpointManager, atomic_write, atomic_write_text
 from .eval_views import average_views, eval_views
 from .mixup import AudioVisualMixup
 from .output_lock import OutputLock
@@ -109,12 +108,6 @@ def _agreed_error(error: str | None) -> None:
 
 def _zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def read_init_checkpoint(path: str, model: torch.nn.Module) -> dict:
@@ -722,7 +715,7 @@ class Trainer:
                 error = (f"not exporting {path.name}: checkpoint {tag} holds non-finite weights in {len(bad)} "
                          f"tensor(s) ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
             else:
-                atomic_torch_save(state_dict, path)
+                atomic_write(path, lambda fh: torch.save(state_dict, fh))
         _agreed_error(error)
 
     # --- evaluation -----------------------------------------------------------------------------------

@@ -149,6 +149,92 @@ def test_pruning_keeps_the_newest_complete_checkpoints_and_never_newer_ones(tmp_
     assert manager.tags() == ["step_00000009", "step_00000006", "step_00000005", "step_00000003"]
 
 
+def record_durability(monkeypatch) -> list[tuple[str, str]]:
+    """(event, resolved path) of every fsync, os.replace and rmtree, in order (the real calls still run)."""
+    import shutil
+
+    events, fsync, replace, rmtree = [], os.fsync, os.replace, shutil.rmtree
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        fsync(fd)
+
+    def recording_replace(src, dst, *args, **kwargs):
+        events.append(("replace", os.path.realpath(dst)))
+        replace(src, dst, *args, **kwargs)
+
+    def recording_rmtree(path, *args, **kwargs):
+        events.append(("rmtree", os.path.realpath(path)))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    monkeypatch.setattr(shutil, "rmtree", recording_rmtree)
+    return events
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fsync'ed descriptors through /proc")
+def test_the_new_checkpoint_is_durable_before_any_older_one_is_pruned(tmp_path, monkeypatch):
+    """DeepSpeed's torch.save does not fsync: each rank flushes the tag's files and directories before
+    the barrier that precedes the marker, so a power loss after the pruning still finds the new tag."""
+    manager = saved_run(tmp_path, [2], keep=1)
+    events = record_durability(monkeypatch)
+    manager.save(ShardedEngine(), 4, {"step": 4}, is_rank0=True,
+                 barrier=lambda: events.append(("barrier", "")), world=2)
+    new, old = (tmp_path / "step_00000004").resolve(), (tmp_path / "step_00000002").resolve()
+    assert manager.tags() == ["step_00000004"] and events.count(("rmtree", str(old))) == 1
+    synced = [path for event, path in events[: events.index(("barrier", ""))] if event == "fsync"]
+    shards = {str(p) for p in new.iterdir() if p.name != "complete.json"}
+    assert len(shards) == 4 and shards <= set(synced)  # every rank's model and optimizer shard
+    assert str(new) in synced and str(tmp_path.resolve()) in synced  # the tag's entries, its own entry
+    pruned = events.index(("rmtree", str(old)))
+    for name in (new / "complete.json", tmp_path.resolve() / "latest"):  # fsync'ed, renamed, then the pruning
+        assert events.index(("replace", str(name))) < pruned
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fsync'ed descriptors through /proc")
+def test_exported_weights_are_flushed_before_they_replace_the_old_file(tmp_path, monkeypatch):
+    """best_fp32.pt / model_fp32.pt: written to a temporary file, fsync'ed, renamed, directory fsync'ed
+    (a rename without the fsync can leave an empty file after a crash); the weights round-trip."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from avfmae.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # export only: rank 0, ZeRO stage 0 (weights from the module)
+    trainer.rank, trainer.ds_config = 0, {}
+    module = torch.nn.Linear(3, 2)
+    trainer.engine = SimpleNamespace(module=module)
+    path = tmp_path / "best_fp32.pt"
+    path.write_bytes(b"the previous best")
+    events = record_durability(monkeypatch)
+    trainer.export("step_00000004", path)
+    saved = torch.load(path, weights_only=True)
+    assert saved.keys() == module.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
+    replaced = events.index(("replace", str(path.resolve())))
+    temporary = [p for e, p in events[:replaced] if e == "fsync"]
+    assert len(temporary) == 1 and Path(temporary[0]).parent == tmp_path.resolve()
+    assert Path(temporary[0]).name.startswith(".best_fp32.pt.tmp") and not Path(temporary[0]).exists()
+    assert ("fsync", str(tmp_path.resolve())) in events[replaced:]
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from avfmae.checkpoints import atomic_write
+
+    path = tmp_path / "model_fp32.pt"
+    path.write_bytes(b"old weights")
+
+    def failing(fh):
+        fh.write(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, failing)
+    assert path.read_bytes() == b"old weights" and [p.name for p in tmp_path.iterdir()] == ["model_fp32.pt"]
+
+
 # --- one writer per output_dir ----------------------------------------------------------------------
 
 
