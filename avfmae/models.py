@@ -282,8 +282,7 @@ class HiCMAEBaseline(_PretrainBase):
         self.cfg = cfg
         self.video_encoder = ViTEncoder(cfg, "video")
         self.audio_encoder = ViTEncoder(cfg, "audio")
-        self.fusion = HiCMAEFusion(cfg.embed_dim, cfg.num_heads, cfg.fusion_depth, cfg.mlp_ratio,
-                                   cfg.qkv_bias, cfg.norm_eps)
+        self.fusion = build_fusion(dataclasses.replace(cfg, fusion="hicmae"))  # whatever cfg.fusion says
         self._build_decoders(cfg)
 
     def decoder_targets(self, masks: PretrainMasks) -> PretrainMasks:

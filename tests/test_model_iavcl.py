@@ -119,3 +119,14 @@ def test_modalities_interact():
     out_v, _ = fusion(f_v, f_a, f_av)
     out_v2, _ = fusion(f_v, f_a + 1.0, f_av)
     assert not torch.allclose(out_v, out_v2), "video features must depend on audio"
+
+
+def test_the_hicmae_baseline_fusion_takes_stochastic_depth_like_its_encoders():
+    import avfmae
+    from avfmae.layers import DropPath
+
+    model = avfmae.build_model("tiny", "hicmae_pretrain", drop_path=0.2)
+    rates = [m.p for m in model.fusion.modules() if isinstance(m, DropPath)]
+    encoder_rates = [m.p for m in model.video_encoder.modules() if isinstance(m, DropPath)]
+    assert max(encoder_rates) == pytest.approx(0.2)
+    assert rates and max(rates) == pytest.approx(0.2) and min(rates) == 0.0
