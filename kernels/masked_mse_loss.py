@@ -116,15 +116,15 @@ def _masked_mse_bwd_kernel(
     row_ok = rm < M
     n = tl.load(idx_ptr + b * stride_idxb + rm * stride_idxm, mask=row_ok, other=0).to(tl.int64)
     coef = tl.load(coef_ptr) * 2.0
-    scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + coef
     if HAS_VALID:
-        keep = tl.load(valid_ptr + b * stride_validb + rm * stride_validm, mask=row_ok, other=0)
-        scale = tl.where(keep != 0, scale, 0.0)
+        keep = tl.load(valid_ptr + b * stride_validb + rm * stride_validm, mask=row_ok, other=0) != 0
     for g in tl.static_range(GROUPS):
         err, cols, tile_ok = _normalised_target_error(
             pred_ptr, patch_ptr, b, rm, n, row_ok, g, PG, eps, stride_predb, stride_predm, stride_predp,
             stride_patchb, stride_patchn, stride_patchp, NORM_PIX, BLOCK_M, BLOCK_P)
-        grad = err * scale[:, None]
+        grad = err * coef
+        if HAS_VALID:  # select, not multiply by 0: a NaN/inf in an invalid row must not reach its gradient
+            grad = tl.where(keep[:, None], grad, 0.0)
         tl.store(grad_ptr + b * stride_gradb + rm[:, None] * stride_gradm + cols[None, :] * stride_gradp,
                  grad.to(grad_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -191,8 +191,8 @@ def masked_mse_loss_reference(pred, patches, idx, valid=None, norm_pix=False, ep
     compute = torch.promote_types(pred.dtype, torch.float32)
     row_err = (pred.to(compute) - target.to(compute)).pow(2).sum(dim=-1)  # [B, M]
     B, M, P = pred.shape
-    if valid is not None:
-        row_err = row_err * valid
+    if valid is not None:  # select, not multiply: NaN * 0 is NaN, and invalid rows must not count at all
+        row_err = torch.where(valid, row_err, 0.0)
     return row_err.sum() / (_valid_count(valid, B, M, pred).to(compute) * P)
 
 
@@ -210,8 +210,8 @@ def masked_mse_loss_backward_reference(grad_loss, pred, patches, idx, valid, nor
     B, M, P = pred.shape
     coef = 2.0 * grad_loss.to(compute) / (_valid_count(valid, B, M, pred).to(compute) * P)
     grad = (pred.to(compute) - target.to(compute)) * coef
-    if valid is not None:
-        grad = grad * valid.unsqueeze(-1)
+    if valid is not None:  # select, as the forward: an invalid row's gradient is exactly 0, even over NaN/inf
+        grad = torch.where(valid.unsqueeze(-1), grad, 0.0)
     return grad.to(pred.dtype)
 
 
@@ -345,7 +345,9 @@ def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor
         valid: optional [B, M] bool; rows where it is False do not count (dual masking: decoder
             rows that the encoder saw; MAE's ``mask`` when pred covers every patch). The mean runs
             over the valid rows only; with no valid row the loss is 0 (not NaN), so one empty batch
-            cannot poison training.
+            cannot poison training. An invalid row is ignored even when its pred or patch holds
+            NaN/inf: it adds nothing to the loss and its gradient is exactly 0 (a NaN in a valid row
+            makes the loss NaN).
         norm_pix: normalise each target patch to zero mean / unit spread. Off by default, as in MAE.
         eps: the stabiliser of the spread (see ``eps_on``).
         norm_groups: normalise P/G values at a time (3: per colour channel); P must divide by it.

@@ -7,8 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mae_kernels.masked_mse_loss import masked_mse_loss_reference
 
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, INTERPRETED
 
+BACKENDS = ["torch"] + (["triton"] if INTERPRETED or torch.cuda.is_available() else [])
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -74,6 +75,43 @@ def test_invalid_rows_get_no_gradient():
         loss = mae_kernels.masked_mse_loss(pred, patches, idx, valid, norm_pix=True)
     (g,) = torch.autograd.grad(loss, pred)
     assert torch.count_nonzero(g[~valid]) == 0 and torch.count_nonzero(g[valid]) > 0
+
+
+def loss_over_valid_rows_float64(pred, patches, idx, valid, norm_pix):
+    """The MAE formula in float64 over the valid rows alone (boolean indexing: invalid rows never enter)."""
+    target = torch.stack([patches[b, idx[b]] for b in range(pred.shape[0])]).double()[valid]
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+    return ((pred.double()[valid] - target) ** 2).mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_nan_and_inf_in_invalid_rows_do_not_count(backend, norm_pix):
+    """Invalid rows do not count on either backend, whatever they hold: loss and gradient equal the
+    float64 formula over the valid rows, the invalid rows' gradient is exactly 0; a NaN in a valid row
+    still makes the loss NaN."""
+    pred, patches, idx, _ = case(2, 12, 5, 16, seed=5)
+    valid = torch.tensor([[True, False, True, True, False], [True, True, False, True, True]], device=DEVICE)
+    pred, patches = pred.detach().clone(), patches.clone()
+    pred[0, 1, 3], pred[1, 2, 0] = float("nan"), float("inf")
+    patches[0, idx[0, 4], 5], patches[1, idx[1, 2], 7] = float("nan"), -float("inf")  # idx rows never repeat
+    pred.requires_grad_()
+    exact = pred.detach().double().requires_grad_()
+    want = loss_over_valid_rows_float64(exact, patches, idx, valid, norm_pix)
+    (want_grad,) = torch.autograd.grad(want, exact)
+    with mae_kernels.backend(backend):
+        loss = mae_kernels.masked_mse_loss(pred, patches, idx, valid, norm_pix=norm_pix)
+    (g,) = torch.autograd.grad(loss, pred)
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g.double(), want_grad, atol=1e-7, rtol=1e-5)
+    assert torch.equal(g[~valid], torch.zeros_like(g[~valid]))
+
+    pred.detach()[0, 0, 2] = float("nan")  # a valid row: the loss is NaN, the invalid rows still get 0
+    with mae_kernels.backend(backend):
+        loss = mae_kernels.masked_mse_loss(pred, patches, idx, valid, norm_pix=norm_pix)
+    (g,) = torch.autograd.grad(loss, pred)
+    assert loss.isnan() and g[0, 0, 2].isnan() and torch.equal(g[~valid], torch.zeros_like(g[~valid]))
 
 
 def test_strided_pred_and_int32_idx():
