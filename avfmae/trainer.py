@@ -404,11 +404,11 @@ class Trainer:
         while state.step < plan.total and stopped is None:
             stopped = self.train_epoch(train_loader, state, plan)
             state.epoch = state.step // plan.steps_per_epoch
-            epoch_done = state.step % plan.steps_per_epoch == 0 or state.step >= plan.total
-            due = epoch_done and (state.epoch % self.cfg.eval_every_epochs == 0 or state.step >= plan.total)
             # a signal leaves at once; stop_at_step at the end of an epoch still evaluates it first
-            if self.cfg.val_manifest and due and stopped is not StopReason.SIGNAL:
+            if self.evaluation_due(state.step, plan) and stopped is not StopReason.SIGNAL:
                 self.evaluate_and_keep_best(self.val_loaders(), state)
+                if stopped is None and state.step % self.cfg.checkpoint_every_steps == 0:
+                    self.save(state, reason="periodic")  # train_epoch left it to here: the new best included
             if stopped is not None:
                 reason = f"signal {self.stop.signal_name}" if stopped is StopReason.SIGNAL else stopped.value
                 self.save(state, reason=reason)
@@ -503,9 +503,20 @@ class Trainer:
                 return StopReason.SIGNAL
             if state.step == self.cfg.stop_at_step:
                 return StopReason.STOP_AT_STEP
-            if state.step % self.cfg.checkpoint_every_steps == 0:
+            # a step that evaluation follows is saved after it (run()): a checkpoint saved here would keep
+            # the best score before that evaluation, and the save of a new best finds the step saved already
+            if state.step % self.cfg.checkpoint_every_steps == 0 and not self.evaluation_due(state.step, plan):
                 self.save(state, reason="periodic")
         return None
+
+    def evaluation_due(self, step: int, plan: StepPlan) -> bool:
+        """Whether run() evaluates after optimizer step ``step``: at the end of every
+        ``eval_every_epochs``-th epoch and at the last step, when there is a validation set."""
+        if not self.cfg.val_manifest:
+            return False
+        if step >= plan.total:
+            return True
+        return step % plan.steps_per_epoch == 0 and (step // plan.steps_per_epoch) % self.cfg.eval_every_epochs == 0
 
     def count_skipped_step(self, step: int) -> None:
         """Log a step DeepSpeed skipped (fp16 loss scaling found inf/NaN gradients); a host-side counter
@@ -757,10 +768,14 @@ class Trainer:
         if _is_rank0():
             print(f"eval epoch {state.epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
         if improves(scores[key], state.best_metric):
-            state.best_metric = scores[key]
-            tag = self.save(state, reason="best")
-            if tag is not None:
-                self.export(tag, self.out / "best_fp32.pt")
+            previous, state.best_metric = state.best_metric, scores[key]
+            tag = self.save(state, reason="best")  # the checkpoint records the new best
+            if tag is None:
+                # not saved (right after a non-finite loss): best_metric, best_fp32.pt and metrics.json
+                # keep describing the same weights, so the score is not the best either
+                state.best_metric = previous
+                return
+            self.export(tag, self.out / "best_fp32.pt")
             if _is_rank0():
                 best = {"best": scores, "step": state.step, "epoch": state.epoch}
                 atomic_write_text(self.out / "metrics.json", json.dumps(best, indent=2))

@@ -96,6 +96,136 @@ def test_the_best_checkpoint_follows_a_finite_score_after_a_nan_one(tmp_path, mo
     assert best["step"] == 4 and best["best"] == {"war": 0.5}
 
 
+def test_a_best_that_could_not_be_saved_is_not_the_best(tmp_path, monkeypatch):
+    """Right after a non-finite loss save() returns None: best_fp32.pt is not replaced, so neither are
+    metrics.json and best_metric (they would describe weights that were never kept)."""
+    import avfmae.metrics as metrics
+
+    scores = iter([0.25, 0.5, 0.375])
+    monkeypatch.setattr(metrics, "evaluation_scores", lambda *a: ({"war": next(scores)}, "war"))
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = SimpleNamespace(regression=False)
+    trainer.rank, trainer.out, trainer.log = 0, tmp_path, JsonlLog(tmp_path / "log.jsonl")
+    trainer.predict = lambda loader: (torch.arange(4), torch.zeros(4, 3), torch.zeros(4))
+    refused = {2}  # the step after a non-finite loss
+    trainer.save = lambda state, reason: None if state.step in refused else f"step_{state.step:08d}"
+    exported = []
+    trainer.export = lambda tag, path: exported.append(tag)
+    state = TrainState()
+    for step in (1, 2, 3):
+        state.step = state.epoch = step
+        trainer.evaluate_and_keep_best([None], state)
+        if step == 2:
+            assert state.best_metric == 0.25 and json.loads((tmp_path / "metrics.json").read_text())["step"] == 1
+    assert exported == ["step_00000001", "step_00000003"] and state.best_metric == 0.375
+    assert json.loads((tmp_path / "metrics.json").read_text())["best"] == {"war": 0.375}
+
+
+class Crash(Exception):
+    """The process dying mid-step."""
+
+
+class StubEngine:
+    """DeepSpeed's engine as the loop uses it, on one process: each optimizer step changes the weights
+    (so files tell steps apart); checkpoints are one file per tag, loaded back by load_checkpoint."""
+
+    def __init__(self, crash_at_step: int | None = None):
+        self.module = torch.nn.Linear(1, 1)
+        self.module.compute_loss = lambda logits, target: logits.sum()
+        self.skipped_steps, self.steps, self.crash_at_step = 0, 0, crash_at_step
+
+    def __call__(self, video, audio):
+        return self.module(video)
+
+    def get_data_types(self):
+        return (torch.float32,)
+
+    def train(self):
+        pass
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        if self.steps + 1 == self.crash_at_step:
+            raise Crash(f"killed during step {self.crash_at_step}")
+        self.steps += 1
+        with torch.no_grad():
+            self.module.bias += 1.0
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        (Path(directory) / tag).mkdir()
+        torch.save({"module": self.module.state_dict(), **client_state}, Path(directory) / tag / "states.pt")
+
+    def load_checkpoint(self, directory, tag):
+        saved = torch.load(Path(directory) / tag / "states.pt", weights_only=True)
+        self.module.load_state_dict(saved.pop("module"))
+        return str(Path(directory) / tag), saved
+
+
+def _stub_run(tmp_path: Path, engine: StubEngine, *, resume: bool, overrides: list[str]) -> Trainer:
+    """A Trainer whose run() goes through the real loop, checkpoints, evaluation bookkeeping and export,
+    with the engine, loaders and predictions stubbed (one rank, no process group)."""
+    from avfmae.checkpoints import CheckpointManager
+    from avfmae.training import load_config
+
+    (tmp_path / "val.csv").write_text("video,audio,label\n")
+    ds_config, cfg = load_config(tmp_path / "cfg.json", ["val_manifest=" + str(tmp_path / "val.csv"), *overrides])
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.ds_config, trainer.resume = cfg, {}, resume
+    trainer.rank, trainer.world, trainer.device, trainer.accum = 0, 1, torch.device("cpu"), 1
+    trainer.out = Path(cfg.output_dir)
+    trainer.out.mkdir(exist_ok=True)
+    trainer.log = JsonlLog(trainer.out / "log.jsonl")
+    trainer.ckpt = CheckpointManager(trainer.out / "checkpoints", keep=cfg.keep_checkpoints)
+    trainer.stop, trainer.mixup, trainer.progress = SimpleNamespace(requested=False), None, None
+    trainer.nonfinite_streak = trainer.skipped_steps = 0
+    trainer.peak_lr, trainer.min_lr, trainer.lr = 1e-3, 0.0, 0.0
+    trainer.optimizer = SimpleNamespace(param_groups=[{}])
+    trainer.read_manifests = lambda: None
+    trainer.setup_engine = lambda: setattr(trainer, "engine", engine)
+    trainer.micro_batches_per_epoch = lambda: 2
+    batch = {"video": torch.zeros(1, 1), "audio": torch.zeros(1, 1), "label": torch.zeros(1, dtype=torch.long)}
+    trainer.build_loaders = lambda start_epoch, start_batch: [batch] * (2 - start_batch)
+    trainer.progress_bar = lambda total, start: None
+    trainer.agree_flags = lambda *flags: list(flags)
+    trainer.val_loaders = lambda: [None]
+    trainer.predict = lambda loader: (torch.arange(2), torch.zeros(2, 4), torch.zeros(2))
+    return trainer
+
+
+def test_after_a_resume_a_worse_score_does_not_replace_the_best(tmp_path, monkeypatch):
+    """Step 2 ends epoch 1 and is checkpointed: the checkpoint must carry epoch 1's score as the best
+    (the periodic save used to run before the evaluation and keep the old best), so the resumed run's
+    worse scores leave best_fp32.pt and metrics.json alone."""
+    import avfmae.metrics as metrics
+
+    scores = iter([0.5, 0.375, 0.25])  # epochs 1 (run 1), 2 and 3 (the resumed run)
+    monkeypatch.setattr(metrics, "evaluation_scores", lambda *a: ({"war": next(scores)}, "war"))
+    _tiny_config(tmp_path, "finetune")
+    settings = ["epochs=3", "checkpoint_every_steps=2", "eval_every_epochs=1", "keep_checkpoints=5"]
+    first = StubEngine(crash_at_step=3)
+    with pytest.raises(Crash):
+        _stub_run(tmp_path, first, resume=False, overrides=settings).run()
+    out = tmp_path / "out"
+    best_weights, best_record = (out / "best_fp32.pt").read_bytes(), json.loads((out / "metrics.json").read_text())
+    assert best_record["step"] == 2 and best_record["best"] == {"war": 0.5}
+    saved = torch.load(out / "checkpoints" / "step_00000002" / "states.pt", weights_only=True)
+    assert saved["train_state"] == {"step": 2, "epoch": 1, "best_metric": 0.5}
+    exported = torch.load(out / "best_fp32.pt", weights_only=True)
+    assert exported.keys() == saved["module"].keys()
+    assert all(torch.equal(exported[k], saved["module"][k]) for k in exported)  # step 2's weights
+
+    code = _stub_run(tmp_path, StubEngine(), resume=True, overrides=settings).run()
+    assert code == ExitCode.COMPLETED
+    assert (out / "best_fp32.pt").read_bytes() == best_weights
+    assert json.loads((out / "metrics.json").read_text()) == best_record
+    final = torch.load(out / "checkpoints" / "step_00000006" / "states.pt", weights_only=True)
+    assert final["train_state"] == {"step": 6, "epoch": 3, "best_metric": 0.5}
+    assert [(e["step"], e["war"]) for e in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+            if e["event"] == "eval"] == [(2, 0.5), (4, 0.375), (6, 0.25)]
+
+
 def test_train_state_round_trips_through_a_checkpoints_dict():
     import dataclasses
 
