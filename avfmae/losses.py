@@ -5,8 +5,10 @@
 * MSE (eq. 3): ``mae_kernels.masked_mse_loss`` over the decoder's predictions, with per-patch
   normalised targets (video: per colour channel, ``norm_groups=3`` on (c t p p) patches), counting
   only decoder targets the encoder did not see (``valid``) and averaging over those of the whole
-  batch. The input normalisation (ImageNet mean/std) need not be undone first: per-patch,
-  per-channel normalisation cancels any positive per-channel affine map.
+  batch, as DESIGN.md says. Eq. 3 itself divides the same sum by the decoder-target count
+  (1 - rho_d) * N_m, valid or not, i.e. it is this loss times the batch's valid fraction. The input
+  normalisation (ImageNet mean/std) need not be undone first: per-patch, per-channel normalisation
+  cancels any positive per-channel affine map.
 * Frame-difference option (reference code): targets are normalised first, then in every tubelet
   frame j >= 1 is replaced by frame j - frame 0, and the loss runs without further normalisation.
 * HCMCL: for every selected encoder layer, e_m = L2-normalised mean of the layer's normalised
