@@ -275,7 +275,7 @@ def masked_mse_loss_op(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Ten
     convention = (norm_groups, unbiased, eps_on_std, channels_last)
     if idx.shape[1] == 0:  # static shape: no row to reconstruct, loss 0 (as with no valid row)
         return pred.new_zeros((), dtype=torch.promote_types(pred.dtype, torch.float32))
-    if runs_triton(backend, pred):
+    if runs_triton(backend, pred, patches):
         with device_guard(pred):
             patches, norm_pix = _kernel_targets(patches, norm_pix, eps, *convention)
             return _loss_triton(pred, patches, idx, valid, norm_pix, eps, norm_groups)
@@ -296,7 +296,7 @@ def masked_mse_loss_backward_op(grad_loss: torch.Tensor, pred: torch.Tensor, pat
     convention = (norm_groups, unbiased, eps_on_std, channels_last)
     if idx.shape[1] == 0:
         return torch.zeros_like(pred, memory_format=torch.contiguous_format)
-    if runs_triton(backend, pred):
+    if runs_triton(backend, pred, patches):
         with device_guard(pred):
             patches, norm_pix = _kernel_targets(patches, norm_pix, eps, *convention)
             return _loss_backward_triton(grad_loss, pred, patches, idx, valid, norm_pix, eps, norm_groups)
@@ -337,8 +337,9 @@ def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor
 
     Args:
         pred: [B, M, P] predictions, float32/float16/bfloat16 (float64: reference backend), any strides.
-        patches: [B, N, P] patchified targets, any float dtype (computed in fp32; not differentiated:
-            targets are data).
+        patches: [B, N, P] patchified targets, any float dtype (not differentiated: targets are
+            data). Compared in pred's compute dtype (fp32; fp64 for float64 pred): float64 patches
+            next to a float32/16-bit pred are cast to float32 first, so both backends take them.
         idx: [B, M] int32/int64, the patch each prediction row reconstructs, 0 <= idx < N. M = 0
             gives loss 0 and an empty gradient. A boolean mask converts with
             :func:`mae_kernels.mask_to_indices`.
@@ -392,6 +393,11 @@ def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor
     if norm_pix and unbiased and P // norm_groups < 2:
         raise ValueError(f"unbiased normalisation needs at least 2 values per group, got P/norm_groups = "
                          f"{P // norm_groups}")
+    compute = torch.promote_types(pred.dtype, torch.float32)
+    if patches.dtype == torch.float64 and compute != torch.float64:
+        # the targets are compared in pred's compute dtype anyway; cast once here so both backends take
+        # float64 patches and agree (the kernels do not read float64)
+        patches = patches.to(compute)
     name = requested_backend()
     runs_triton(name, pred, patches, idx, valid)  # raises here, not inside the op, when the backend cannot run
     return masked_mse_loss_op(pred, patches, idx, valid, bool(norm_pix), float(eps), norm_groups, bool(unbiased),

@@ -114,6 +114,23 @@ def test_nan_and_inf_in_invalid_rows_do_not_count(backend, norm_pix):
     assert loss.isnan() and g[0, 0, 2].isnan() and torch.equal(g[~valid], torch.zeros_like(g[~valid]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_patches_next_to_float32_pred_run_on_both_backends(backend):
+    """patches may be any float dtype: float64 ones are compared in fp32 (pred's compute dtype) on both
+    backends, instead of raising on the Triton one."""
+    pred, patches, idx, valid = case(2, 12, 5, 16, valid_frac=0.7, seed=6)
+    patches = patches.double() + 1e-9  # not exactly representable in fp32
+    want = loss_over_valid_rows_float64(pred, patches, idx, valid, norm_pix=True)
+    with mae_kernels.backend(backend):
+        loss = mae_kernels.masked_mse_loss(pred, patches, idx, valid, norm_pix=True)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want, atol=1e-6, rtol=1e-5)
+    with mae_kernels.backend("torch"):
+        other = mae_kernels.masked_mse_loss(pred, patches, idx, valid, norm_pix=True)
+    torch.testing.assert_close(loss, other)
+    torch.testing.assert_close(torch.autograd.grad(loss, pred)[0], torch.autograd.grad(other, pred)[0])
+
+
 def test_strided_pred_and_int32_idx():
     wide = torch.randn(2, 9, 2, 64, device=DEVICE, requires_grad=True)
     pred = wide[:, :, 1]  # [2, 9, 64], row stride 128
