@@ -135,7 +135,9 @@ def _assemble_backward(ctx, grad_out):
     grad_enc = grad_out[:, :ME] if ctx.needs_input_grad[0] else None
     grad_token = None
     if ctx.needs_input_grad[1]:
-        grad_token = grad_out[:, ME:].sum(dim=(0, 1), dtype=torch.float32).to(grad_out.dtype).reshape(token_shape)
+        # 16-bit gradients are summed in fp32 (many rows add up); float64 stays float64 for gradchecks
+        acc = torch.promote_types(grad_out.dtype, torch.float32)
+        grad_token = grad_out[:, ME:].sum(dim=(0, 1), dtype=acc).to(grad_out.dtype).reshape(token_shape)
     grad_pos = None
     if ctx.needs_input_grad[2]:
         all_idx = torch.cat([enc_idx.long(), dec_idx.long()], dim=1)
@@ -175,8 +177,8 @@ def assemble_decoder_tokens(enc: torch.Tensor, mask_token: torch.Tensor, pos: to
     check_tensor("enc", enc, 3)
     B, ME, C = enc.shape
     check_tensor("mask_token", mask_token, (1, 2, 3))
-    if mask_token.numel() != C:
-        raise ValueError(f"mask_token must hold C={C} values ([C], [1, C] or [1, 1, C]), "
+    if tuple(mask_token.shape) not in ((C,), (1, C), (1, 1, C)):
+        raise ValueError(f"mask_token must hold C={C} values with shape [{C}], [1, {C}] or [1, 1, {C}], "
                          f"got shape {tuple(mask_token.shape)}")
     check_tensor("pos", pos, (2, 3))
     N = pos.shape[-2]

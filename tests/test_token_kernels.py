@@ -1,5 +1,7 @@
 """gather_tokens and assemble_decoder_tokens: Triton (interpreter on CPU) against the torch reference."""
 
+import math
+
 import mae_kernels
 import pytest
 import torch
@@ -152,6 +154,24 @@ def test_assemble_matches_reference(triton_backend, dtype, B, N, ME, MD, C, toke
     torch.testing.assert_close(g_token, r_token, atol=atol * 20, rtol=rtol * 10)
 
 
+@pytest.mark.parametrize("token_shape", [(-1,), (1, -1), (1, 1, -1)])
+def test_assemble_float64_mask_token_gradient_is_summed_in_float64(token_shape):
+    """float64 runs the reference for gradchecks: the token's gradient (a sum over B * Md rows) must not
+    pass through fp32 on the way."""
+    B, N, ME, MD, C = 3, 40, 4, 30, 6
+    gen = torch.Generator().manual_seed(7)
+    enc = torch.randn(B, ME, C, generator=gen, dtype=torch.float64).to(DEVICE)
+    token = torch.randn(C, generator=gen, dtype=torch.float64).to(DEVICE).reshape(token_shape).requires_grad_()
+    pos = torch.randn(N, C, generator=gen, dtype=torch.float64).to(DEVICE)
+    g = (torch.randn(B, ME + MD, C, generator=gen, dtype=torch.float64) * 1e3 + 1 / 3).to(DEVICE)
+    out = mae_kernels.assemble_decoder_tokens(enc, token, pos, unique_idx(B, N, ME), unique_idx(B, N, MD))
+    (g_token,) = torch.autograd.grad(out, token, g)
+    exact = [math.fsum(g[:, ME:, c].flatten().tolist()) for c in range(C)]  # correctly rounded sums
+    assert g_token.dtype == torch.float64 and g_token.shape == token.shape
+    want = torch.tensor(exact, dtype=torch.float64)
+    torch.testing.assert_close(g_token.flatten().cpu(), want, atol=1e-12, rtol=1e-15)
+
+
 def test_assemble_batched_pos_and_int32(triton_backend):
     B, N, C = 2, 60, 48
     enc, token, pos = leaf(B, 5, C), leaf(1, C), leaf(B, N, C)
@@ -223,6 +243,9 @@ def test_assemble_errors_name_the_argument():
     eidx, didx = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="mask_token must hold C=8"):
         mae_kernels.assemble_decoder_tokens(enc, torch.randn(9), pos, eidx, didx)
+    for shape in ((2, 4), (8, 1), (1, 2, 4)):  # C values, but not a [C], [1, C] or [1, 1, C] token
+        with pytest.raises(ValueError, match=r"mask_token must hold C=8 values with shape \[8\], \[1, 8\]"):
+            mae_kernels.assemble_decoder_tokens(enc, torch.randn(shape), pos, eidx, didx)
     with pytest.raises(ValueError, match="enc_idx must list one position per encoder token"):
         mae_kernels.assemble_decoder_tokens(enc, token, pos, eidx[:, :2], didx)
     with pytest.raises(ValueError, match="dec_idx values must lie"):
