@@ -485,12 +485,12 @@ class Trainer:
             self.lr = lr_at(state.step, plan.total, plan.warmup, self.peak_lr, self.min_lr)
             self.set_lr(self.optimizer, self.lr)
             if i % self.accum == 0:
-                nonfinite = {}  # this rank's non-finite loss terms within the optimizer step
-            terms = self.train_micro_step(batch, state.step, i % self.accum)
-            nonfinite.update({k: v for k, v in terms.items() if not math.isfinite(v)})
+                micro_steps = []  # this optimizer step's loss terms, on the device until it is done
+            micro_steps.append(self.train_micro_step(batch, state.step, i % self.accum))
             samples += batch["video"].shape[0] * self.world
             if (i + 1) % self.accum:
                 continue
+            terms, nonfinite = self.read_terms(micro_steps)  # this rank's non-finite terms within the step
             state.step += 1
             rate = samples / max(time.time() - clock, 1e-9)
             self.count_skipped_step(state.step)
@@ -576,7 +576,11 @@ class Trainer:
             print(f"done: {json.dumps(summary)}; weights in {self.out / 'model_fp32.pt'}", flush=True)
         _barrier()
 
-    def train_micro_step(self, batch: dict, step: int, micro: int) -> dict[str, float]:
+    def train_micro_step(self, batch: dict, step: int, micro: int) -> tuple[list[str], torch.Tensor]:
+        """Forward, backward and (at the accumulation boundary) DeepSpeed's step of one micro-batch.
+        Returns the loss terms' names and their values stacked on the device, unread: reading them here
+        would make the CPU wait for the forward before it queues the backward (:meth:`read_terms` reads
+        a whole optimizer step's at once)."""
         # one seed per (step, micro-step, rank): identical randomness whether or not the run resumed
         seed = step_seed(self.cfg.seed, step, micro, self.rank)
         torch.manual_seed(seed)
@@ -589,16 +593,28 @@ class Trainer:
             out = engine(video, audio, masks)
             loss = out["loss"]
             names = [k for k in out if k.startswith("loss")]
-            values = torch.stack([out[k].detach().float() for k in names]).tolist()  # one device sync
-            terms = dict(zip(names, values, strict=True))
+            values = torch.stack([out[k].detach().float() for k in names])
         else:
             video, audio, target = self.training_inputs(batch)
             logits = engine(video, audio)
             loss = engine.module.compute_loss(logits, target)
-            terms = {"loss": float(loss.detach())}
+            names, values = ["loss"], loss.detach().float().reshape(1)
         engine.backward(loss)
         engine.step()
-        return terms
+        return names, values
+
+    @staticmethod
+    def read_terms(micro_steps: list[tuple[list[str], torch.Tensor]]) -> tuple[dict[str, float], dict[str, float]]:
+        """The loss terms of one optimizer step from its micro-steps' (names, device values), read in one
+        device-to-host copy: (the last micro-step's terms, which are logged; every non-finite term of
+        any micro-step, a later micro-step's value replacing an earlier one's)."""
+        values = torch.cat([v for _, v in micro_steps]).tolist()  # the step's one host sync
+        nonfinite, at = {}, 0
+        for names, _ in micro_steps:
+            terms = dict(zip(names, values[at:at + len(names)], strict=True))
+            at += len(names)
+            nonfinite.update({k: v for k, v in terms.items() if not math.isfinite(v)})
+        return terms, nonfinite
 
     def inputs(self, batch: dict, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Video and audio on this rank's device in ``dtype``, by default the engine's compute dtype

@@ -125,17 +125,47 @@ class Crash(Exception):
     """The process dying mid-step."""
 
 
+class Watched(torch.Tensor):
+    """A tensor that counts its reads on the host (each one makes the CPU wait for the device)."""
+
+    reads = 0
+
+    def _read(self, how):
+        Watched.reads += 1
+        return how(self.as_subclass(torch.Tensor))
+
+    def tolist(self):
+        return self._read(torch.Tensor.tolist)
+
+    def item(self):
+        return self._read(torch.Tensor.item)
+
+    def __float__(self):
+        return self._read(float)
+
+    def __bool__(self):
+        return self._read(bool)
+
+
 class StubEngine:
     """DeepSpeed's engine as the loop uses it, on one process: each optimizer step changes the weights
-    (so files tell steps apart); checkpoints are one file per tag, loaded back by load_checkpoint."""
+    (so files tell steps apart); checkpoints are one file per tag, loaded back by load_checkpoint.
+    ``losses``: each micro-step's loss terms ({name: value}; fine-tuning has "loss" only), as
+    :class:`Watched` tensors."""
 
-    def __init__(self, crash_at_step: int | None = None):
+    def __init__(self, crash_at_step: int | None = None, losses: list[dict[str, float]] | None = None):
         self.module = torch.nn.Linear(1, 1)
-        self.module.compute_loss = lambda logits, target: logits.sum()
+        self.losses = iter(losses or [])
+        self.module.compute_loss = lambda logits, target: self.micro_losses()["loss"]
+        self.module.sample_masks = lambda batch, device, generator: "masks"
         self.skipped_steps, self.steps, self.crash_at_step = 0, 0, crash_at_step
 
-    def __call__(self, video, audio):
-        return self.module(video)
+    def micro_losses(self) -> dict[str, torch.Tensor]:
+        terms = next(self.losses, {"loss": 1.0})
+        return {k: torch.tensor(v).as_subclass(Watched) for k, v in terms.items()}
+
+    def __call__(self, video, audio, masks=None):
+        return self.module(video) if masks is None else self.micro_losses()
 
     def get_data_types(self):
         return (torch.float32,)
@@ -163,17 +193,20 @@ class StubEngine:
         return str(Path(directory) / tag), saved
 
 
-def _stub_run(tmp_path: Path, engine: StubEngine, *, resume: bool, overrides: list[str]) -> Trainer:
+def _stub_run(tmp_path: Path, engine: StubEngine, *, resume: bool, overrides: list[str], validate: bool = True,
+              accum: int = 1) -> Trainer:
     """A Trainer whose run() goes through the real loop, checkpoints, evaluation bookkeeping and export,
-    with the engine, loaders and predictions stubbed (one rank, no process group)."""
+    with the engine, loaders and predictions stubbed (one rank, no process group, 2 optimizer steps
+    an epoch of ``accum`` micro-batches each)."""
     from avfmae.checkpoints import CheckpointManager
     from avfmae.training import load_config
 
     (tmp_path / "val.csv").write_text("video,audio,label\n")
-    ds_config, cfg = load_config(tmp_path / "cfg.json", ["val_manifest=" + str(tmp_path / "val.csv"), *overrides])
+    val = ["val_manifest=" + str(tmp_path / "val.csv")] if validate else []
+    ds_config, cfg = load_config(tmp_path / "cfg.json", [*val, *overrides])
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.ds_config, trainer.resume = cfg, {}, resume
-    trainer.rank, trainer.world, trainer.device, trainer.accum = 0, 1, torch.device("cpu"), 1
+    trainer.rank, trainer.world, trainer.device, trainer.accum = 0, 1, torch.device("cpu"), accum
     trainer.out = Path(cfg.output_dir)
     trainer.out.mkdir(exist_ok=True)
     trainer.log = JsonlLog(trainer.out / "log.jsonl")
@@ -184,9 +217,9 @@ def _stub_run(tmp_path: Path, engine: StubEngine, *, resume: bool, overrides: li
     trainer.optimizer = SimpleNamespace(param_groups=[{}])
     trainer.read_manifests = lambda: None
     trainer.setup_engine = lambda: setattr(trainer, "engine", engine)
-    trainer.micro_batches_per_epoch = lambda: 2
+    trainer.micro_batches_per_epoch = lambda: 2 * accum
     batch = {"video": torch.zeros(1, 1), "audio": torch.zeros(1, 1), "label": torch.zeros(1, dtype=torch.long)}
-    trainer.build_loaders = lambda start_epoch, start_batch: [batch] * (2 - start_batch)
+    trainer.build_loaders = lambda start_epoch, start_batch: [batch] * (2 * accum - start_batch)
     trainer.progress_bar = lambda total, start: None
     trainer.agree_flags = lambda *flags: list(flags)
     trainer.val_loaders = lambda: [None]
@@ -224,6 +257,41 @@ def test_after_a_resume_a_worse_score_does_not_replace_the_best(tmp_path, monkey
     assert final["train_state"] == {"step": 6, "epoch": 3, "best_metric": 0.5}
     assert [(e["step"], e["war"]) for e in map(json.loads, (out / "log.jsonl").read_text().splitlines())
             if e["event"] == "eval"] == [(2, 0.5), (4, 0.375), (6, 0.25)]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_a_micro_step_leaves_its_loss_terms_on_the_device(tmp_path, stage):
+    """Reading a loss before engine.backward makes the CPU wait for the forward on every micro-step:
+    the terms stay on the device until read_terms reads the optimizer step's in one copy."""
+    terms = {"loss": 0.5, "loss_video": 0.25, "loss_audio": 0.75} if stage == "pretrain" else {"loss": 0.5}
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = SimpleNamespace(seed=0, stage=stage, video_only=False)
+    trainer.rank, trainer.device, trainer.mixup = 0, torch.device("cpu"), None
+    trainer.engine = StubEngine(losses=[terms, terms])
+    batch = {"video": torch.zeros(2, 1), "audio": torch.zeros(2, 1), "label": torch.zeros(2, dtype=torch.long)}
+    Watched.reads = 0
+    micro_steps = [trainer.train_micro_step(batch, step=0, micro=micro) for micro in (0, 1)]
+    assert Watched.reads == 0
+    assert [names for names, _ in micro_steps] == [list(terms)] * 2
+    assert Trainer.read_terms(micro_steps) == (terms, {})
+    assert Watched.reads == 1
+
+
+def test_a_steps_terms_are_its_last_micro_steps_and_its_non_finite_ones_any_micro_steps(tmp_path):
+    """Gradient accumulation over 2 micro-batches: the log shows each optimizer step's last micro-step's
+    loss, a NaN in any micro-step counts the step as non-finite (naming the term), and the terms are
+    read once per optimizer step."""
+    _tiny_config(tmp_path, "finetune")
+    losses = [{"loss": float("nan")}, {"loss": 2.0}, {"loss": 3.0}, {"loss": 4.0}]
+    trainer = _stub_run(tmp_path, StubEngine(losses=losses), resume=False, validate=False, accum=2,
+                        overrides=["epochs=1", "log_every_steps=1"])
+    Watched.reads = 0
+    assert trainer.run() == ExitCode.COMPLETED
+    assert Watched.reads == 2  # one read per optimizer step, none per micro-step
+    records = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records if r["event"] == "train"] == [(1, 2.0), (2, 4.0)]
+    assert [(r["step"], r["terms"]) for r in records if r["event"] == "nonfinite"] == [(1, {"0": {"loss": "nan"}})]
+    assert (tmp_path / "out" / "model_fp32.pt").exists()  # step 2 was finite: the run saved and exported
 
 
 def test_train_state_round_trips_through_a_checkpoints_dict():
