@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import avfmae
-from avfmae.training import ExitCode
+from avfmae.launch import local_ranks
+from avfmae.training import CheckpointManager, ExitCode
 from dali_pipelines.decoders import torchcodec_missing
 from tests.helpers.ports import free_port
 
@@ -189,21 +190,35 @@ def test_finetuning_from_the_pretrained_export(dataset, pretrained, tmp_path):
 def test_sigterm_saves_a_resumable_checkpoint(dataset, tmp_path):
     out = tmp_path / "terminated"
     # in bf16, as the GPU configs train: the inputs must follow the engine's dtype
-    proc = launch(config(dataset, out, ds={"bf16": {"enabled": True}}, epochs=50), wait=False)
+    cfg = config(dataset, out, ds={"bf16": {"enabled": True}}, epochs=50)
+    proc = launch(cfg, wait=False)
     wait_until(lambda: (out / "log.jsonl").exists() and events(out, "train"), proc, 240, "first train record")
-    os.killpg(proc.pid, signal.SIGTERM)  # what a cluster scheduler does at the end of a job
+    # SIGTERM to the training processes (the deepspeed command passes no signal on: README, "Signals");
+    # their status, 5, is what the launcher must pass on
+    ranks = local_ranks(proc.pid)
+    assert len(ranks) == 2, stop_tree(proc)
+    for rank in ranks:
+        rank.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == ExitCode.STOPPED_BY_SIGNAL, output[-3000:]
     saved = events(out, "checkpoint")
     assert saved and saved[-1]["reason"] == "signal SIGTERM", output[-3000:]
-    assert (out / "checkpoints" / "latest").read_text() == saved[-1]["tag"]
-    assert saved[-1]["step"] < 100
+    tag, step = saved[-1]["tag"], saved[-1]["step"]
+    assert (out / "checkpoints" / "latest").read_text() == tag
+    assert step < 100  # stopped early, not at the end of the 200-step schedule
+    assert CheckpointManager(out / "checkpoints").problem(tag, world=2) is None  # complete on every rank
+    # resumable: --resume starts from that tag and trains the next step (then stops there, a job slice)
+    launch(config(dataset, out, ds={"bf16": {"enabled": True}}, epochs=50, stop_at_step=step + 1), "--resume",
+           expect=ExitCode.STOPPED_AT_STEP)
+    assert events(out, "resume")[-1]["step"] == step
+    assert max(losses(out)) == step + 1
 
 
 def test_a_bad_config_fails_fast_under_the_launcher(dataset, tmp_path):
     out = tmp_path / "bad"
     cfg = config(dataset, out, mask={"video_ratio": 1.5})
     result = run_launcher(cfg, timeout=120)
-    assert result.returncode != 0
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stdout[-3000:] + result.stderr[-3000:]
     assert "bad config: config key avfmae.mask.video_ratio: must lie in (0, 1), got 1.5" in result.stderr
     assert "Traceback" not in result.stderr
     # fast = before any work: no rank built a trainer, so the run directory was never made
