@@ -56,6 +56,24 @@ def mae_way_loss(pred, patches, dec_keep, groups):
     return ((pred.float() - target.float()) ** 2).mean()
 
 
+def check_agree(cases, grad_of=None):
+    """Before timing: both sides' outputs (and ``grad_of``'s gradient, for a fwd+bwd case) agree."""
+    results = {}
+    for impl, fn in cases.items():
+        if grad_of is not None:
+            grad_of.grad = None
+        out = fn().detach().float()
+        results[impl] = (out, None if grad_of is None else grad_of.grad.float())
+    tol = 2e-2 if DTYPE == torch.bfloat16 else 1e-5  # the baseline normalises targets in DTYPE
+    (out, grad), (want, want_grad) = results["mae_kernels"], results["mae_way"]
+    pairs = [("output", out, want)] + ([("gradient", grad, want_grad)] if grad_of is not None else [])
+    for what, got, ref in pairs:  # atol on the tensor's scale: a loss gradient is ~1 / numel
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item(),
+                                   msg=lambda m, w=what: f"{w}: {m}")
+    if grad_of is not None:
+        grad_of.grad = None
+
+
 def nbytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -68,8 +86,10 @@ def test_gather_tokens(benchmark, modality, C, impl):
     benchmark.extra_info["role"] = ROLES[impl]
     x, pos = tensors(BATCH, shape["N"], C)
     idx, keep = masks(BATCH, shape["N"], shape["ME"])
-    fn = (lambda: mae_kernels.gather_tokens(x, idx, pos)) if impl == "mae_kernels" else \
-        (lambda: mae_way_gather(x, keep, pos))
+    cases = {"mae_kernels": lambda: mae_kernels.gather_tokens(x, idx, pos),
+             "mae_way": lambda: mae_way_gather(x, keep, pos)}
+    check_agree(cases)
+    fn = cases[impl]
     out = fn()
     run_timed(benchmark, fn, bytes_moved=2 * nbytes(out) + nbytes(idx))
 
@@ -85,10 +105,10 @@ def test_assemble_decoder_tokens(benchmark, modality, C, impl):
     _, pos = tensors(1, shape["N"], C)
     enc_idx, enc_keep = masks(BATCH, shape["N"], shape["ME"], seed=1)
     dec_idx, dec_keep = masks(BATCH, shape["N"], shape["MD"], seed=2)
-    if impl == "mae_kernels":
-        fn = lambda: mae_kernels.assemble_decoder_tokens(enc, token, pos, enc_idx, dec_idx)  # noqa: E731
-    else:
-        fn = lambda: mae_way_assemble(enc, token, pos, enc_keep, dec_keep)  # noqa: E731
+    cases = {"mae_kernels": lambda: mae_kernels.assemble_decoder_tokens(enc, token, pos, enc_idx, dec_idx),
+             "mae_way": lambda: mae_way_assemble(enc, token, pos, enc_keep, dec_keep)}
+    check_agree(cases)
+    fn = cases[impl]
     out = fn()
     run_timed(benchmark, fn, bytes_moved=2 * nbytes(out))
 
@@ -103,13 +123,18 @@ def test_masked_mse_loss_fwd_bwd(benchmark, modality, P, groups, impl):
     patches = torch.randn(BATCH, shape["N"], P, device=DEVICE, dtype=DTYPE)
     dec_idx, dec_keep = masks(BATCH, shape["N"], shape["MD"], seed=3)
 
-    def fn():
-        if impl == "mae_kernels":
-            loss = mae_kernels.masked_mse_loss(pred, patches, dec_idx, norm_pix=True, norm_groups=groups)
-        else:
-            loss = mae_way_loss(pred, patches, dec_keep, groups)
-        loss.backward()
-        return loss
+    def step(loss_of):
+        def fn():
+            loss = loss_of()
+            loss.backward()
+            return loss
+        return fn
+
+    cases = {"mae_kernels": step(lambda: mae_kernels.masked_mse_loss(pred, patches, dec_idx, norm_pix=True,
+                                                                     norm_groups=groups)),
+             "mae_way": step(lambda: mae_way_loss(pred, patches, dec_keep, groups))}
+    check_agree(cases, grad_of=pred)
+    fn = cases[impl]
 
     # forward reads pred + gathered patches; backward reads both again and writes grad
     run_timed(benchmark, fn, bytes_moved=5 * nbytes(pred))
