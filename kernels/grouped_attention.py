@@ -579,7 +579,9 @@ def _check(q, k, v, scale, dropout_p):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a finite positive number or None, got {scale}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
@@ -606,6 +608,15 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         Differentiable in q, k and v (not twice). No host sync. A NaN input makes NaN exactly the
         outputs and gradients the formula makes NaN, on both backends; the Triton kernels' packed
         tiles (Lq, Lk <= 64) may also make the other groups sharing the tile NaN.
+
+    Raises:
+        TypeError: an argument of the wrong type, naming it: q, k or v not a float tensor, or not
+            one dtype; scale not a float/None or dropout_p not a float (bool included); float64
+            under ``backend("triton")``.
+        ValueError: a bad shape, device or value, naming the argument: q, k or v not 5-D, k and v
+            not alike or not matching q's B, G, H, D, an empty dim, tensors on several devices,
+            scale not finite and positive, dropout_p outside [0, 1), the triton backend without
+            CUDA or the interpreter.
     """
     _check(q, k, v, scale, dropout_p)
     name = requested_backend()

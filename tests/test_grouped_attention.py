@@ -371,6 +371,12 @@ def test_errors_name_the_argument():
                     mae_kernels.grouped_attention(q, k, k, scale=bad)
             with pytest.raises(TypeError, match="scale must be a float or None, got str"):
                 mae_kernels.grouped_attention(q, k, k, scale="0.5")
+            for bad in ("0.1", True, torch.tensor(0.1), None):  # wrong type: TypeError, as for scale
+                with pytest.raises(TypeError, match="dropout_p must be a float, got"):
+                    mae_kernels.grouped_attention(q, k, k, dropout_p=bad)
+            for bad in (-0.1, 1.0, float("nan")):
+                with pytest.raises(ValueError, match=r"dropout_p must be a float in \[0, 1\)"):
+                    mae_kernels.grouped_attention(q, k, k, dropout_p=bad)
 
 
 # --- dispatch ----------------------------------------------------------------------------------------

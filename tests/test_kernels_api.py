@@ -161,6 +161,9 @@ def test_mask_to_indices_lists_true_positions_in_raster_order():
         mae_kernels.mask_to_indices(mask.int(), 7)
     with pytest.raises(ValueError, match="count must be an int in"):
         mae_kernels.mask_to_indices(mask, 21)
+    for bad in (7.0, True, "7"):
+        with pytest.raises(TypeError, match="count must be an int"):
+            mae_kernels.mask_to_indices(mask, bad)
 
 
 def test_indices_to_mask_marks_exactly_the_listed_positions():
@@ -175,6 +178,9 @@ def test_indices_to_mask_marks_exactly_the_listed_positions():
         mae_kernels.indices_to_mask(idx.float(), 20)
     with pytest.raises(ValueError, match="num_tokens must be a non-negative int"):
         mae_kernels.indices_to_mask(idx, -1)
+    for bad in (20.0, True):
+        with pytest.raises(TypeError, match="num_tokens must be an int"):
+            mae_kernels.indices_to_mask(idx, bad)
 
 
 # --- target normalisation conventions -------------------------------------------------------------------
