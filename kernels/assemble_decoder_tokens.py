@@ -20,7 +20,9 @@ import triton
 import triton.language as tl
 
 from .dispatch import (
+    check_castable,
     check_index,
+    check_index_range,
     check_pos,
     check_same_device,
     check_tensor,
@@ -173,6 +175,17 @@ def assemble_decoder_tokens(enc: torch.Tensor, mask_token: torch.Tensor, pos: to
     in both index tensors. float32/float16/bfloat16 (float64 on the reference backend); one device.
     ``mask_token`` and ``pos`` are cast to enc's dtype (the dtype rule of all token ops, for autocast:
     their gradients come back in their own dtype). No host sync unless ``validate``.
+
+    Raises:
+        TypeError: an argument of the wrong type, naming it: enc, mask_token or pos not a float
+            tensor, an index tensor not int32/int64 (a bool mask names
+            :func:`mae_kernels.mask_to_indices`), mask_token or pos not float64 next to a float64
+            enc; float64 under ``backend("triton")``.
+        ValueError: a bad shape or device, naming the argument: enc not 3-D, mask_token not [C],
+            [1, C] or [1, 1, C], pos not [N, C], [1, N, C] or [B, N, C], an index tensor not [B, *],
+            enc_idx not [B, Me], tensors on several devices, the triton backend without CUDA or the
+            interpreter; with ``validate``, indices outside [0, N) (checked last, after every check
+            that needs no sync).
     """
     check_tensor("enc", enc, 3)
     B, ME, C = enc.shape
@@ -183,13 +196,20 @@ def assemble_decoder_tokens(enc: torch.Tensor, mask_token: torch.Tensor, pos: to
     check_tensor("pos", pos, (2, 3))
     N = pos.shape[-2]
     check_same_device(enc=enc, mask_token=mask_token, pos=pos, enc_idx=enc_idx, dec_idx=dec_idx)
-    pos = match_dtype("pos", check_pos("pos", pos, B, N, C), enc, "enc")
-    mask_token = match_dtype("mask_token", mask_token, enc, "enc")
-    check_index("enc_idx", enc_idx, B, N, validate)
+    pos = check_pos("pos", pos, B, N, C)
+    check_castable("pos", pos, enc, "enc")
+    check_castable("mask_token", mask_token, enc, "enc")
+    check_index("enc_idx", enc_idx, B, N)  # the ranges last: validate reads them back to the host
     if enc_idx.shape[1] != ME:
         raise ValueError(f"enc_idx must list one position per encoder token ({ME}), got shape "
                          f"{tuple(enc_idx.shape)}")
-    check_index("dec_idx", dec_idx, B, N, validate)
+    check_index("dec_idx", dec_idx, B, N)
     name = requested_backend()
-    runs_triton(name, enc, mask_token, pos, enc_idx, dec_idx)  # raises here, not inside the op
+    # enc decides: pos and mask_token take its dtype below
+    runs_triton(name, enc, enc_idx, dec_idx)  # raises here, not inside the op
+    if validate:
+        check_index_range("enc_idx", enc_idx, N)
+        check_index_range("dec_idx", dec_idx, N)
+    pos = match_dtype("pos", pos, enc, "enc")
+    mask_token = match_dtype("mask_token", mask_token, enc, "enc")
     return assemble_decoder_tokens_op(enc, mask_token, pos, enc_idx, dec_idx, name)

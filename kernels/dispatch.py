@@ -187,12 +187,15 @@ def match_dtype(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) 
     matmuls, and keeps the output in the activations' dtype. A float64 activation next to a lower
     precision parameter is an error rather than a silent upcast of the parameter.
     """
-    if t.dtype == like.dtype:
-        return t
+    check_castable(name, t, like, like_name)
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
+def check_castable(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+    """The check half of :func:`match_dtype`, for ops that check everything before casting anything."""
     if like.dtype == torch.float64 and t.dtype != torch.float64:
         raise TypeError(f"{like_name} is float64 but {name} is {t.dtype}: cast {name} to float64 as well "
                         "(float64 is for gradchecks on the reference backend)")
-    return t.to(like.dtype)
 
 
 def check_index(name: str, idx: object, batch: int, upper: int, validate: bool = False) -> torch.Tensor:
@@ -209,11 +212,18 @@ def check_index(name: str, idx: object, batch: int, upper: int, validate: bool =
     assert isinstance(idx, torch.Tensor)
     if idx.shape[0] != batch:
         raise ValueError(f"{name} must have batch size {batch} (first dim), got shape {tuple(idx.shape)}")
-    if validate and idx.numel():
+    if validate:
+        check_index_range(name, idx, upper)
+    return idx
+
+
+def check_index_range(name: str, idx: torch.Tensor, upper: int) -> None:
+    """0 <= idx < upper. Reads the range back to the host (one sync): ops call it after every cheap check,
+    so a bad shape or dtype is reported without waiting for the GPU queue."""
+    if idx.numel():
         lo, hi = torch.aminmax(idx)
         if int(lo) < 0 or int(hi) >= upper:
             raise ValueError(f"{name} values must lie in [0, {upper}), got range [{int(lo)}, {int(hi)}]")
-    return idx
 
 
 def check_pos(name: str, pos: object, batch: int, length: int, channels: int) -> torch.Tensor:

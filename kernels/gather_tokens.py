@@ -19,7 +19,9 @@ import triton
 import triton.language as tl
 
 from .dispatch import (
+    check_castable,
     check_index,
+    check_index_range,
     check_pos,
     check_same_device,
     check_tensor,
@@ -321,9 +323,14 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None =
     check_tensor("x", x, 3)
     B, N, C = x.shape
     check_same_device(x=x, idx=idx, pos=pos)
-    check_index("idx", idx, B, N, validate)
+    check_index("idx", idx, B, N)  # its range last: validate reads it back to the host
     if pos is not None:
-        pos = match_dtype("pos", check_pos("pos", pos, B, N, C), x, "x")
+        pos = check_pos("pos", pos, B, N, C)
+        check_castable("pos", pos, x, "x")
     name = requested_backend()
-    runs_triton(name, x, idx, pos)  # raises here, not inside the op, when the backend cannot run
+    runs_triton(name, x, idx)  # raises here, not inside the op; x decides (pos takes its dtype below)
+    if validate:
+        check_index_range("idx", idx, N)
+    if pos is not None:
+        pos = match_dtype("pos", pos, x, "x")
     return gather_tokens_op(x, idx, pos, name)

@@ -34,12 +34,15 @@ so ``torch.compile`` traces through them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .dispatch import (
     check_index,
+    check_index_range,
     check_same_device,
     check_tensor,
     device_guard,
@@ -366,6 +369,17 @@ def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor
     Returns:
         A float32 scalar (float64 for float64 pred). Differentiable in pred only. No host sync unless
         ``validate``.
+
+    Raises:
+        TypeError: an argument of the wrong type, naming it: pred/patches not float tensors, idx not
+            int32/int64 (a bool mask names :func:`mae_kernels.mask_to_indices`), valid not a bool
+            tensor, norm_groups not an int (bool included), eps not a number, eps_on not a str;
+            float64 pred under ``backend("triton")``.
+        ValueError: a bad shape, device or value, naming the argument: pred/patches not 3-D or not
+            [B, *, P] alike, P = 0, idx/valid not [B, M], tensors on several devices, norm_groups < 1
+            or not dividing P, eps not finite and positive, eps_on not 'var'/'std', unbiased with
+            fewer than 2 values per group, the triton backend without CUDA or the interpreter; with
+            ``validate``, idx outside [0, N) (checked last, after every check that needs no sync).
     """
     check_tensor("pred", pred, 3)
     check_tensor("patches", patches, 3)
@@ -375,7 +389,7 @@ def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor
     if patches.shape[0] != B or patches.shape[2] != P:
         raise ValueError(f"patches must be [B={B}, N, P={P}] to match pred, got {tuple(patches.shape)}")
     check_same_device(pred=pred, patches=patches, idx=idx, valid=valid)
-    check_index("idx", idx, B, patches.shape[1], validate)
+    check_index("idx", idx, B, patches.shape[1])  # its range last: validate reads it back to the host
     if idx.shape[1] != M:
         raise ValueError(f"idx must have one entry per prediction row ({M}), got shape {tuple(idx.shape)}")
     if valid is not None:
@@ -383,22 +397,32 @@ def masked_mse_loss(pred: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor
             raise TypeError(f"valid must be a bool tensor, got {getattr(valid, 'dtype', type(valid))}")
         if tuple(valid.shape) != (B, M):
             raise ValueError(f"valid must have shape [{B}, {M}], got {tuple(valid.shape)}")
-    if not isinstance(norm_groups, int) or norm_groups < 1 or P % norm_groups:
+    if isinstance(norm_groups, bool) or not isinstance(norm_groups, int):
+        raise TypeError(f"norm_groups must be an int, got {type(norm_groups).__name__}")
+    if norm_groups < 1 or P % norm_groups:
         raise ValueError(f"norm_groups must be a positive integer dividing P={P}, got {norm_groups!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    # a Python number: a tensor eps would be read back to the host by the comparison and by float()
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite positive number, got {eps}")
+    if not isinstance(eps_on, str):
+        raise TypeError(f"eps_on must be a str ('var' or 'std'), got {type(eps_on).__name__}")
     if eps_on not in EPS_ON:
         raise ValueError(f"eps_on must be 'var' ((t - mean) / sqrt(var + eps), MAE) or 'std' "
                          f"((t - mean) / (std + eps), VideoMAE/HiCMAE), got {eps_on!r}")
     if norm_pix and unbiased and P // norm_groups < 2:
         raise ValueError(f"unbiased normalisation needs at least 2 values per group, got P/norm_groups = "
                          f"{P // norm_groups}")
+    name = requested_backend()
+    # patches do not decide: float64 ones are cast below unless pred, which decides, is float64 too
+    runs_triton(name, pred, idx, valid)  # raises here, not inside the op, when the backend cannot run
+    if validate:
+        check_index_range("idx", idx, patches.shape[1])
     compute = torch.promote_types(pred.dtype, torch.float32)
     if patches.dtype == torch.float64 and compute != torch.float64:
         # the targets are compared in pred's compute dtype anyway; cast once here so both backends take
         # float64 patches and agree (the kernels do not read float64)
         patches = patches.to(compute)
-    name = requested_backend()
-    runs_triton(name, pred, patches, idx, valid)  # raises here, not inside the op, when the backend cannot run
     return masked_mse_loss_op(pred, patches, idx, valid, bool(norm_pix), float(eps), norm_groups, bool(unbiased),
                               eps_on == "std", bool(channels_last), name)

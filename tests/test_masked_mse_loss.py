@@ -203,3 +203,30 @@ def test_errors_name_the_argument():
         mae_kernels.masked_mse_loss(pred[0], patches, idx)
     with pytest.raises(ValueError, match="patches must be"):
         mae_kernels.masked_mse_loss(pred, patches[:1], idx)
+    for bad in ("1e-6", torch.tensor(1e-6), True, None):  # a tensor would be read back to the host
+        with pytest.raises(TypeError, match="eps must be a float, got"):
+            mae_kernels.masked_mse_loss(pred, patches, idx, eps=bad)
+    for bad in (0.0, -1e-6, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite positive number"):
+            mae_kernels.masked_mse_loss(pred, patches, idx, eps=bad)
+    for bad in (True, 2.0, "2"):
+        with pytest.raises(TypeError, match="norm_groups must be an int, got"):
+            mae_kernels.masked_mse_loss(pred, patches, idx, norm_groups=bad)
+    with pytest.raises(ValueError, match="norm_groups must be a positive integer"):
+        mae_kernels.masked_mse_loss(pred, patches, idx, norm_groups=0)
+    with pytest.raises(TypeError, match="eps_on must be a str"):
+        mae_kernels.masked_mse_loss(pred, patches, idx, eps_on=None)
+
+
+def test_cheap_checks_come_before_the_index_range_read(monkeypatch):
+    """validate reads the index range back to the host: every other check comes first, so a bad
+    argument is named without a sync (here: without reaching the range read at all)."""
+    pred, patches, idx = torch.randn(2, 3, 8), torch.randn(2, 10, 8), torch.zeros(2, 3, dtype=torch.long)
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: pytest.fail("index range read before the cheap checks"))
+    out_of_range = idx + 10
+    with pytest.raises(ValueError, match=r"valid must have shape \[2, 3\]"):
+        mae_kernels.masked_mse_loss(pred, patches, out_of_range, torch.ones(2, 4, dtype=torch.bool), validate=True)
+    with pytest.raises(ValueError, match="idx must have one entry per prediction row"):
+        mae_kernels.masked_mse_loss(pred, patches, out_of_range[:, :2], validate=True)
+    with pytest.raises(TypeError, match="eps must be a float"):
+        mae_kernels.masked_mse_loss(pred, patches, out_of_range, eps="1e-6", validate=True)

@@ -1,5 +1,6 @@
 """gather_tokens and assemble_decoder_tokens: Triton (interpreter on CPU) against the torch reference."""
 
+import importlib
 import math
 
 import mae_kernels
@@ -256,6 +257,30 @@ def test_assemble_errors_name_the_argument():
         mae_kernels.assemble_decoder_tokens(enc.double(), token, pos.double(), eidx, didx)
     with pytest.raises(ValueError, match="pos must have shape"):
         mae_kernels.assemble_decoder_tokens(enc, token, torch.randn(3, 10, 8), eidx, didx)
+
+
+def test_token_ops_check_everything_before_casting_or_reading_index_ranges(monkeypatch):
+    """Cheap checks first: no parameter is cast and no index range is read back to the host (validate)
+    before every shape/dtype check has passed."""
+    def refuse(*args, **kwargs):
+        pytest.fail("work done before the cheap checks")
+
+    monkeypatch.setattr(torch, "aminmax", refuse)
+    for module in ("assemble_decoder_tokens", "gather_tokens"):  # the modules, which share their op's name
+        monkeypatch.setattr(importlib.import_module(f"mae_kernels.{module}"), "match_dtype", refuse)
+    x, token, pos = torch.randn(2, 3, 8, dtype=torch.float16), torch.randn(8), torch.randn(10, 8)
+    eidx, didx = torch.zeros(2, 3, dtype=torch.long) + 10, torch.zeros(2, 4, dtype=torch.long) + 10
+    with pytest.raises(ValueError, match="enc_idx must list one position per encoder token"):
+        mae_kernels.assemble_decoder_tokens(x, token, pos, eidx[:, :2], didx, validate=True)
+    with pytest.raises(TypeError, match="dec_idx must have dtype"):
+        mae_kernels.assemble_decoder_tokens(x, token, pos, eidx, didx.float(), validate=True)
+    with pytest.raises(TypeError, match="cast pos to float64"):
+        mae_kernels.assemble_decoder_tokens(x.double(), token.double(), pos, eidx, didx, validate=True)
+    rows = torch.randn(2, 10, 8, dtype=torch.float16)
+    with pytest.raises(ValueError, match="pos must have shape"):
+        mae_kernels.gather_tokens(rows, eidx, torch.randn(10, 9), validate=True)
+    with pytest.raises(TypeError, match="cast pos to float64"):
+        mae_kernels.gather_tokens(rows.double(), eidx, pos, validate=True)
 
 
 # --- dispatch ---------------------------------------------------------------------------------------
