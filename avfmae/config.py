@@ -185,6 +185,13 @@ def _validate(cfg: ModelConfig) -> None:
                                (cfg.audio_grid, cfg.audio_region, "audio_region")):
         if len(region) != len(grid) or any(r <= 0 or g % r for g, r in zip(grid, region)):
             raise ValueError(f"{what} {region} must tile the token grid {grid}")
+    if cfg.fusion != "hicmae" and cfg.num_video_regions != cfg.num_audio_regions:
+        # IAV-CL's F_av^0 concatenates region k of each modality (pre-training's fuse, the classifier's
+        # eq. 8): unequal counts built fine and failed at the first forward
+        raise ValueError(f"fusion {cfg.fusion!r} (IAV-CL) pairs each video region with an audio region: "
+                         f"video_region {cfg.video_region} makes {cfg.num_video_regions} of the grid "
+                         f"{cfg.video_grid}, audio_region {cfg.audio_region} {cfg.num_audio_regions} of "
+                         f"{cfg.audio_grid}; they must be equal (fusion 'hicmae' does not pair them)")
     t, h, w = cfg.video_region
     kept_count(cfg.video_mask_ratio, h * w, "video_mask_ratio (tube mask per region's spatial block)")
     kept_count(cfg.audio_mask_ratio, math.prod(cfg.audio_region), "audio_mask_ratio (per audio region)")

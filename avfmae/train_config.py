@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIGS, FUSIONS, LGI_LAYERS, ModelConfig
+from .config import CONFIGS, FUSIONS, LGI_LAYERS, ModelConfig, get_config
 
 STAGES = ("pretrain", "postpretrain", "finetune")
 PATH_KEYS = ("train_manifest", "val_manifest", "init_checkpoint", "output_dir")
@@ -281,7 +281,7 @@ _VALUE_RULES = (
     _step_or_null("max_steps"),
     _step_or_null("stop_at_step"),
     Rule("min_lr", lambda c: 0 <= c.min_lr <= c.lr, lambda c: f"must lie in [0, lr={c.lr}], got {c.min_lr}"),
-    Rule("warmup_epochs", lambda c: 0 <= c.warmup_epochs < c.epochs + 1e-9,
+    Rule("warmup_epochs", lambda c: 0 <= c.warmup_epochs < c.epochs,
          lambda c: f"must lie in [0, epochs={c.epochs}), got {c.warmup_epochs}"),
     _within("layer_decay", "(0, 1]", lambda v: 0 < v <= 1, optional=True),
     _within("drop_path", "[0, 1)", lambda v: 0 <= v < 1, optional=True),
@@ -330,7 +330,60 @@ _VALUE_RULES = (
     *(Rule(f"mask.{f.name}", lambda c, n=f.name: 0 < getattr(c.mask, n) < 1,
            lambda c, n=f.name: f"must lie in (0, 1), got {getattr(c.mask, n)}")
       for f in dataclasses.fields(MaskConfig)),
+    # last: the model these keys describe can be built (ModelConfig's own rules, e.g. whole patches and
+    # whole kept counts); before, such values passed here and failed after process-group init
+    Rule(lambda c: _model_problem(c)[0], lambda c: _model_problem(c) is None,
+         lambda c: f"the {c.size} model refuses it: {_model_problem(c)[1]}"),
 )
+
+
+# config key -> ModelConfig field, of the keys that are model settings (drop-path, geometry, ablation
+# variants; masks and targets in pre-training only); model_arguments and the config check read this table
+_MODEL_KEYS = (("activation_checkpointing", "checkpoint_activations"), ("fusion", "fusion"), ("lgi", "lgi"),
+               ("drop_path", "drop_path"), ("num_frames", "num_frames"), ("image_size", "image_size"),
+               ("audio_frames", "audio_frames"))
+_PRETRAIN_MODEL_KEYS = (("mask.video_ratio", "video_mask_ratio"), ("mask.audio_ratio", "audio_mask_ratio"),
+                        ("mask.video_decoder_ratio", "video_decoder_mask_ratio"),
+                        ("mask.audio_decoder_ratio", "audio_decoder_mask_ratio"),
+                        ("frame_diff_target", "frame_diff_target"))
+
+
+def model_settings(cfg: TrainConfig) -> dict[str, tuple[str, Any]]:
+    """config key -> (ModelConfig field, value) of the model settings ``cfg`` gives; a None value is left
+    out (``drop_path`` None: build_model's task-dependent default, its one owner; geometry None: the
+    model config's)."""
+    keys = _MODEL_KEYS + (_PRETRAIN_MODEL_KEYS if cfg.stage == "pretrain" else ())
+    settings = {}
+    for key, name in keys:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is not None:
+            settings[key] = (name, value)
+    return settings
+
+
+def model_arguments(cfg: TrainConfig) -> tuple[str, dict]:
+    """(task, keyword arguments) of ``avfmae.build_model`` for a training config: the recipe keys that
+    are model settings (drop-path, masks, targets, geometry, ablation variants) reach the model here."""
+    overrides = dict(model_settings(cfg).values())
+    if cfg.stage == "pretrain":
+        return "pretrain", overrides
+    return "finetune", dict(num_outputs=cfg.num_outputs, regression=cfg.regression, video_only=cfg.video_only,
+                            label_smoothing=cfg.label_smoothing, **overrides)
+
+
+def _model_problem(cfg: TrainConfig) -> tuple[str, str] | None:
+    """(config key, the model config's reason) when the model ``cfg`` describes cannot be built. The keys
+    are applied to the size's config one at a time, so the one named is the first that breaks it."""
+    applied = {}
+    for key, (name, value) in model_settings(cfg).items():
+        applied[name] = value
+        try:
+            get_config(cfg.size, **applied)
+        except ValueError as err:
+            return key, str(err)
+    return None
 
 
 def _validate(cfg: TrainConfig, base: Path) -> None:

@@ -25,7 +25,7 @@ from .output_lock import OutputLock
 from .runlog import JsonlLog
 from .schedule import lr_at, scaled_lrs
 from .stopping import ExitCode, RunError, StopFlag, StopReason
-from .train_config import ConfigError, TrainConfig, mixing
+from .train_config import ConfigError, TrainConfig, mixing, model_arguments
 
 SUPERVISED = ("postpretrain", "finetune")
 
@@ -136,24 +136,6 @@ def read_init_checkpoint(path: str, model: torch.nn.Module) -> dict:
                           f"audio_encoder.*, fusion.*); it has {len(state)} keys, e.g. {sample}. Wrong file, or a "
                           "checkpoint of another model?")
     return state
-
-
-def model_arguments(cfg: TrainConfig) -> tuple[str, dict]:
-    """(task, keyword arguments) of ``avfmae.build_model`` for a training config: the recipe keys that
-    are model settings (drop-path, masks, targets, geometry, ablation variants) reach the model here."""
-    overrides = dict(checkpoint_activations=cfg.activation_checkpointing, fusion=cfg.fusion, lgi=cfg.lgi)
-    if cfg.drop_path is not None:  # None: build_model's task-dependent default (0.1 fine-tuning), one owner
-        overrides["drop_path"] = cfg.drop_path
-    geometry = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, audio_frames=cfg.audio_frames)
-    overrides.update({k: v for k, v in geometry.items() if v is not None})
-    if cfg.stage == "pretrain":
-        overrides.update(video_mask_ratio=cfg.mask.video_ratio, audio_mask_ratio=cfg.mask.audio_ratio,
-                         video_decoder_mask_ratio=cfg.mask.video_decoder_ratio,
-                         audio_decoder_mask_ratio=cfg.mask.audio_decoder_ratio,
-                         frame_diff_target=cfg.frame_diff_target)
-        return "pretrain", overrides
-    return "finetune", dict(num_outputs=cfg.num_outputs, regression=cfg.regression, video_only=cfg.video_only,
-                            label_smoothing=cfg.label_smoothing, **overrides)
 
 
 def clip_augmentations(cfg: TrainConfig) -> dict:
@@ -391,12 +373,12 @@ class Trainer:
         ``stop_at_step``). Returns :attr:`ExitCode.COMPLETED` or the stop's exit code; a run that
         cannot go on raises :class:`RunError` (or :class:`ConfigError`) on every rank instead."""
         self.read_manifests()
+        plan = self.plan(self.micro_batches_per_epoch())  # from the manifest alone: before the model is built
         self.setup_engine()
         state = TrainState()
         if self.resume:
             state = self.load_resume(state)
         self.skipped_steps = int(getattr(self.engine, "skipped_steps", 0))  # a checkpoint restores DeepSpeed's count
-        plan = self.plan(self.micro_batches_per_epoch())
         train_loader = self.build_loaders(start_epoch=state.step // plan.steps_per_epoch,
                                           start_batch=self.consumed_micro_batches(state, plan))
         self.progress = self.progress_bar(plan.total, state.step)
@@ -449,9 +431,11 @@ class Trainer:
         """The run's step counts (and so the lr schedule's) from the micro-batches per epoch."""
         steps_per_epoch = micro_batches_per_epoch // self.accum
         if steps_per_epoch < 1:
-            raise ValueError(f"train_manifest: {micro_batches_per_epoch} micro-batches per rank make no "
-                             f"optimizer step (gradient_accumulation_steps={self.accum}); add clips or lower "
-                             "the batch size")
+            raise ConfigError(f"config key avfmae.train_manifest: {len(self.manifest('train_manifest'))} clips "
+                              f"make {micro_batches_per_epoch} micro-batches of "
+                              f"train_micro_batch_size_per_gpu={self.ds_config['train_micro_batch_size_per_gpu']} "
+                              f"per rank ({self.world} ranks), no optimizer step of gradient_accumulation_steps="
+                              f"{self.accum}: add clips or lower the batch size")
         total = self.cfg.epochs * steps_per_epoch
         if self.cfg.max_steps is not None:
             total = min(total, self.cfg.max_steps)

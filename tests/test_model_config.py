@@ -120,6 +120,17 @@ def test_inconsistent_configs_raise(bad, match):
         get_config("tiny", **bad)
 
 
+@pytest.mark.parametrize("fusion", ["iavcl", "iavcl_no_dier", "iavcl_no_hafe"])
+def test_iavcl_needs_as_many_audio_regions_as_video_regions(fusion):
+    """audio_region (2, 4) tiles the audio grid (16 regions against the video's 8) and its mask ratio
+    keeps whole patches, so it used to build and fail at the first forward (IAV-CL concatenates region
+    k of each modality)."""
+    with pytest.raises(ValueError, match=r"pairs each video region with an audio region: .* makes 8 .* 16 of"):
+        get_config("tiny", audio_region=(2, 4), audio_mask_ratio=0.75, fusion=fusion)
+    c = get_config("tiny", audio_region=(2, 4), audio_mask_ratio=0.75, fusion="hicmae")  # pairs nothing
+    assert (c.num_video_regions, c.num_audio_regions) == (8, 16)
+
+
 def test_config_is_frozen_and_overridable():
     c = get_config("tiny", image_size=64, video_region=(2, 2, 4), video_mask_ratio=0.875)
     assert c.video_grid == (8, 4, 4) and c.num_video_regions == 8

@@ -358,6 +358,26 @@ def test_run_returns_the_exit_code_of_how_it_ended(dataset, tmp_path, ending):  
     assert (out / "model_fp32.pt").exists() == (ending == "completed")
 
 
+def test_a_manifest_too_small_for_one_optimizer_step_is_a_config_error_before_the_model_is_built(tmp_path):
+    from avfmae.train_config import ConfigError
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = SimpleNamespace(epochs=1, max_steps=None, warmup_epochs=0.0)
+    trainer.rank, trainer.world, trainer.accum = 0, 2, 2
+    trainer.ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}
+    built = []
+    trainer.read_manifests = lambda: setattr(trainer, "manifests", {"train_manifest": ["clip"] * 5})
+    trainer.setup_engine = lambda: built.append("engine")
+    # 5 clips on 2 ranks: 3 per rank, 1 micro-batch of 2 (the rest dropped), one short of a step of 2 x 2
+    with pytest.raises(ConfigError, match=r"avfmae.train_manifest: 5 clips make 1 micro-batches of "
+                                          r"train_micro_batch_size_per_gpu=2 per rank \(2 ranks\), no optimizer "
+                                          "step of gradient_accumulation_steps=2"):
+        trainer.run()
+    assert built == []
+    trainer.manifests["train_manifest"] = ["clip"] * 8
+    assert trainer.plan(trainer.micro_batches_per_epoch()).steps_per_epoch == 1
+
+
 # --- drop-path: build_model owns the default ------------------------------------------------------------
 
 

@@ -50,6 +50,14 @@ def test_config_splits_deepspeed_keys_and_resolves_paths(tmp_path):
     ({"mask": {"ratio": 0.5}}, "avfmae.mask"),
     ({"betas": [0.9]}, "avfmae.betas"),
     ({"warmup_epochs": 5, "epochs": 2}, "avfmae.warmup_epochs"),
+    ({"warmup_epochs": 2, "epochs": 2}, r"avfmae.warmup_epochs: must lie in \[0, epochs=2\), got 2"),
+    # values the model refuses: named at load, not after process-group init and the media probe
+    ({"mask": {"video_ratio": 0.85}}, r"avfmae.mask.video_ratio: the tiny model refuses it: video_mask_ratio"),
+    ({"mask": {"audio_decoder_ratio": 0.3}}, "avfmae.mask.audio_decoder_ratio: the tiny model refuses it"),
+    ({"image_size": 100}, r"avfmae.image_size: the tiny model refuses it: video 16x100\^2 must divide"),
+    ({"image_size": 64}, r"avfmae.image_size: .*video_region \(2, 5, 10\) must tile the token grid \(8, 4, 4\)"),
+    ({"audio_frames": 128}, r"avfmae.audio_frames: .*pairs each video region with an audio region"),
+    ({"num_frames": 15}, "avfmae.num_frames: the tiny model refuses it"),
     ({"stop_at_step": 0}, "avfmae.stop_at_step"),
     ({"learning_rate": 1e-3}, "unknown keys in the avfmae section: \\['learning_rate'\\]"),
     ({"test_clips": 0}, "avfmae.test_clips: must be a positive integer, got 0"),
@@ -62,6 +70,24 @@ def test_config_splits_deepspeed_keys_and_resolves_paths(tmp_path):
 def test_bad_configs_name_the_key(tmp_path, section, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write_config(tmp_path, **section))
+
+
+def test_warmup_may_fill_all_but_part_of_the_last_epoch(tmp_path):
+    _, cfg = load_config(write_config(tmp_path, warmup_epochs=1.5, epochs=2))
+    assert cfg.warmup_epochs == 1.5
+
+
+def test_fine_tuning_checks_only_the_model_keys_it_passes(tmp_path):
+    """The mask ratios are pre-training settings (the classifier keeps ModelConfig's): a fine-tuning
+    config is not refused for them, and its model arguments are what the check built."""
+    from avfmae import build_model
+    from avfmae.train_config import model_arguments
+
+    _, cfg = load_config(write_config(tmp_path, stage="finetune", num_outputs=4, mask={"video_ratio": 0.85},
+                                      drop_path=0.2))
+    task, kwargs = model_arguments(cfg)
+    assert task == "finetune" and "video_mask_ratio" not in kwargs
+    assert build_model("tiny", task, **kwargs).cfg.drop_path == 0.2
 
 
 FINETUNE = {"stage": "finetune", "num_outputs": 4}
