@@ -17,6 +17,7 @@ from mae_kernels.masked_mse_loss import masked_mse_loss_reference
 
 from avfmae import masking
 from tests.conftest import DEVICE, INTERPRETED
+from tests.test_grouped_attention import kernel_calls  # noqa: F401  (the fixture recording Triton launches)
 
 BACKENDS = ["torch"] + (["triton"] if INTERPRETED or torch.cuda.is_available() else [])
 
@@ -111,14 +112,19 @@ def test_empty_batch_and_channel_dims_agree_between_backends(backend):
     for B, C in ((0, 16), (2, 0)):
         x, pos, token = leaf(B, 9, C), leaf(9, C, seed=1), leaf(C, seed=2)
         enc_idx, dec_idx = positions(B, 9, 4), positions(B, 9, 5, seed=1)
-        with mae_kernels.backend(backend):
-            for validate in (False, True):
-                enc = mae_kernels.gather_tokens(x, enc_idx, validate=validate)
-                full = mae_kernels.assemble_decoder_tokens(enc, token, pos, enc_idx, dec_idx, validate=validate)
-            assert enc.shape == (B, 4, C) and full.shape == (B, 9, C)
-            gx, gtoken, gpos = torch.autograd.grad(full.sum(), (x, token, pos))
-            assert (gx.shape, gtoken.shape, gpos.shape) == (x.shape, token.shape, pos.shape)
-            assert not gpos.any() and not gtoken.any()
+        for validate in (False, True):
+            runs = {}
+            for name in ("torch", backend):
+                with mae_kernels.backend(name):
+                    enc = mae_kernels.gather_tokens(x, enc_idx, validate=validate)
+                    full = mae_kernels.assemble_decoder_tokens(enc, token, pos, enc_idx, dec_idx, validate=validate)
+                    grad = torch.autograd.grad(full.sum(), (x, token, pos))
+                assert enc.shape == (B, 4, C) and full.shape == (B, 9, C)
+                assert tuple(g.shape for g in grad) == (x.shape, token.shape, pos.shape)
+                assert not grad[1].any() and not grad[2].any()
+                runs[name] = (enc, full, *grad)
+            for got, want in zip(runs[backend], runs["torch"]):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
     with mae_kernels.backend(backend), pytest.raises(ValueError, match=r"P >= 1"):
         mae_kernels.masked_mse_loss(leaf(2, 4, 0), torch.randn(2, 9, 0, device=DEVICE), positions(2, 9, 4))
 
@@ -264,13 +270,20 @@ def sdpa(q, k, v, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("D", [8, 24, 48])
-def test_head_dims_outside_the_tuned_set_fall_back_to_the_reference(backend, D):
+def test_head_dims_outside_the_tuned_set_fall_back_to_the_reference(backend, D, request):
+    launches = request.getfixturevalue("kernel_calls")  # Triton forward launches from here on
     q, k, v = (leaf(2, 1, 5, 4, D, seed=s) for s in range(3))  # e.g. dim 32 with 4 heads: D = 8
     with mae_kernels.backend(backend):
         out = mae_kernels.grouped_attention(q, k, v)
     want = sdpa(q, k, v)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(grads(out, q, k, v), grads(want, q, k, v))
+    assert not launches  # the reference ran, even under backend("triton")
+    if backend == "triton":  # the recorder sees launches: a tuned head dim does launch
+        tuned = [leaf(2, 1, 5, 4, 16, seed=s) for s in range(3)]
+        with mae_kernels.backend(backend):
+            mae_kernels.grouped_attention(*tuned)
+        assert len(launches) == 1
 
 
 def test_attention_dropout_is_torch_sdpa_dropout():
