@@ -6,6 +6,7 @@ reference. The choice, in order:
 
 1. ``mae_kernels.backend("torch" | "triton")`` used as a context manager (thread-local), then
 2. the environment variable ``MAE_KERNELS_BACKEND=torch|triton|auto`` (read at call time), then
+   (names in either place are case-insensitive: "Torch" is "torch")
 3. auto: Triton when the tensors live on CUDA, or when ``TRITON_INTERPRET=1`` (Triton's CPU
    interpreter, which is how the kernels are tested without a GPU); the reference otherwise.
 
@@ -98,11 +99,20 @@ def _requested_backend() -> str:
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """Force a backend ("torch", "triton" or "auto") inside a ``with`` block, for this thread."""
-    if name not in BACKENDS:
+    """Force a backend ("torch", "triton" or "auto", in any case, as MAE_KERNELS_BACKEND) inside a
+    ``with`` block, for this thread.
+
+    Raises:
+        TypeError: name not a str.
+        ValueError: name not one of the three.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend name must be a str, one of {BACKENDS}, got {type(name).__name__}")
+    normalised = name.strip().lower()
+    if normalised not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     previous = getattr(_local, "backend", None)
-    _local.backend = name
+    _local.backend = normalised
     try:
         yield
     finally:

@@ -337,6 +337,20 @@ def test_dispatch_choice(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         with mae_kernels.backend("fast"):
             pass
+    with pytest.raises(TypeError, match="backend name must be a str"):
+        with mae_kernels.backend(None):
+            pass
+
+
+def test_backend_names_are_case_insensitive_in_the_context_manager_and_the_environment(monkeypatch):
+    from mae_kernels import dispatch
+
+    for spelled in ("Torch", "TORCH", " torch "):
+        monkeypatch.setenv("MAE_KERNELS_BACKEND", spelled)
+        assert dispatch.requested_backend() == "torch"
+        monkeypatch.setenv("MAE_KERNELS_BACKEND", "triton")
+        with mae_kernels.backend(spelled):
+            assert dispatch.requested_backend() == "torch"
 
 
 def test_kernels_package_stands_alone(tmp_path):
