@@ -398,6 +398,9 @@ def _launch(name: str, grid_of, *args, **constexprs) -> None:
 
 def _common(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int, int, int, dict]:
     B, G, Lq, H, D = q.shape
+    # input_precision only acts on fp32 operands (16-bit ones always take tensor-core dots): for them
+    # "tf32" changes no arithmetic, it only tells 16-bit launches from fp32 ones in the tuning key
+    # (_TUNING_KEY) and precision_fits (whose register limits are for fp32's IEEE dots)
     constexprs = {"BLOCK_D": max(MIN_DOT, triton.next_power_of_2(D)),
                   "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32"}
     return B * G * H, G, H, Lq, k.shape[2], D, constexprs

@@ -18,8 +18,9 @@ def rows_per_tile(rows: int, block_cols: int, budget: int) -> int:
 
 
 def row_tile(rows: int, channels: int, elem_bytes: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_C) for copying rows of ``channels`` values: ~16 KB of data per program, columns a
-    power of two (at most 256 4-byte or 512 2-byte values; wider rows loop over column blocks)."""
+    """(BLOCK_ROWS, BLOCK_C) for copying rows of ``channels`` values: up to 4096 values per program (16 KB
+    of 4-byte, 8 KB of 2-byte data), columns a power of two (at most 256 4-byte or 512 2-byte values;
+    wider rows loop over column blocks)."""
     block_c = min(triton.next_power_of_2(channels), 256 if elem_bytes >= 4 else 512)
     return rows_per_tile(rows, block_c, 4096), block_c
 
