@@ -225,3 +225,14 @@ def test_hicmae_audio_target_recipe():
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(torch.autograd.grad(got, pred)[0], torch.autograd.grad(want, pred,
                                                                                             retain_graph=True)[0])
+
+
+def test_videomae_patchify_refuses_sizes_the_patch_does_not_divide():
+    """Both layouts name the mismatched argument instead of failing inside reshape with a shape error."""
+    with pytest.raises(ValueError, match=r"clip \[H=10, W=8\] must divide by patch_size=4"):
+        videomae.patchify(torch.randn(1, 3, 10, 8), 4)
+    with pytest.raises(ValueError, match=r"clip \[T=4, H=8, W=6\] must divide by tubelet_size=2 and patch_size=4"):
+        videomae.patchify(torch.randn(1, 3, 4, 8, 6), 4)
+    audio = torch.arange(2 * 16 * 8, dtype=torch.float32).reshape(2, 1, 16, 8)
+    want = rearrange(audio, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=4, p2=4)
+    assert torch.equal(videomae.patchify(audio, 4), want)  # divisible sizes are unaffected

@@ -61,10 +61,16 @@ def decoder_tokens(x_vis: torch.Tensor, mask_token: torch.Tensor, pos_embed: tor
 
 def patchify(clip: torch.Tensor, patch_size: int, tubelet_size: int = 2) -> torch.Tensor:
     """Channel-last patches: video [B, C, T, H, W] -> [B, (t h w), (p0 p1 p2 c)] (VideoMAE's rearrange);
-    audio / image [B, C, H, W] -> [B, (h w), (p1 p2 c)] (HiCMAE's audio branch)."""
+    audio / image [B, C, H, W] -> [B, (h w), (p1 p2 c)] (HiCMAE's audio branch).
+
+    Raises:
+        ValueError: clip neither 4-D nor 5-D, or its T/H/W not divisible by tubelet_size/patch_size.
+    """
     p = patch_size
     if clip.dim() == 4:
         B, C, H, W = clip.shape
+        if H % p or W % p:
+            raise ValueError(f"clip [H={H}, W={W}] must divide by patch_size={p}")
         x = clip.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
         return x.reshape(B, (H // p) * (W // p), p * p * C)
     if clip.dim() != 5:
