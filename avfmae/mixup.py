@@ -16,13 +16,16 @@ label smoothing 0.1):
 - Soft targets with label smoothing folded in as timm does: off = ε/C, on = 1-ε+ε/C, then
   λ·y + (1-λ)·flip(y). They already carry the smoothing: the loss must not smooth them again.
 
+The mixer has no defaults of its own: the training config (``TrainConfig``: ``mixup``, ``cutmix``,
+``mixup_switch_prob``, ``label_smoothing``, ``mixup_audio``) owns them and the trainer passes each.
+
 Audio (the spectrogram [B, 1, T_a, F]). Checked against the stored reference code
 (sunlicai/HiCMAE and XuecWu/AVF-MAE, ``engine_for_finetuning_av.py``): it calls
 ``mixup_fn(samples, targets)`` on the video only and feeds the audio unmixed, so the mixed target
-describes the video but not the audio. We mix the audio with the same pairing and the same λ so the
-target describes both modalities (``mix_audio=True``, the default); ``mix_audio=False`` reproduces
-the reference behaviour. Under CutMix the audio gets a *time band* (all mel bins) from the flipped
-clip covering the fraction 1-λ of the frames (rounded to whole frames, drawn uniformly inside the
+describes the video but not the audio. ``mix_audio=False`` reproduces that and is the training
+default (``mixup_audio: false``); ``mix_audio=True`` mixes the audio with the same pairing and the
+same λ so the target describes both modalities. Under CutMix the audio gets a *time band* (all mel
+bins) from the flipped clip covering the fraction 1-λ of the frames (rounded to whole frames, drawn uniformly inside the
 spectrogram) rather than a blend: like the video box it exchanges content instead of superimposing
 it, and a band of time frames is the spectrogram's natural "region". The target uses the video's λ;
 the audio fraction differs from it by at most half a frame (1/512 at 256 frames).
@@ -91,17 +94,17 @@ def _check_number(name: str, value, low: float, high: float, *, high_inclusive: 
 class AudioVisualMixup:
     """Batch-level mixup / CutMix of video (and audio) with smoothed soft targets; see the module doc.
 
-    Args:
+    Args (all required: the training config owns the defaults):
         num_classes: classes of the soft targets.
-        mixup_alpha: Beta(α, α) of mixup; 0 disables mixup.
-        cutmix_alpha: Beta(α, α) of CutMix; 0 disables CutMix. At least one alpha must be > 0.
-        switch_prob: probability of CutMix (instead of mixup) when both are enabled.
-        label_smoothing: ε folded into the soft targets.
-        mix_audio: mix the audio like the video (True) or leave it as is (the reference code).
+        mixup_alpha: Beta(α, α) of mixup; 0 disables mixup (reference recipe: 0.8).
+        cutmix_alpha: Beta(α, α) of CutMix; 0 disables CutMix (reference: 1.0). At least one must be > 0.
+        switch_prob: probability of CutMix (instead of mixup) when both are enabled (reference: 0.5).
+        label_smoothing: ε folded into the soft targets (reference: 0.1).
+        mix_audio: mix the audio like the video (True) or leave it as is (False: the reference code).
     """
 
-    def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
-                 switch_prob: float = 0.5, label_smoothing: float = 0.1, mix_audio: bool = True) -> None:
+    def __init__(self, num_classes: int, *, mixup_alpha: float, cutmix_alpha: float, switch_prob: float,
+                 label_smoothing: float, mix_audio: bool) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.num_classes = num_classes
@@ -113,9 +116,14 @@ class AudioVisualMixup:
         self.label_smoothing = _check_number("label_smoothing", label_smoothing, 0.0, 1.0, high_inclusive=False)
         self.mix_audio = bool(mix_audio)
 
-    def __call__(self, video: torch.Tensor, audio: torch.Tensor | None, labels: torch.Tensor) -> MixedBatch:
-        """Mix a batch; the inputs are not modified."""
+    def __call__(self, video: torch.Tensor, audio: torch.Tensor | None, labels: torch.Tensor, *,
+                 validate: bool = False) -> MixedBatch:
+        """Mix a batch; the inputs are not modified. Shapes and dtypes are always checked; the label
+        values only with ``validate=True``: reading device labels is a host sync, and the trainer's labels
+        were checked where they are made (``dali_pipelines.read_manifest``)."""
         self._check_inputs(video, audio, labels)
+        if validate and bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), got {labels.tolist()}")
         mode, lam = self._draw()
         box = band = None
         if mode == "mixup":
@@ -159,5 +167,3 @@ class AudioVisualMixup:
                 or labels.dtype == torch.bool):
             raise ValueError(f"labels must be integer class indices [B={batch}], got "
                              f"{getattr(labels, 'shape', type(labels))} {getattr(labels, 'dtype', '')}")
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), got {labels.tolist()}")

@@ -26,6 +26,14 @@ def smoothed_one_hot(labels, classes, eps):
     return out
 
 
+# the reference fine-tuning recipe (the trainer passes TrainConfig's values, which default to off)
+REFERENCE = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1, mix_audio=False)
+
+
+def mixer_of(num_classes=3, **changes):
+    return AudioVisualMixup(num_classes, **{**REFERENCE, **changes})
+
+
 def run(mixer, *inputs, seed=0):
     torch.manual_seed(seed)
     return mixer(*inputs)
@@ -34,7 +42,7 @@ def run(mixer, *inputs, seed=0):
 def test_mixup_blends_each_clip_with_the_flipped_batch():
     video, audio, labels = batch()
     originals = video.clone(), audio.clone()
-    out = run(AudioVisualMixup(3, mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1), video, audio, labels)
+    out = run(mixer_of(cutmix_alpha=0.0, mix_audio=True), video, audio, labels)
     lam = out.lam
     assert out.mode == "mixup" and 0 < lam < 1 and out.box is None and out.audio_band is None
     for i in range(B):
@@ -49,7 +57,7 @@ def test_mixup_blends_each_clip_with_the_flipped_batch():
 
 def test_cutmix_pastes_one_box_on_every_frame_and_lambda_is_its_area():
     video, audio, labels = batch(1)
-    mixer = AudioVisualMixup(3, mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0)
+    mixer = mixer_of(mixup_alpha=0.0, label_smoothing=0.0, mix_audio=True)
     for seed in range(6):
         out = run(mixer, video, audio, labels, seed=seed)
         assert out.mode == "cutmix"
@@ -92,9 +100,9 @@ def test_sample_band_lies_inside_and_has_the_rounded_size():
 
 def test_switch_prob_picks_the_mode_per_batch():
     video, audio, labels = batch()
-    always_cut = AudioVisualMixup(3, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=1.0)
-    never_cut = AudioVisualMixup(3, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.0)
-    half = AudioVisualMixup(3, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5)
+    always_cut = mixer_of(switch_prob=1.0)
+    never_cut = mixer_of(switch_prob=0.0)
+    half = mixer_of(switch_prob=0.5)
     assert {run(always_cut, video, audio, labels, seed=s).mode for s in range(5)} == {"cutmix"}
     assert {run(never_cut, video, audio, labels, seed=s).mode for s in range(5)} == {"mixup"}
     modes = [run(half, video, audio, labels, seed=s).mode for s in range(60)]
@@ -103,18 +111,18 @@ def test_switch_prob_picks_the_mode_per_batch():
 
 def test_video_only_and_reference_mode_leave_audio_alone():
     video, audio, labels = batch()
-    out = run(AudioVisualMixup(3), video, None, labels)
+    out = run(mixer_of(mix_audio=True), video, None, labels)
     assert out.audio is None and out.video.shape == video.shape
     for seed in range(4):  # both modes
-        ref = run(AudioVisualMixup(3, mix_audio=False), video, audio, labels, seed=seed)
+        ref = run(mixer_of(mix_audio=False), video, audio, labels, seed=seed)
         assert torch.equal(ref.audio, audio) and ref.audio_band is None
-        mixed = run(AudioVisualMixup(3), video, audio, labels, seed=seed)
+        mixed = run(mixer_of(mix_audio=True), video, audio, labels, seed=seed)
         assert torch.equal(mixed.video, ref.video) and not torch.equal(mixed.audio, audio)
 
 
 def test_the_global_seed_makes_it_reproducible():
     video, audio, labels = batch()
-    mixer = AudioVisualMixup(3)
+    mixer = mixer_of(mix_audio=True)
     first, again = run(mixer, video, audio, labels, seed=7), run(mixer, video, audio, labels, seed=7)
     assert first.lam == again.lam and first.mode == again.mode and first.box == again.box
     assert torch.equal(first.video, again.video) and torch.equal(first.audio, again.audio)
@@ -154,13 +162,13 @@ def test_soft_targets_feed_the_classifier_loss_without_double_smoothing():
     ({"label_smoothing": 1.0}, "label_smoothing"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, message):
-    args = {"num_classes": 3, **kwargs}
+    args = {"num_classes": 3, **REFERENCE, **kwargs}
     with pytest.raises(ValueError, match=message):
         AudioVisualMixup(**args)
 
 
 def test_bad_batches_are_rejected():
-    mixer = AudioVisualMixup(3)
+    mixer = mixer_of()
     video, audio, labels = batch(b=3)
     with pytest.raises(ValueError, match="even batch"):
         mixer(video, audio, labels)
@@ -172,4 +180,34 @@ def test_bad_batches_are_rejected():
     with pytest.raises(ValueError, match="labels must be integer"):
         mixer(video, audio, labels.float())
     with pytest.raises(ValueError, match="labels must lie in"):
-        mixer(video, audio, torch.tensor([0, 1, 2, 3]))
+        mixer(video, audio, torch.tensor([0, 1, 2, 3]), validate=True)
+
+
+class HostReadForbidden(torch.Tensor):
+    """Labels whose values may not be read on the host (on a GPU, each read waits for the device)."""
+
+    def __bool__(self):
+        raise AssertionError("labels read on the host")
+
+    def tolist(self):
+        raise AssertionError("labels read on the host")
+
+    def item(self):
+        raise AssertionError("labels read on the host")
+
+
+def test_a_training_step_reads_no_label_on_the_host():
+    """The per-step call leaves the values alone (read_manifest checked them); validate=True reads them."""
+    video, audio, labels = batch()
+    watched = labels.clone().as_subclass(HostReadForbidden)
+    out = run(mixer_of(mix_audio=True), video, audio, watched)
+    reference = run(mixer_of(mix_audio=True), video, audio, labels)
+    assert torch.equal(out.target.as_subclass(torch.Tensor), reference.target) and out.lam == reference.lam
+    with pytest.raises(AssertionError, match="read on the host"):
+        mixer_of()(video, audio, watched, validate=True)
+
+
+def test_the_mixer_has_no_defaults_of_its_own():
+    """TrainConfig owns them: the mixer's own mix_audio=True contradicted mixup_audio's False."""
+    with pytest.raises(TypeError, match="mix_audio"):
+        AudioVisualMixup(3, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
