@@ -11,13 +11,7 @@ import torch.nn.functional as F
 from avfmae.embed import frame_difference
 from avfmae.losses import hcmcl_loss, info_nce, pooled_embedding, reconstruction_loss
 from tests.helpers.ports import free_port
-
-
-def norm_pix(x, groups, eps=1e-6):
-    """The norm-pix target written out here, independently of mae_kernels: per group of P/G contiguous values."""
-    g = x.reshape(*x.shape[:-1], groups, -1)
-    g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + eps)
-    return g.reshape(x.shape)
+from tests.helpers.references import norm_pix
 
 
 def manual_info_nce(e_v, e_a, tau):

@@ -9,6 +9,7 @@ import avfmae
 from avfmae.embed import fill_predictions, patchify_audio, patchify_video, unpatchify_video
 from avfmae.masking import PretrainMasks, sample_pretrain_masks
 from tests.conftest import INTERPRETED
+from tests.helpers.references import norm_pix
 
 
 def batch(B=2, seed=0, cfg=None):
@@ -17,13 +18,6 @@ def batch(B=2, seed=0, cfg=None):
     video = torch.randn(B, 3, cfg.num_frames, cfg.image_size, cfg.image_size, generator=g)
     audio = torch.randn(B, 1, cfg.audio_frames, cfg.audio_bins, generator=g)
     return video, audio, sample_pretrain_masks(cfg, B, g)
-
-
-def norm_pix(x, groups, eps=1e-6):
-    """The norm-pix target written out here, independently of mae_kernels: per group of P/G contiguous values."""
-    g = x.reshape(*x.shape[:-1], groups, -1)
-    g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + eps)
-    return g.reshape(x.shape)
 
 
 def video_tubes(video, tubelet, patch):
