@@ -53,6 +53,7 @@ from dali_pipelines.source import (
 )
 from dali_pipelines.spec import LoaderOptions
 from dali_pipelines.synthetic import class_background, encode_video, generate_dataset
+from tests.helpers.references import psnr
 
 ROWS = 8
 SMALL = ClipSpec(num_frames=8, frame_stride=2, image_size=64)
@@ -73,10 +74,6 @@ def by_row(batches) -> dict[int, dict[str, torch.Tensor]]:
     """Samples keyed by manifest row."""
     return {int(row): {k: b[k][i] for k in ("video", "audio", "label")}
             for b in batches for i, row in enumerate(b["index"].tolist())}
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return 10 * math.log10(255**2 / max(float(((a - b) ** 2).mean()), 1e-12))
 
 
 @pytest.fixture(scope="module")

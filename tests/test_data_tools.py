@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -26,12 +25,9 @@ from dali_pipelines.synthetic import class_pitch, generate_dataset
 from dali_pipelines.synthetic import main as synthetic_main
 from dali_pipelines.transcode import main as transcode_main
 from dali_pipelines.transcode import transcode_manifest
+from tests.helpers.references import psnr
 
 SMALL = ClipSpec(num_frames=8, frame_stride=2, image_size=64)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return 10 * math.log10(255**2 / max(float(((a.float() - b.float()) ** 2).mean()), 1e-12))
 
 
 def decode_all(path: Path) -> np.ndarray:
