@@ -14,6 +14,7 @@ import pytest
 
 from avfmae.trainer import TrainState
 from avfmae.training import CheckpointManager, OutputLock, RunError, atomic_write_text
+from tests.helpers.train_configs import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -333,14 +334,6 @@ def test_the_configured_task_wins_over_what_the_values_suggest(tmp_path):
 
 
 # --- every config key checked before any process group exists -----------------------------------------
-
-
-def write_config(tmp_path: Path, ds: dict | None = None, **avfmae) -> Path:
-    (tmp_path / "train.csv").write_text("video,audio,label\n")
-    section = {"size": "tiny", "stage": "pretrain", "train_manifest": "train.csv", "output_dir": "out", **avfmae}
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, **(ds or {}), "avfmae": section}))
-    return path
 
 
 @pytest.mark.parametrize("ds, message", [

@@ -20,16 +20,9 @@ from avfmae.training import (
     load_config,
     lr_at,
 )
+from tests.helpers.train_configs import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_config(tmp_path: Path, **avfmae) -> Path:
-    (tmp_path / "train.csv").write_text("video,audio,label\n")
-    section = {"size": "tiny", "stage": "pretrain", "train_manifest": "train.csv", "output_dir": "out", **avfmae}
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "avfmae": section}))
-    return path
 
 
 def test_config_splits_deepspeed_keys_and_resolves_paths(tmp_path):
