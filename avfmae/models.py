@@ -195,9 +195,7 @@ class _PretrainBase(TrainingMixin, nn.Module):
         statistics layout as in fine-tuning.
         """
         if isinstance(self.fusion, IAVCL):
-            K_v, K_a = self.cfg.num_video_regions, self.cfg.num_audio_regions
-            if K_v != K_a:
-                raise ValueError(f"IAV-CL pairs regions across modalities: video has {K_v}, audio {K_a}")
+            K_v, K_a = self.cfg.num_video_regions, self.cfg.num_audio_regions  # equal: ModelConfig's rule
             f_av = torch.cat([rearrange(v, "b (k z) c -> b k z c", k=K_v).mean(dim=2),
                               rearrange(a, "b (k z) c -> b k z c", k=K_a).mean(dim=2)], dim=-1)  # [B, K, 2C]
             return self.fusion(v, a, f_av)
