@@ -55,7 +55,10 @@ def fsync_tree(directory: Path) -> None:
     (whose entry names it)."""
     for root, _dirs, files in os.walk(directory, topdown=False):
         for name in files:
-            fsync_path(Path(root) / name)
+            try:
+                fsync_path(Path(root) / name)
+            except FileNotFoundError:  # another rank's temporary file, renamed since: that rank flushes it
+                pass
         fsync_path(Path(root))
     fsync_path(directory.parent)
 
