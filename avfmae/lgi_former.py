@@ -38,7 +38,7 @@ from .layers import (
     Mlp,
     stochastic_depth,
 )
-from .masking import region_index, region_major
+from .masking import region_index, region_major, sample_pretrain_masks
 
 
 class EncoderOutput(NamedTuple):
@@ -54,6 +54,24 @@ class EncoderOutput(NamedTuple):
     order: torch.Tensor
     hidden: list[torch.Tensor]
     regions: torch.Tensor | None = None
+
+
+def attention_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
+    """(G, Lq, Lk) of every ``grouped_attention`` call an LGI layer makes, by stage, modality and task
+    (pre-training: each region's visible tokens, as the mask sampler keeps them; fine-tuning: all).
+    The kernel tests and the kernel-resource checks take their shapes from here."""
+    masks = sample_pretrain_masks(cfg, 1, torch.Generator().manual_seed(0))
+    shapes = {}
+    for modality, K, visible, total in (
+            ("video", cfg.num_video_regions, masks.video_visible.shape[1], cfg.num_video_tokens),
+            ("audio", cfg.num_audio_regions, masks.audio_visible.shape[1], cfg.num_audio_tokens)):
+        shapes[f"II-{modality}"] = (1, K, K)
+        for task, tokens in (("pretrain", visible), ("finetune", total)):
+            Z = tokens // K
+            shapes[f"I-{modality}-{task}"] = (K, Z + 1, Z + 1)  # the region token, then its local tokens
+            shapes[f"III-{modality}-{task}"] = (1, K * Z, K)
+            shapes[f"IV-{modality}-{task}"] = (1, K, K * Z)
+    return shapes
 
 
 class LGILayer(nn.Module):

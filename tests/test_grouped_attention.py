@@ -20,17 +20,15 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from mae_kernels.grouped_attention import SUPPORTED_HEAD_DIMS, grouped_attention_reference
 
+from avfmae.config import get_config
+from avfmae.lgi_former import attention_shapes
 from tests.conftest import DEVICE, skip_bf16_if_interpreted
 
 # the module itself: `import mae_kernels.grouped_attention as ga` would bind the function of that name
 ga = importlib.import_module("mae_kernels.grouped_attention")
 
-# LGI-Former stages (DESIGN): I video/audio (G=K=8 regions of Z'+1 tokens), II (K region tokens),
-# III (K*Z' local tokens -> K region tokens), IV (region -> local), fine-tuning stage I video / audio.
-STAGES = {
-    "I-video": (8, 11, 11), "I-audio": (8, 4, 4), "II": (1, 8, 8), "III": (1, 80, 8), "IV": (1, 8, 80),
-    "I-finetune-video": (8, 101, 101), "I-finetune-audio": (8, 17, 17),
-}
+# every LGI-Former stage shape (G, Lq, Lk), pre-training and fine-tuning, from the model's own geometry
+STAGES = attention_shapes(get_config("base"))
 
 
 def assert_close_fp32(got, want, name="", tol=2e-5):
@@ -98,7 +96,8 @@ def test_stage_shapes_fp32(stage):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("G,Lq,Lk", [STAGES["I-video"], STAGES["III"], STAGES["IV"], (2, 101, 101)])
+@pytest.mark.parametrize("G,Lq,Lk", [STAGES["I-video-pretrain"], STAGES["III-video-pretrain"],
+                                     STAGES["IV-video-pretrain"], (2, 101, 101)])
 def test_stage_shapes_half(dtype, G, Lq, Lk):
     skip_bf16_if_interpreted(dtype)
     check_against_reference(*make_qkv(1, G, Lq, Lk, 2, 64, dtype))

@@ -9,7 +9,7 @@ from avfmae.config import get_config
 from avfmae.embed import sinusoid_table
 from avfmae.hicmae import ViTEncoder
 from avfmae.layers import Attention, CrossAttention
-from avfmae.lgi_former import LGIEncoder, LGILayer
+from avfmae.lgi_former import LGIEncoder, LGILayer, attention_shapes
 from avfmae.masking import region_index, sample_pretrain_masks
 
 
@@ -200,3 +200,25 @@ def test_drop_path_is_per_sample_and_off_in_eval():
     layer = LGILayer(32, 2, drop_path=0.5).eval()
     xs, ss = torch.randn(2, 2, 3, 32), torch.randn(2, 2, 32)
     torch.testing.assert_close(layer(xs, ss)[0], layer(xs, ss)[0])
+
+
+def test_attention_shapes_are_the_calls_the_encoders_make(cfg, monkeypatch):
+    """attention_shapes (what the kernel tests and resource checks cover) lists exactly the (G, Lq, Lk)
+    of the encoders' grouped_attention calls, pre-training (visible tokens) and fine-tuning (all)."""
+    import avfmae.layers
+
+    seen = set()
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.add((q.shape[1], q.shape[2], k.shape[2]))
+        return grouped_attention(q, k, v, *args, **kwargs)
+
+    grouped_attention = avfmae.layers.grouped_attention
+    monkeypatch.setattr(avfmae.layers, "grouped_attention", recording)
+    video, audio = inputs(B=1)
+    masks = sample_pretrain_masks(cfg, 1, torch.Generator().manual_seed(0))
+    for modality, x, visible in (("video", video, masks.video_visible), ("audio", audio, masks.audio_visible)):
+        encoder = LGIEncoder(cfg, modality)
+        for keep in (visible, None):
+            encoder(x, keep, return_regions=True)  # every layer updates its region tokens
+    assert seen == set(attention_shapes(cfg).values())

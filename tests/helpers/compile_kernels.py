@@ -58,6 +58,9 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+from avfmae.config import get_config
+from avfmae.lgi_former import attention_shapes
+
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
@@ -136,7 +139,11 @@ def _record_autotuned(self: Autotuner, *args, **kwargs):
 
 # --- the launches the ops make -------------------------------------------------------------------------
 
-ATTENTION_SHAPES = [(8, 11, 11), (8, 4, 4), (1, 80, 8), (1, 8, 80), (8, 101, 101)]  # (G, Lq, Lk): stages
+# (G, Lq, Lk) of the LGI stages compiled here: packed tiles (stage I, pre-training), the looped ones
+# both ways (stages III/IV) and a long stage I (fine-tuning); tests/test_kernel_resources.py checks the
+# pruning at every stage shape, which costs no compile
+ATTENTION_SHAPES = [attention_shapes(get_config("base"))[name] for name in (
+    "I-video-pretrain", "I-audio-pretrain", "III-video-pretrain", "IV-video-pretrain", "I-video-finetune")]
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CHANNELS = (512, 1536, 256)
 
