@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -281,9 +282,31 @@ TILE_SIZES = (16, 32, 64, 128)
 INTERPRETER_TILES = {"packed": (64, 64), "looped": (32, 32)}
 
 
-def packs(Lq: int, Lk: int) -> bool:
-    """Packed tiling (several whole groups per tile, one-kernel backward) for short groups."""
-    return Lq <= PACK_MAX_LEN and Lk <= PACK_MAX_LEN
+def packs(Lq: int, Lk: int, named_args: dict | None = None) -> bool:
+    """Packed tiling (several whole groups per tile, one-kernel backward) for short groups.
+
+    With the launch's ``named_args`` (``q_ptr``, ``BLOCK_D``, ``DOT_PREC``): only when a packed tile that
+    holds a group also passes :func:`precision_fits` and, on a measured GPU, is usable for the forward and
+    for the packed backward; else the looped kernels, which tile any length. fp32 needs this: at
+    BLOCK_D 128 only 16-wide fp32 tiles fit (a 24-token group has no correct packed tile), at BLOCK_D 64
+    the 32x32 packed backward spills (a 17-token group), found when every LGI stage shape was checked.
+    """
+    if Lq > PACK_MAX_LEN or Lk > PACK_MAX_LEN:
+        return False
+    if named_args is None:
+        return True
+    return _packs_at(Lq, Lk, named_args["BLOCK_D"], named_args["DOT_PREC"],
+                     resources.device_arch(named_args["q_ptr"]))
+
+
+@functools.cache
+def _packs_at(Lq: int, Lk: int, block_d: int, dot_prec: str, arch: str | None) -> bool:
+    named = {"BLOCK_D": block_d, "DOT_PREC": dot_prec,  # usable_configs reads the dtype class off q_ptr
+             "q_ptr": types.SimpleNamespace(dtype=torch.float32 if dot_prec == "ieee" else torch.bfloat16)}
+    fits = [c for c in _PACKED_CONFIGS if precision_fits(c, named)
+            and groups_per_tile(Lq, Lk, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= 1]
+    return all(resources.usable_configs(fits, TUNED_LAUNCHES[name][0].fn.__name__, {**named, "PACK": pack}, arch)
+               for name, pack in (("fwd_packed", True), ("bwd_packed", None)))
 
 
 def groups_per_tile(Lq: int, Lk: int, block_m: int, block_n: int) -> int:
@@ -416,7 +439,7 @@ def _attention_forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tenso
     lse = torch.empty((NG, Lq), device=q.device, dtype=torch.float32)
     args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             NG, G, H, Lq, Lk, D, scale * LOG2E)
-    if packs(Lq, Lk):
+    if packs(Lq, Lk, {"q_ptr": q, **constexprs}):
         _launch("fwd_packed", _packed_grid(NG, Lq, Lk), *args, PACK=True, **constexprs)
     else:
         grid = lambda meta: (NG, triton.cdiv(Lq, meta["BLOCK_M"]))
@@ -431,7 +454,7 @@ def _attention_backward(q, k, v, out, lse, grad_out, scale: float):
     dv = torch.empty(k.shape, device=q.device, dtype=q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride())
     sizes = (NG, G, H, Lq, Lk, D, scale, scale * LOG2E)
-    if packs(Lq, Lk):
+    if packs(Lq, Lk, {"q_ptr": q, **constexprs}):  # the forward's choice: same arguments
         _launch("bwd_packed", _packed_grid(NG, Lq, Lk),
                 q, k, v, out, grad_out, lse, dq, dk, dv, *strides, *out.stride(), *grad_out.stride(),
                 *dq.stride(), *dk.stride(), *dv.stride(), *sizes, **constexprs)

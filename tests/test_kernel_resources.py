@@ -22,7 +22,8 @@ import triton
 from mae_kernels import resources
 from mae_kernels._resource_table import FINGERPRINT, RESOURCES
 
-from tests.helpers.compile_kernels import ATTENTION_SHAPES
+from avfmae.config import get_config
+from avfmae.lgi_former import attention_shapes
 from tests.helpers.kernel_resources import TABLE_HEAD_DIMS, fingerprint, measured_here
 
 ga = importlib.import_module("mae_kernels.grouped_attention")  # the package re-exports a function of that name
@@ -79,11 +80,12 @@ def _named_args(tuner, G, Lq, Lk, D, dtype, pack):
 def test_pruned_configs_at_stage_shapes_launch_without_spilling(arch, monkeypatch):
     monkeypatch.setattr(resources, "device_arch", lambda t: arch)
     checked = 0
-    for G, Lq, Lk in ATTENTION_SHAPES:
+    for G, Lq, Lk in sorted(set(attention_shapes(get_config("base")).values())):  # every LGI stage
         for D in ga.SUPPORTED_HEAD_DIMS:
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 dtype_class = "fp32" if dtype == torch.float32 else "16bit"
-                names = ("fwd_packed", "bwd_packed") if ga.packs(Lq, Lk) else ("fwd_looped", "bwd_dq", "bwd_dkdv")
+                packed = ga.packs(Lq, Lk, _named_args(None, G, Lq, Lk, D, dtype, None))
+                names = ("fwd_packed", "bwd_packed") if packed else ("fwd_looped", "bwd_dq", "bwd_dkdv")
                 for name in names:
                     tuner, kernel, pack = TUNERS[name]
                     pruned = tuner.early_config_prune(tuner.configs, _named_args(tuner, G, Lq, Lk, D, dtype, pack))
@@ -99,6 +101,22 @@ def test_pruned_configs_at_stage_shapes_launch_without_spilling(arch, monkeypatc
                             assert ga.groups_per_tile(Lq, Lk, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= 1
                         checked += 1
     assert checked > 100
+
+
+@pytest.mark.parametrize("arch", [None, "sm_80", "sm_90"])
+def test_fp32_groups_without_a_fitting_packed_tile_take_the_looped_kernels(arch, monkeypatch):
+    """fp32 keeps its tiles in registers: at head dim 80 (BLOCK_D 128) only 16-wide tiles fit, so a
+    24-token group has no correct packed tile (the prune fell back to an incorrect one); at head dim 64
+    the 32x32 packed backward a 17-token group needs spills on a measured GPU. 16-bit packs both."""
+    monkeypatch.setattr(resources, "device_arch", lambda t: arch)
+
+    def packs(L, D, dtype):
+        return ga.packs(L, L, _named_args(None, 1, L, L, D, dtype, None))
+
+    assert not packs(24, 80, torch.float32) and packs(24, 80, torch.bfloat16)
+    assert packs(11, 80, torch.float32)  # one group per 16x16 tile
+    assert packs(17, 64, torch.float32) == (arch is None)  # spills on sm_80/sm_90; off CUDA shapes only
+    assert packs(17, 64, torch.bfloat16) and packs(32, 16, torch.float32)
 
 
 def test_prune_keeps_shape_rule_off_cuda():
