@@ -43,6 +43,8 @@ from einops import rearrange
 from mae_kernels.grouped_attention import grouped_attention_reference
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from avfmae.config import get_config
+from avfmae.lgi_former import attention_shapes
 from benchmarks.conftest import CUDA, DEVICE, run_timed
 
 pytestmark = pytest.mark.kernels
@@ -50,10 +52,10 @@ pytestmark = pytest.mark.kernels
 BATCH = 32 if CUDA else 1
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 KERNELS = "auto" if CUDA else "torch"  # never the Triton interpreter, even when TRITON_INTERPRET=1
-STAGES = {  # name: (G, Lq, Lk)
-    "I-video": (8, 11, 11), "I-audio": (8, 4, 4), "II": (1, 8, 8), "III": (1, 80, 8), "IV": (1, 8, 80),
-    "I-finetune": (8, 101, 101),
-}
+# name: (G, Lq, Lk), the model's own stage shapes; a subset keeps the GPU run's kernel stage short
+STAGES = {name: attention_shapes(get_config("base"))[name] for name in (
+    "I-video-pretrain", "I-audio-pretrain", "II-video", "III-video-pretrain", "IV-video-pretrain",
+    "I-video-finetune")}
 SIZES = {"base": (8, 64), "huge": (12, 64)}  # (H, D): C = 512 and 768
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
