@@ -79,8 +79,8 @@ def test_model_and_sample_spec_import_without_dali_or_media_libraries() -> None:
     from avfmae import build_model, get_config
     from avfmae.visualize import IMAGENET_MEAN
     from dali_pipelines import MODEL_GEOMETRY, ClipSpec
-    cfg = get_config("tiny", num_frames=8)
-    build_model("tiny", "pretrain", num_frames=8)
+    cfg = get_config("tiny", num_frames=8, audio_frames=128)  # 4 video and 4 audio regions (IAV-CL pairs them)
+    build_model("tiny", "pretrain", num_frames=8, audio_frames=128)
     print(ClipSpec.for_model(cfg).num_frames, IMAGENET_MEAN == ClipSpec().video_mean, len(MODEL_GEOMETRY))
     try:
         import dali_pipelines.source
