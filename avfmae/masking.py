@@ -143,7 +143,7 @@ def check_region_balance(name: str, idx: torch.Tensor, region_of: torch.Tensor, 
     Reads the counts back to the host (one sync): call it where masks are made or loaded, not per step.
     """
     batch, m = idx.shape
-    regions = region_of[idx]
+    regions = region_of.to(idx.device)[idx]  # region_index() builds the map on the CPU
     counts = torch.zeros(batch, num_regions, dtype=torch.int64, device=idx.device)
     counts.scatter_add_(1, regions, torch.ones_like(regions))
     if not bool((counts == m // num_regions).all()):
@@ -188,7 +188,8 @@ class PretrainMasks:
         encoder masks region-balanced. Reads the masks back to the host: do it once where masks are
         made, never inside a training step (the samplers here meet all of it by construction).
         """
-        counts = sample_pretrain_masks(cfg, 1)  # the samplers own the counts
+        # the samplers own the counts; a private generator leaves the caller's random stream alone
+        counts = sample_pretrain_masks(cfg, 1, torch.Generator())
         for name in ("video_visible", "video_decode", "audio_visible", "audio_decode"):
             upper = cfg.num_video_tokens if name.startswith("video") else cfg.num_audio_tokens
             count = getattr(counts, name).shape[1]

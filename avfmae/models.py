@@ -132,6 +132,14 @@ def _check_input(name: str, t: object, shape: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
+def _check_audio(audio: object, cfg: ModelConfig, batch: int) -> torch.Tensor:
+    """audio [B, 1, T_a, F] as configured, with the video's batch size."""
+    _check_input("audio", audio, (1, cfg.audio_frames, cfg.audio_bins))
+    if audio.shape[0] != batch:
+        raise ValueError(f"video and audio must share the batch size, got {batch} and {audio.shape[0]}")
+    return audio
+
+
 def _check_masks(masks: object, batch: int) -> PretrainMasks:
     if not isinstance(masks, PretrainMasks):
         raise TypeError(f"masks must be a PretrainMasks (see avfmae.masking), got {type(masks).__name__}")
@@ -170,10 +178,7 @@ class _PretrainBase(TrainingMixin, nn.Module):
         """Raise ValueError/TypeError unless video is [B, 3, T, H, W] and audio [B, 1, T_a, F] as configured."""
         c = self.cfg
         _check_input("video", video, (3, c.num_frames, c.image_size, c.image_size))
-        _check_input("audio", audio, (1, c.audio_frames, c.audio_bins))
-        if audio.shape[0] != video.shape[0]:
-            raise ValueError(f"video and audio must share the batch size, got {video.shape[0]} and "
-                             f"{audio.shape[0]}")
+        _check_audio(audio, c, video.shape[0])
 
     def sample_masks(self, batch: int, device: torch.device | str,
                      generator: torch.Generator | None = None) -> PretrainMasks:
@@ -328,17 +333,18 @@ class AVFMAEClassifier(TrainingMixin, nn.Module):
         """video [B, 3, T, H, W] (and audio [B, 1, T_a, F] unless video-only) -> [B, num_outputs]."""
         c = self.cfg
         _check_input("video", video, (3, c.num_frames, c.image_size, c.image_size))
+        if self.video_only and audio is not None:
+            raise ValueError("this classifier is video-only; pass audio=None")
+        if not self.video_only:
+            if audio is None:
+                raise ValueError("audio is required by the audio-visual classifier (build it with "
+                                 "video_only=True for video-only datasets)")
+            _check_audio(audio, c, video.shape[0])
         f_v = self.video_encoder(video, return_regions=True).regions                  # [B, K, L, C]
         if self.video_only:
             w_v = torch.softmax(self.video_layer_weights(), dim=0).to(f_v.dtype)
-            if audio is not None:
-                raise ValueError("this classifier is video-only; pass audio=None")
             feature = torch.einsum("bklc,l->bkc", f_v, w_v).mean(dim=1)                # [B, C]
             return self.head(self.fc_norm(feature))
-        if audio is None:
-            raise ValueError("audio is required by the audio-visual classifier (build it with "
-                             "video_only=True for video-only datasets)")
-        _check_input("audio", audio, (1, c.audio_frames, c.audio_bins))
         f_a = self.audio_encoder(audio, return_regions=True).regions                  # [B, K, L, C]
         if not self.reads_layer_weights:  # Table 5 rows without HAFE: no F_av
             args = () if isinstance(self.fusion, HiCMAEFusion) else (None,)

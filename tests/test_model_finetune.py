@@ -57,6 +57,8 @@ def test_classifier_depends_on_both_modalities(classifier):
         assert not torch.allclose(classifier(video + 1, audio), base)
     with pytest.raises(ValueError, match="audio is required"):
         classifier(video)
+    with pytest.raises(ValueError, match="share the batch size, got 2 and 1"):  # before IAV-CL's cat
+        classifier(video, audio[:1])
 
 
 def test_video_only_and_regression_heads():

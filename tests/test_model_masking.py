@@ -203,7 +203,13 @@ def test_pretrain_masks_validate_checks_masks_made_elsewhere():
 
     cfg = get_config("tiny")
     masks = sample_pretrain_masks(cfg, 3, gen(7))
+    torch.manual_seed(0)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(0)
     assert masks.validate(cfg) is masks
+    torch.testing.assert_close(torch.rand(3), expected_draw)  # the caller's random stream is untouched
+    if torch.cuda.is_available():  # masks made on the GPU (the region map is built on the CPU)
+        assert masks.to("cuda").validate(cfg).video_visible.is_cuda
     bad_count = dataclasses.replace(masks, audio_decode=masks.audio_decode[:, :-1])
     with pytest.raises(ValueError, match="masks.audio_decode must list"):
         bad_count.validate(cfg)
