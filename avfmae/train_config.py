@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dali_pipelines.spec import BAD_CLIP_POLICIES, DEVICES, VIDEO_DECODERS  # light: no DALI import
+
 from .config import CONFIGS, FUSIONS, LGI_LAYERS, ModelConfig, get_config
 
 STAGES = ("pretrain", "postpretrain", "finetune")
@@ -256,8 +258,9 @@ def _file_rules(base: Path) -> tuple[Rule, ...]:
     def path(c: TrainConfig, key: str) -> str | None:
         return c.resolve(getattr(c, key), base)
 
-    return tuple(Rule(key, lambda c, k=key: path(c, k) is None or Path(path(c, k)).exists(),
-                      lambda c, k=key: f"file not found: {path(c, k)}")
+    return tuple(Rule(key, lambda c, k=key: path(c, k) is None or Path(path(c, k)).is_file(),
+                      lambda c, k=key: f"file not found: {path(c, k)}"
+                      + (" (a directory)" if Path(path(c, k)).is_dir() else ""))
                  for key in ("train_manifest", "val_manifest", "init_checkpoint"))
 
 
@@ -302,9 +305,8 @@ _VALUE_RULES = (
     # compilation and data
     _one_of("compile", COMPILE_MODES),
     _one_of("compile_backend", COMPILE_BACKENDS),
-    Rule("bad_clips", lambda c: c.bad_clips in ("error", "skip"),
-         lambda c: f"expected 'error' or 'skip', got {c.bad_clips!r}"),
-    _within("max_bad_clip_fraction", "[0, 1)", lambda v: 0 <= v < 1),
+    _one_of("bad_clips", BAD_CLIP_POLICIES),
+    _within("max_bad_clip_fraction", "[0, 1]", lambda v: 0 <= v <= 1),  # as LoaderOptions takes it
     # augmentations
     Rule("rand_augment", lambda c: _rand_augment_problem(c) is None, _rand_augment_problem),
     Rule("random_erase", lambda c: _number(c.random_erase) and 0 <= c.random_erase <= 1,
@@ -321,10 +323,8 @@ _VALUE_RULES = (
     Rule("frame_diff_target", lambda c: not (c.frame_diff_target and c.stage != "pretrain"),
          lambda c: "is a pre-training reconstruction target; the supervised stages have none"),
     # where the data is decoded
-    Rule("data_device", lambda c: c.data_device in ("auto", "gpu", "cpu"),
-         lambda c: f"expected 'auto', 'gpu' or 'cpu', got {c.data_device!r}"),
-    Rule("data_video_decoder", lambda c: c.data_video_decoder in ("dali", "torchcodec"),
-         lambda c: f"expected 'dali' or 'torchcodec' (CPU only), got {c.data_video_decoder!r}"),
+    _one_of("data_device", ("auto", *DEVICES)),
+    _one_of("data_video_decoder", VIDEO_DECODERS),
     Rule("data_video_decoder", lambda c: not (c.data_video_decoder == "torchcodec" and c.data_device == "gpu"),
          lambda c: "'torchcodec' decodes on the CPU (data_device 'cpu'); on the GPU DALI decodes with NVDEC"),
     *(Rule(f"mask.{f.name}", lambda c, n=f.name: 0 < getattr(c.mask, n) < 1,
@@ -428,14 +428,17 @@ def _ds_fail(key: str, msg: str) -> None:
     raise ConfigError(f"config key {key}: {msg}")
 
 
-def _ds_int(section: dict, key: str, name: str, minimum: int = 1, required: bool = False) -> int | None:
+def _ds_int(section: dict, key: str, name: str, minimum: int = 1, required: bool = False,
+            whole_floats: bool = True) -> int | None:
     if key not in section:
         if required:
             _ds_fail(name, "DeepSpeed needs it (micro-batch per GPU/process)")
         return None
     value = section[key]
-    # JSON writes 5e8 as a float; DeepSpeed takes integral floats for its sizes
-    integral = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    # JSON writes 5e8 as a float; DeepSpeed takes integral floats for its sizes (not for batch counts,
+    # which the trainer and the sampler use as ints: whole_floats=False)
+    integral = isinstance(value, int) or (whole_floats and isinstance(value, float) and math.isfinite(value)
+                                          and value.is_integer())
     if isinstance(value, bool) or not integral or value < minimum:
         _ds_fail(name, f"must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
     return int(value)
@@ -487,9 +490,10 @@ def _ds_keys(section: dict, prefix: str, table: tuple) -> None:
 
 def _ds_batch(raw: dict) -> None:
     """micro x accumulation x processes = train_batch_size when it is given (processes: ``WORLD_SIZE``)."""
-    micro = _ds_int(raw, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu", required=True)
-    accum = _ds_int(raw, "gradient_accumulation_steps", "gradient_accumulation_steps") or 1
-    total = _ds_int(raw, "train_batch_size", "train_batch_size")
+    micro = _ds_int(raw, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu", required=True,
+                    whole_floats=False)
+    accum = _ds_int(raw, "gradient_accumulation_steps", "gradient_accumulation_steps", whole_floats=False) or 1
+    total = _ds_int(raw, "train_batch_size", "train_batch_size", whole_floats=False)
     world = os.environ.get("WORLD_SIZE")
     if total is None:
         return
@@ -557,7 +561,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     cfg = parse_train_config(section, path.parent.resolve())
     validate_deepspeed(raw)
     micro = raw["train_micro_batch_size_per_gpu"]
-    if mixing(cfg) and isinstance(micro, int) and micro % 2:
+    if mixing(cfg) and micro % 2:
         raise ConfigError(f"config key train_micro_batch_size_per_gpu: mixup/cutmix pair each clip with the "
                           f"flipped batch and need an even micro-batch, got {micro}")
     base = path.parent.resolve()

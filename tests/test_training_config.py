@@ -37,6 +37,7 @@ def test_config_splits_deepspeed_keys_and_resolves_paths(tmp_path):
     ({"stage": "distill"}, "avfmae.stage: expected one of"),
     ({"stage": "finetune"}, "avfmae.num_outputs"),
     ({"train_manifest": "missing.csv"}, "avfmae.train_manifest: file not found"),
+    ({"train_manifest": "."}, r"avfmae.train_manifest: file not found: .* \(a directory\)"),
     ({"lr": -1}, "avfmae.lr: must be a positive number"),
     ({"layer_decay": 1.5}, "avfmae.layer_decay"),
     ({"mask": {"video_ratio": 1.0}}, "avfmae.mask.video_ratio"),
@@ -57,7 +58,7 @@ def test_config_splits_deepspeed_keys_and_resolves_paths(tmp_path):
     ({"test_crops": 1.5}, "avfmae.test_crops: must be an integer, got 1.5"),
     ({"test_crops": True}, "avfmae.test_crops: must be an integer, got True"),
     ({"test_clips": "2"}, "avfmae.test_clips: must be an integer, got '2'"),
-    ({"data_video_decoder": "decord"}, "avfmae.data_video_decoder: expected 'dali' or 'torchcodec'"),
+    ({"data_video_decoder": "decord"}, r"avfmae.data_video_decoder: expected one of \('dali', 'torchcodec'\)"),
     ({"data_video_decoder": "torchcodec", "data_device": "gpu"}, "avfmae.data_video_decoder: 'torchcodec' decodes"),
 ])
 def test_bad_configs_name_the_key(tmp_path, section, message):
@@ -218,6 +219,18 @@ def test_missing_section_and_deepspeed_key(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(path)
+
+
+@pytest.mark.parametrize("key", ["train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                 "train_batch_size"])
+def test_batch_counts_must_be_json_integers(tmp_path, key):
+    """8.0 passed as 8 before and reached the trainer as a float (its global batch, the even check)."""
+    cfg = write_config(tmp_path)
+    raw = json.loads(cfg.read_text())
+    raw[key] = 8.0
+    cfg.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=f"config key {key}: must be an integer >= 1, got 8.0 \\(float\\)"):
+        load_config(cfg)
 
 
 def test_overrides_parse_json_and_nest(tmp_path):
