@@ -406,7 +406,10 @@ def load_resources(path: Path | None) -> dict[str, Any] | None:
     """The kernel resource table tests/helpers/kernel_resources.py writes (None: no such file)."""
     if path is None or not Path(path).is_file():
         return None
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); expected the kernel-resources table") from err
     if not isinstance(data, dict) or "fields" not in data or "rows" not in data:
         raise ValueError(f"{path}: not a kernel-resources JSON (expected 'fields' and 'rows')")
     return data

@@ -88,10 +88,10 @@ def video_tensor(frames: np.ndarray, spec: ClipSpec, aug: ClipAugmentation) -> t
 
 def audio_tensor(wave: torch.Tensor, spec: ClipSpec, position: float) -> torch.Tensor:
     """Waveform → HiCMAE's normalised fbank [1, audio_frames, audio_bins], the window starting at
-    ``position`` (a fraction of the frames beyond ``audio_frames``; 0.5 centres it)."""
+    ``position`` in [0, 1) (a fraction of the room + 1 starts that fit; 0.5 centres it)."""
     fbank = kaldi_fbank(wave - wave.mean(), spec.sample_rate, spec.audio_bins)
     room = max(fbank.shape[0] - spec.audio_frames, 0)
-    start = int(np.floor(np.float32(position) * np.float32(room)))  # in float32, as the DALI graph
+    start = min(int(np.floor(np.float32(position) * np.float32(room + 1))), room)  # float32, as the DALI graph
     fbank = fbank[start:start + spec.audio_frames]
     fbank = F.pad(fbank, (0, 0, 0, spec.audio_frames - fbank.shape[0]))
     return ((fbank - spec.audio_mean) / spec.audio_std)[None]

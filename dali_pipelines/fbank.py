@@ -27,6 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .spec import FBANK_WINDOW, FRAME_LENGTH_MS, FRAME_SHIFT_MS, MEL_LOW_HZ, PREEMPHASIS
+
 WINDOWS = ("hanning", "povey", "hamming", "rectangular")
 # Kaldi floors filter energies at the float32 machine epsilon before the log.
 LOG_FLOOR = float(torch.finfo(torch.float32).eps)
@@ -99,12 +101,12 @@ def kaldi_fbank(
     waveform: torch.Tensor,
     sample_rate: int = 16000,
     num_mel_bins: int = 128,
-    frame_length_ms: float = 25.0,
-    frame_shift_ms: float = 10.0,
-    window: str = "hanning",
-    preemphasis: float = 0.97,
+    frame_length_ms: float = FRAME_LENGTH_MS,
+    frame_shift_ms: float = FRAME_SHIFT_MS,
+    window: str = FBANK_WINDOW,
+    preemphasis: float = PREEMPHASIS,
     remove_dc_offset: bool = True,
-    low_freq: float = 20.0,
+    low_freq: float = MEL_LOW_HZ,
     high_freq: float = 0.0,
 ) -> torch.Tensor:
     """Log mel filter bank energies as Kaldi (``compute-fbank-feats``) computes them, dither 0.

@@ -44,7 +44,7 @@ from .augment import apply_audio_gain, apply_rand_augment, apply_random_erasing
 from .fbank import LOG_FLOOR, kaldi_window
 from .manifest import Manifest, read_manifest
 from .source import ClipSource
-from .spec import ClipSpec, LoaderOptions
+from .spec import FBANK_WINDOW, MEL_LOW_HZ, PREEMPHASIS, ClipSpec, LoaderOptions
 
 OUTPUT_NAMES = ("video", "audio", "label", "index")
 # the numpy dtypes of the source's outputs (ClipSource.outputs) as DALI's
@@ -85,8 +85,8 @@ def _video_graph(encoded, frame_idx, spec: ClipSpec, device: str, crop=None, fli
 
 
 def _audio_graph(encoded, spec: ClipSpec, device: str, position=0.5, gain=None):
-    """Kaldi-style normalised fbank [1, audio_frames, F]; the window starts at ``position`` (a fraction
-    of the frames beyond ``audio_frames``; a CPU input in training, the centre in evaluation)."""
+    """Kaldi-style normalised fbank [1, audio_frames, F]; the window starts at ``position`` in [0, 1) (a
+    fraction of the room + 1 starts that fit; a CPU input in training, the centre 0.5 in evaluation)."""
     wave, _ = fn.decoders.audio(encoded, sample_rate=spec.sample_rate, downmix=True, dtype=types.FLOAT)
     wave = fn.pad(wave, shape=[spec.window_length])  # at least one frame, even for a tiny file
     if gain is not None:
@@ -94,20 +94,22 @@ def _audio_graph(encoded, spec: ClipSpec, device: str, position=0.5, gain=None):
     if device == "gpu":
         wave = wave.gpu()
     wave = wave - fn.reductions.mean(wave)  # HiCMAE: waveform - waveform.mean()
-    wave = fn.preemphasis_filter(wave, preemph_coeff=0.97)
+    wave = fn.preemphasis_filter(wave, preemph_coeff=PREEMPHASIS)
     power = fn.spectrogram(
         wave, nfft=1 << (spec.window_length - 1).bit_length(), window_length=spec.window_length,
-        window_step=spec.window_step, window_fn=kaldi_window("hanning", spec.window_length).tolist(),
+        window_step=spec.window_step, window_fn=kaldi_window(FBANK_WINDOW, spec.window_length).tolist(),
         center_windows=False, power=2, layout="tf",
     )
     mel = fn.mel_filter_bank(
-        power, nfilter=spec.audio_bins, sample_rate=spec.sample_rate, freq_low=20.0,
+        power, nfilter=spec.audio_bins, sample_rate=spec.sample_rate, freq_low=MEL_LOW_HZ,
         freq_high=spec.sample_rate / 2, mel_formula="htk", normalize=False,
     )
     # natural log floored at eps: ln(x) = ln(10) * log10(x / 1.0); the default reference is the sample max
     logmel = fn.to_decibels(mel, multiplier=math.log(10), reference=1.0, cutoff_db=math.log(LOG_FLOOR))
     length = logmel.shape(dtype=types.INT32)[0]
-    start = fn.cast(dmath.floor(position * dmath.max(length - spec.audio_frames, 0)), dtype=types.INT32)
+    room = dmath.max(length - spec.audio_frames, 0)
+    # room + 1 starts fit (position < 1 never reached the last with floor(position * room))
+    start = fn.cast(dmath.min(dmath.floor(position * (room + 1)), room), dtype=types.INT32)
     logmel = fn.slice(
         logmel, start=fn.stack(start), shape=[spec.audio_frames], axes=[0], out_of_bounds_policy="pad",
         fill_values=0.0,

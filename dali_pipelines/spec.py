@@ -31,6 +31,13 @@ AUDIO_MEAN = HICMAE_FBANK_MEAN
 AUDIO_STD = 2 * HICMAE_FBANK_STD  # the divisor actually applied: (fbank - AUDIO_MEAN) / AUDIO_STD
 # IMAGENET_MEAN / IMAGENET_STD (imported above): owned by mae_kernels, the lowest layer, which installs on its own
 # and so cannot import them from here; VideoMAE's target unnormalises with the same (timm's) statistics.
+# HiCMAE's Kaldi fbank options (its dataset's torchaudio.compliance.kaldi.fbank call, and Kaldi's defaults it
+# keeps): dali_pipelines.fbank's defaults and the DALI graph both read them here
+FRAME_LENGTH_MS = 25
+FRAME_SHIFT_MS = 10
+FBANK_WINDOW = "hanning"
+PREEMPHASIS = 0.97
+MEL_LOW_HZ = 20.0
 DEVICES = ("gpu", "cpu")
 VIDEO_DECODERS = ("dali", "torchcodec")
 BAD_CLIP_POLICIES = ("error", "skip")
@@ -74,6 +81,9 @@ class ClipSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ClipSpec.{name} must be a positive int, got {value!r}")
+        if self.window_step < 1:
+            raise ValueError(f"ClipSpec.sample_rate {self.sample_rate} Hz leaves no sample per {FRAME_SHIFT_MS} ms "
+                             f"fbank step; expected >= {1000 // FRAME_SHIFT_MS} (16000 as shipped)")
         if self.audio_std <= 0:
             raise ValueError(f"ClipSpec.audio_std must be > 0, got {self.audio_std}")
         if len(self.video_mean) != 3 or len(self.video_std) != 3 or min(self.video_std) <= 0:
@@ -103,11 +113,11 @@ class ClipSpec:
 
     @property
     def window_length(self) -> int:
-        return self.sample_rate * 25 // 1000
+        return self.sample_rate * FRAME_LENGTH_MS // 1000
 
     @property
     def window_step(self) -> int:
-        return self.sample_rate * 10 // 1000
+        return self.sample_rate * FRAME_SHIFT_MS // 1000
 
 
 @dataclass(frozen=True)
@@ -234,8 +244,9 @@ class LoaderOptions:
                              "DALI decodes on NVDEC")
         if self.bad_clips not in BAD_CLIP_POLICIES:
             raise ValueError(f"bad_clips must be one of {BAD_CLIP_POLICIES}, got {self.bad_clips!r}")
-        if not 0 <= self.max_bad_clip_fraction <= 1:
-            raise ValueError(f"max_bad_clip_fraction must lie in [0, 1], got {self.max_bad_clip_fraction}")
+        fraction = self.max_bad_clip_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) or not 0 <= fraction <= 1:
+            raise ValueError(f"max_bad_clip_fraction must be a number in [0, 1], got {fraction!r}")
         spec = ClipSpec() if self.spec is None else self.spec
         if not isinstance(spec, ClipSpec):
             raise TypeError(f"spec must be a ClipSpec, got {type(spec).__name__}")

@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from .manifest import Manifest, ManifestError, read_manifest, write_manifest
 from .source import CPU_VIDEO_CODECS, GPU_VIDEO_CODECS, probe_video
+from .spec import ClipSpec
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = ClipSpec().sample_rate  # the rate the loaders decode to: ClipSpec owns it
 
 
 def _output_stem(src: Path, base: Path, row: int) -> Path:

@@ -259,6 +259,9 @@ def test_kernel_resource_section_lists_every_config_and_summarises_per_kernel(tm
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a kernel-resources JSON"):
         report.load_resources(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        report.load_resources(tmp_path / "bad.json")
 
 
 def test_committed_kernel_resources_render():
