@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import csv
 import math
+import numbers
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +71,8 @@ class Manifest:
         return np.full(len(self), UNLABELLED, dtype=np.int64)
 
 
-def _error(path: Path, what: str, problems: Sequence[tuple[int, str]]) -> ManifestError:
-    shown = "\n".join(f"  line {line}: {msg}" for line, msg in problems[:MAX_REPORTED_ROWS])
+def _error(path: Path, what: str, problems: Sequence[tuple[int, str]], unit: str = "line") -> ManifestError:
+    shown = "\n".join(f"  {unit} {line}: {msg}" for line, msg in problems[:MAX_REPORTED_ROWS])
     more = len(problems) - MAX_REPORTED_ROWS
     tail = f"\n  ... and {more} more" if more > 0 else ""
     return ManifestError(f"manifest {path}: {what} ({len(problems)} row(s)):\n{shown}{tail}")
@@ -95,7 +97,7 @@ SEPARATORS = {"\t": "tab", ";": "semicolon", "|": "vertical bar"}
 def _first_line(path: Path) -> str:
     with path.open(newline="", encoding=ENCODING) as f:
         for line in f:
-            if line.strip():
+            if line.replace(",", "").strip():  # blank, or empty fields only (spreadsheet exports): as _read_csv
                 return line.strip()
     return ""
 
@@ -126,7 +128,8 @@ def _sniff_format(path: Path) -> str:
 def _read_csv(path: Path) -> tuple[list[tuple[int, dict[str, str]]], tuple[str, ...]]:
     with path.open(newline="", encoding=ENCODING) as f:
         reader = csv.reader(f)
-        header = next(reader, None)
+        # blank lines before the header are skipped, as _sniff_format skips them
+        header = next((fields for fields in reader if any(x.strip() for x in fields)), None)
         if header is None:
             raise ManifestError(f"manifest {path} is empty: expected a header `video,audio,label` and rows")
         columns = [c.strip() for c in header]
@@ -168,7 +171,7 @@ def _check_header(path: Path, columns: list[str]) -> None:
 
 
 def _read_hicmae(path: Path) -> tuple[list[tuple[int, dict[str, str]]], tuple[str, ...]]:
-    rows, widths = [], set()
+    rows = []
     with path.open(encoding=ENCODING) as f:
         for line_no, line in enumerate(f, start=1):
             fields = line.split()
@@ -179,14 +182,25 @@ def _read_hicmae(path: Path) -> tuple[list[tuple[int, dict[str, str]]], tuple[st
                              [(line_no, f"one field only: {line.strip()!r}")])
             if len(fields) == 2 and _parse_label(fields[1]) is not None:
                 fields = [fields[0], str(Path(fields[0]).with_suffix(".wav")), fields[1]]
-            widths.add(len(fields))
             row = {"video": fields[0], "audio": fields[1]}
             row.update({f"label_{i}" if i else "label": x for i, x in enumerate(fields[2:])})
             rows.append((line_no, row))
-    if len(widths) > 1:
-        raise ManifestError(f"manifest {path}: rows have different numbers of fields {sorted(widths)}")
-    n_labels = widths.pop() - 2 if widths else 0
+    n_labels = _hicmae_label_count(path, rows)
     return rows, tuple(f"label_{i}" if i else "label" for i in range(n_labels))
+
+
+def _hicmae_label_count(path: Path, rows: list[tuple[int, dict[str, str]]]) -> int:
+    """The number of labels every row must have. With no header to say it, the most common row width
+    decides (the first row's on a tie), so the error names the few odd rows rather than the many good ones."""
+    widths = Counter(len(row) for _, row in rows)
+    if not widths:
+        return 0
+    usual = widths.most_common(1)[0][0]
+    problems = [(line, f"{len(row)} fields, expected {usual}") for line, row in rows if len(row) != usual]
+    if problems:
+        raise _error(path, f"rows with different numbers of fields than most rows ({usual}: VIDEO AUDIO and "
+                           f"{usual - 2} label(s))", problems)
+    return usual - 2
 
 
 def _labels(path: Path, rows: list[tuple[int, dict[str, str]]], columns: tuple[str, ...]):
@@ -304,26 +318,56 @@ def write_manifest(
 ) -> Path:
     """Write a CSV manifest; paths inside ``path``'s folder are stored relative to it.
 
-    ``rows`` yields ``(video, audio, label)``; ``label`` is a number, a sequence matching
-    ``label_columns``, or None for an unlabelled manifest (then no label column is written).
+    ``rows`` yields ``(video, audio, label)``; ``label`` is a number (Python or numpy), a sequence
+    matching ``label_columns``, or None for an unlabelled manifest (then no label column is written).
+
+    Raises:
+        ManifestError (a ValueError), before anything is written: bad ``label_columns``, or rows of a
+            labelled manifest whose label count differs from ``len(label_columns)`` (None included), or
+            labels that are not finite numbers, each named by its row index (the first 10).
     """
     path = Path(path)
     base = path.parent.resolve()
     rows = list(rows)
     labelled = any(r[2] is not None for r in rows)
+    columns = tuple(label_columns) if labelled else ()
+    if labelled:
+        _check_header(path, ["video", "audio", *columns])  # what read_manifest would reject
+    labels = _format_labels(path, [r[2] for r in rows], columns)
 
     def rel(p: str | Path) -> str:
         p = Path(p).resolve()
         return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
 
-    def fmt_label(value: Sequence[float] | float | None) -> list[str]:
-        values = [value] if isinstance(value, int | float) else list(value or [])
-        return [str(int(v)) if float(v).is_integer() else repr(float(v)) for v in values]
-
+    lines = [[rel(video), rel(audio), *text] for (video, audio, _), text in zip(rows, labels, strict=True)]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["video", "audio", *(label_columns if labelled else [])])
-        for video, audio, label in rows:
-            writer.writerow([rel(video), rel(audio), *(fmt_label(label) if labelled else [])])
+        writer.writerow(["video", "audio", *columns])
+        writer.writerows(lines)
     return path
+
+
+def _label_values(label) -> list | None:
+    """A row's label as a list of values ([] for None); None when it is not finite numbers."""
+    # a number is one value whatever its type (numpy's included); a string is refused, not split into characters
+    scalar = label is None or isinstance(label, numbers.Number | np.number | str | bytes) or not isinstance(
+        label, Iterable)
+    values = [] if label is None else [label] if scalar else list(label)
+    return values if all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values) else None
+
+
+def _format_labels(path: Path, labels: list, columns: tuple[str, ...]) -> list[list[str]]:
+    """Each row's label as the CSV fields under ``columns``. Every mismatch is reported at once and none
+    is written: read_manifest would reject a short or long row, or read a value under the wrong column."""
+    values = [_label_values(label) for label in labels]
+    problems = []
+    for i, (label, v) in enumerate(zip(labels, values, strict=True)):
+        if v is None:
+            problems.append((i, f"label {label!r} is not a finite number or a sequence of finite numbers"))
+        elif len(v) != len(columns):
+            given = "no label (None)" if label is None else f"{len(v)} label value(s) {label!r}"
+            problems.append((i, f"{given}, expected {len(columns)}: one per label column ({', '.join(columns)})"))
+    if problems:
+        raise _error(path, "nothing written, rows with bad labels", problems, unit="row")
+    return [[str(int(x)) if float(x).is_integer() else repr(float(x)) for x in v] for v in values]

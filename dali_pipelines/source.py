@@ -73,11 +73,13 @@ class VideoInfo:
     height: int
 
 
-def probe_video(data: bytes | np.ndarray, path: str | Path = "<memory>") -> VideoInfo:
+def probe_video(data: bytes | np.ndarray, path: str | Path = "<memory>", count_packets: bool = False) -> VideoInfo:
     """Codec, frame count and size of an encoded video, from its container (no decoding).
 
     The frame count is the container's when it stores one (MP4), else the number of video packets
     (WebM/Matroska do not store it; one packet holds one shown frame, VP9 superframes included).
+    ``count_packets=True`` counts them for every container: the frames the file actually holds, which
+    an MP4 cut short behind a front index (``-movflags +faststart``) no longer matches its header's count.
     """
     buf = io.BytesIO(data.tobytes() if isinstance(data, np.ndarray) else data)
     try:
@@ -85,7 +87,8 @@ def probe_video(data: bytes | np.ndarray, path: str | Path = "<memory>") -> Vide
             if not container.streams.video:
                 raise ValueError(f"{path} has no video stream")
             stream = container.streams.video[0]
-            count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            stored = 0 if count_packets else stream.frames  # demuxing reads the whole file; skip it when it can
+            count = stored or sum(1 for packet in container.demux(stream) if packet.size)
             ctx = stream.codec_context
             info = VideoInfo(ctx.name, int(count), int(ctx.width), int(ctx.height))
     except av.FFmpegError as e:
@@ -171,7 +174,7 @@ def check_clip(video: np.ndarray, audio: np.ndarray, clip, spec: ClipSpec, manif
     if video.size == 0:
         raise bad(clip.video, "empty video file (0 bytes)")
     try:
-        info = probe_video(video, clip.video)
+        info = probe_video(video, clip.video, count_packets=True)  # not the header's count: that is `declared`
         declared = declared_frames(video)
     except (ValueError, av.FFmpegError) as err:
         raise bad(clip.video, f"undecodable video ({err})") from err
@@ -280,7 +283,7 @@ def sample_crop_window(
 class ClipAugmentation:
     """The choices for one clip in one epoch: frame indices int32 [num_frames]; ``crop`` (top, left, h, w)
     in pixels, or None for evaluation's resize + square crop; horizontal ``flip``; ``audio_position``
-    in [0, 1]: where the audio window starts, as a fraction of the frames left over beyond the window;
+    in [0, 1): where the audio window starts, as a fraction of the room + 1 starts that fit;
     ``crop_position`` (evaluation) in [0, 1]: where the square crop sits along the resized frame's
     longer side, as a fraction of the pixels left over (0.5: centre)."""
 

@@ -55,6 +55,53 @@ def test_hicmae_space_separated_manifests(media: Path) -> None:
     assert two.clips[1].audio == media / "c.wav" and list(two.labels()) == [2, 0]
 
 
+def test_csv_blank_rows_before_the_header_are_skipped(media: Path) -> None:
+    for blank in ("\n", "\n  \n", ",,\n \t, ,\n"):
+        m = read_manifest(write(media / "blank.csv", blank + "video,audio,label\na.webm,a.wav,1\n"))
+        assert len(m) == 1 and m.clips[0].video == media / "a.webm" and list(m.labels()) == [1]
+        assert m.clips[0].line == blank.count("\n") + 2  # physical line numbers, for error messages
+        assert len(read_manifest(media / "blank.csv", fmt="csv")) == 1
+
+
+def test_hicmae_rows_of_another_width_are_named_by_line(media: Path) -> None:
+    text = "a.webm a.wav 1\nb.webm b.wav 2\nc.webm c.wav 1 0.5\nd.webm d.wav 0\n\ne.webm e.wav\n"
+    with pytest.raises(ManifestError) as info:
+        read_manifest(write(media / "h.txt", text))
+    message = str(info.value)
+    assert "different numbers of fields than most rows (3: VIDEO AUDIO and 1 label(s)) (2 row(s))" in message
+    assert "line 3: 4 fields, expected 3" in message and "line 6: 2 fields, expected 3" in message
+    assert "line 1:" not in message and "line 4:" not in message
+
+
+def test_write_manifest_takes_numpy_labels(media: Path) -> None:
+    rows = [(media / "a.webm", media / "a.wav", np.int64(3)), (media / "b.webm", media / "b.wav", np.uint8(0))]
+    path = write_manifest(media / "np.csv", rows)
+    assert path.read_text().splitlines()[1:] == ["a.webm,a.wav,3", "b.webm,b.wav,0"]
+    m = read_manifest(path)
+    assert m.task == "classification" and list(m.labels()) == [3, 0]
+    rows = [(media / "a.webm", media / "a.wav", np.float32(0.5)), (media / "b.webm", media / "b.wav", 2)]
+    np.testing.assert_allclose(read_manifest(write_manifest(media / "f.csv", rows)).labels(), [[0.5], [2.0]])
+
+
+@pytest.mark.parametrize(
+    "labels, columns, expected",
+    [
+        ([1, None, 2], ("label",), "row 1: no label (None), expected 1: one per label column (label)"),
+        ([1.5, (0.5, 1.0)], ("label_v", "label_a"), "row 0: 1 label value(s) 1.5, expected 2"),
+        ([(0.5, 1.0), (1.0, 2.0, 3.0)], ("label_v", "label_a"), "row 1: 3 label value(s)"),
+        (["12", 1], ("label_v", "label_a"), "row 0: label '12' is not a finite number"),
+        ([1, float("nan")], ("label",), "row 1: label nan is not a finite number"),
+    ],
+)
+def test_write_manifest_rejects_labels_that_do_not_fit_the_columns(media: Path, labels, columns, expected) -> None:
+    rows = [(media / f"{s}.webm", media / f"{s}.wav", label) for s, label in zip("abc", labels)]
+    path = media / "out" / "bad.csv"
+    with pytest.raises(ValueError) as info:
+        write_manifest(path, rows, columns)
+    assert expected in str(info.value) and str(path) in str(info.value)
+    assert not path.exists()  # nothing written: no short row, no value under the wrong column
+
+
 def test_write_manifest_round_trips(media: Path) -> None:
     rows = [(media / "a.webm", media / "a.wav", (0.5, 1.0)), (media / "b.webm", media / "b.wav", (2.0, -3.5))]
     path = write_manifest(media / "out.csv", rows, ("label_v", "label_a"))
@@ -77,7 +124,7 @@ def test_write_manifest_round_trips(media: Path) -> None:
         ("video,audio,label\na.webm,a.wav,1\nb.webm,b.wav,\n", "line 3: label missing"),
         ("video,audio,label\na.webm,a.wav,1\nzz.webm,a.wav,1\n", "line 3: video file not found"),
         ("video,audio,label\na.webm,missing.wav,1\n", "line 2: audio file not found"),
-        ("a.webm a.wav 1\nb.webm b.wav\n", "different numbers of fields"),
+        ("a.webm a.wav 1\nb.webm b.wav\n", "line 2: 2 fields, expected 3"),
         ("a.webm\n", "one field only"),
     ],
 )

@@ -39,7 +39,7 @@ from dali_pipelines import (
     sample_frame_indices,
 )
 from dali_pipelines.augment import RandAugmentSpec
-from dali_pipelines.baseline import build_baseline_loader
+from dali_pipelines.baseline import audio_tensor, build_baseline_loader
 from dali_pipelines.decoders import torchcodec_missing
 from dali_pipelines.source import (
     ClipSource,
@@ -293,10 +293,23 @@ def test_audio_windows_eval_centred_train_at_the_sampled_position(tmp_path: Path
     for ep in range(2):
         batch = next(iter(loader))
         for i, row in enumerate(batch["index"].tolist()):
-            start = math.floor(sample_clip(info, spec, clip_rng(5, ep, row)).audio_position * room)
+            start = min(math.floor(sample_clip(info, spec, clip_rng(5, ep, row)).audio_position * (room + 1)), room)
             assert (batch["audio"][i, 0] - reference(row, start))[:, 16:].abs().max() < 0.01
             starts.add(start)
     assert len(starts) == 4  # a new window per clip and per epoch
+
+
+@pytest.mark.parametrize("position, start", [(0.0, 0), (0.3, 1), (0.5, 2), (float(np.nextafter(1.0, 0.0)), 3)])
+def test_audio_window_positions_reach_every_start(position: float, start: int) -> None:
+    """room + 1 windows fit; floor(position * room) never drew the last (the one ending at the clip's end)."""
+    spec = ClipSpec(audio_frames=256)
+    samples = 258 * spec.window_step + spec.window_length  # 259 frames: room 3
+    wave = torch.randn(samples, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fbank = kaldi_fbank(wave - wave.mean(), spec.sample_rate, spec.audio_bins)
+    assert fbank.shape[0] == 259
+    expected = (fbank[start:start + 256] - spec.audio_mean) / spec.audio_std
+    got = audio_tensor(wave, spec, position)[0]
+    torch.testing.assert_close(got, expected.to(got.dtype), atol=1e-4, rtol=1e-4)
 
 
 # --- test views (several clips x crops) -----------------------------------------------------------
@@ -590,10 +603,17 @@ def test_gpu_without_cuda_is_a_clear_error(dataset: Path) -> None:
 
 
 @pytest.mark.parametrize("field, value", [("num_frames", 0), ("image_size", 1.5), ("audio_std", 0.0),
-                                          ("crop_area", (0.5, 0.2)), ("video_std", (1.0, 1.0))])
+                                          ("crop_area", (0.5, 0.2)), ("video_std", (1.0, 1.0)),
+                                          ("sample_rate", 50)])  # no sample per 10 ms fbank step
 def test_bad_clip_spec(field, value) -> None:
     with pytest.raises(ValueError, match=field):
         ClipSpec(**{field: value})
+
+
+@pytest.mark.parametrize("fraction", ["0.1", 1.5, True])
+def test_bad_clip_fraction_is_named(fraction) -> None:
+    with pytest.raises(ValueError, match=f"max_bad_clip_fraction must be a number in \\[0, 1\\], got {fraction!r}"):
+        LoaderOptions(device="cpu", max_bad_clip_fraction=fraction)
 
 
 def test_clip_spec_for_model_takes_the_model_geometry() -> None:
@@ -681,6 +701,33 @@ def test_unreadable_media_names_the_file(dataset: Path, tmp_path: Path, kind: st
 def test_missing_manifest_is_a_manifest_error(tmp_path: Path) -> None:
     with pytest.raises(ManifestError):
         load(tmp_path / "none.csv")
+
+
+def test_truncated_faststart_mp4_is_a_bad_clip(tmp_path: Path) -> None:
+    """An MP4 with its index in front (-movflags +faststart) keeps declaring 64 frames when cut to 2/3
+    of its bytes; check_clip must count the frames the file still holds, not trust that header."""
+    from dali_pipelines.manifest import Clip
+    from dali_pipelines.source import BadClipError, check_clip
+    from dali_pipelines.synthetic import encode_wav, face_frames
+
+    path = tmp_path / "v.mp4"
+    with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width = stream.height = 64
+        stream.pix_fmt, stream.options = "yuv420p", {"preset": "ultrafast", "threads": "1"}
+        for frame in face_frames(0, 4, 64, 64, np.random.default_rng(0)):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    intact = np.fromfile(path, np.uint8)
+    assert intact.tobytes().find(b"moov") < intact.tobytes().find(b"mdat")  # the index is in front
+    cut = intact[: len(intact) * 2 // 3]
+    assert probe_video(cut).num_frames == 64  # the header still declares every frame
+    audio = np.frombuffer(encode_wav(np.zeros(16000, np.float32), 16000), np.uint8)
+    clip = Clip(path, tmp_path / "a.wav", (0.0,), 5)
+    assert check_clip(intact, audio, clip, SMALL, "m.csv").num_frames == 64
+    with pytest.raises(BadClipError, match=r"v.mp4: truncated video: the header declares 64 frames, the file "
+                                           r"holds \d+\. Fix: .* remove line 5 of m.csv"):
+        check_clip(cut, audio, clip, SMALL, "m.csv")
 
 
 # --- GPU (NVDEC) -------------------------------------------------------------------------------
