@@ -512,16 +512,26 @@ def _attention_backward_reference(q, k, v, out, lse, grad_out, scale: float):
 
 
 def _reference_runs(t: torch.Tensor) -> bool:
-    # the fused CPU kernels serve CPU tensors; other devices (CUDA under backend("torch")) take SDPA
-    # through autograd, recomputing the forward in the backward op
+    # the fused CPU kernels serve CPU tensors; other devices (CUDA under backend("torch")) run SDPA
+    # forward and the softmax-recomputing backward below
     return t.device.type == "cpu"
 
 
-def _recomputed_backward(q, k, v, grad_out, scale: float):
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = grouped_attention_reference(*leaves, scale=scale)
-        return torch.autograd.grad(out, leaves, grad_out)
+def _math_backward(q, k, v, out, grad_out, scale: float) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) of softmax(q k^T scale) v in plain tensor ops, recomputing the probabilities.
+
+    A custom op's body runs below autograd, so it cannot differentiate SDPA there (the recorded graph
+    is empty); this is the textbook backward, in fp32 (fp64 for fp64), with SDPA's forward output in
+    the row term D = rowsum(dO * O). It materialises the [Lq, Lk] scores, like SDPA's math backend.
+    """
+    B, G = q.shape[:2]
+    acc = _lse_dtype(q)
+    qf, kf, vf, o, do = (_fold(t).to(acc) for t in (q, k, v, out, grad_out))
+    p = torch.softmax(qf @ kf.transpose(-2, -1) * scale, dim=-1)         # [B*G, H, Lq, Lk]
+    dv = p.transpose(-2, -1) @ do
+    ds = p * (do @ vf.transpose(-2, -1) - (do * o).sum(-1, keepdim=True))
+    dq, dk = ds @ kf * scale, ds.transpose(-2, -1) @ qf * scale
+    return tuple(_unfold(t, B, G).to(q.dtype).contiguous() for t in (dq, dk, dv))
 
 
 # --- custom ops -------------------------------------------------------------------------------------
@@ -561,7 +571,7 @@ def grouped_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
             return _attention_backward(q, k, v, out, lse, grad_out, scale)
     if _reference_runs(q):
         return _attention_backward_reference(q, k, v, out, lse, grad_out, scale)
-    return tuple(g.contiguous() for g in _recomputed_backward(q, k, v, grad_out, scale))
+    return _math_backward(q, k, v, out, grad_out, scale)
 
 
 @grouped_attention_backward_op.register_fake
@@ -583,6 +593,33 @@ def _attention_backward_autograd(ctx, grad_out, _grad_lse):
 
 
 grouped_attention_op.register_autograd(_attention_backward_autograd, setup_context=_attention_setup)
+
+
+def _folded(shape) -> tuple[int, int, int, int]:
+    B, G, L, H, D = shape
+    return B * G, H, L, D
+
+
+def _register_flop_formulas() -> None:
+    """FlopCounterMode sees a custom op but not the work in its body: without these, every attention of
+    a step counted 0 FLOPs while a peer's explicit matmuls counted in full. Counted as attention written
+    in matmuls counts (SDPA's math path): 2 matmuls forward, 4 backward, not the kernels' recomputation
+    of the scores, so the algorithmic work compares with such peers."""
+    from torch.utils import flop_counter
+
+    def forward_flops(q_shape, k_shape, v_shape) -> int:
+        return flop_counter.sdpa_flop_count(_folded(q_shape), _folded(k_shape), _folded(v_shape))
+
+    @flop_counter.register_flop_formula(torch.ops.mae_kernels.grouped_attention)
+    def _(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+        return forward_flops(q_shape, k_shape, v_shape)
+
+    @flop_counter.register_flop_formula(torch.ops.mae_kernels.grouped_attention_backward)
+    def _(grad_out_shape, q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+        return 2 * forward_flops(q_shape, k_shape, v_shape)  # dP and dV, then dQ and dK
+
+
+_register_flop_formulas()
 
 
 # --- public op --------------------------------------------------------------------------------------

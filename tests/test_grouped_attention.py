@@ -402,3 +402,46 @@ def test_dispatch_triton_backend_runs_the_kernels(monkeypatch, kernel_calls):
     monkeypatch.setenv("MAE_KERNELS_BACKEND", "auto")  # auto: Triton on CUDA tensors or under the interpreter
     mae_kernels.grouped_attention(q, k, v)
     assert len(kernel_calls) == 2
+
+
+def torch_attention(q, k, v, scale=None):
+    with mae_kernels.backend("torch"):
+        return mae_kernels.grouped_attention(q, k, v, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("G,Lq,Lk", [(3, 5, 5), (1, 70, 33), (2, 1, 9)])
+def test_torch_backend_off_the_cpu_has_a_backward(monkeypatch, dtype, G, Lq, Lk):
+    """CUDA tensors under backend("torch") take SDPA's forward and the softmax-recomputing backward (a
+    custom op's body runs below autograd: differentiating SDPA there recorded nothing and failed).
+    Emulated on CPU by sending CPU tensors down that branch; held to check_against_reference's bounds."""
+    monkeypatch.setattr(ga, "_reference_runs", lambda t: False)
+    q, k, v = make_qkv(2, G, Lq, Lk, 2, 32, dtype)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.device, dtype)
+    got = out_and_grads(torch_attention, q, k, v, g)
+    truth = out_and_grads(grouped_attention_reference, *(x.detach().double().requires_grad_() for x in (q, k, v)),
+                          g.double())
+    same = out_and_grads(grouped_attention_reference, q, k, v, g)  # autograd through SDPA in this dtype
+    floor = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 0.0}[dtype]
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, truth, same):
+        assert a.dtype == dtype and a.shape == b.shape
+        err = (a.double() - b).abs().max().item()
+        bound = max(2 * (c.double() - b).abs().max().item() + torch.finfo(dtype).eps * b.abs().max().item(),
+                    floor * max(1.0, b.abs().max().item()))
+        assert err <= bound, f"{name}: error {err:.3g} above {bound:.3g}"
+
+
+@pytest.mark.parametrize("G,Lq,Lk", [(3, 5, 5), (1, 70, 33)])
+def test_flop_counter_counts_attention_as_sdpa_math_does(G, Lq, Lk):
+    """The custom ops ran unseen by FlopCounterMode (0 FLOPs); now forward + backward count what
+    attention written in matmuls counts (SDPA's math path on the same folded tensors)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = make_qkv(2, G, Lq, Lk, 2, 32)
+    with FlopCounterMode(display=False) as ours:
+        torch_attention(q, k, v).sum().backward()
+    with FlopCounterMode(display=False) as maths, sdpa_kernel(SDPBackend.MATH):
+        folded = [ga._fold(t.detach()).requires_grad_() for t in (q, k, v)]
+        torch.nn.functional.scaled_dot_product_attention(*folded).sum().backward()
+    assert ours.get_total_flops() == maths.get_total_flops() == 3 * 4 * 2 * G * 2 * Lq * Lk * 32
