@@ -2,8 +2,9 @@
 
 A host sync (``.item()``, ``bool(tensor)``, ``nonzero``, ...) makes the CPU wait until the GPU has
 drained its queue, so a step with syncs cannot run ahead of the GPU nor be captured as one CUDA
-graph. Syncs show up at the dispatcher as the ops below, whatever Python line caused them; a
-``TorchDispatchMode`` sees every op, on CPU as on CUDA, so the counts are testable without a GPU.
+graph. Syncs show up at the dispatcher as the ops below, or as an op whose arguments say its kernel
+reads back (``x[bool_mask]``), whatever Python line caused them; a ``TorchDispatchMode`` sees every
+op, on CPU as on CUDA, so the counts are testable without a GPU.
 
 A mode is switched off while it handles an op, so the ops a custom op's Python body dispatches
 (``mae_kernels``' references, the Triton launchers' allocations) would go unseen: the counter runs
@@ -20,14 +21,23 @@ import torch
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# labels of syncs that no aten op of their own shows: the kernel reads data back itself (index with a
+# bool mask runs nonzero inside; repeat_interleave without output_size sums the repeats to size its
+# output), or a copy lands on the host
+DEVICE_TO_HOST = "device_to_host"
+BOOL_MASK_INDEX = "index(bool mask)"
+BOOL_MASK_INDEX_PUT = "index_put(bool mask)"
+UNSIZED_REPEAT_INTERLEAVE = "repeat_interleave(no output_size)"
+SYNC_LABELS = frozenset({DEVICE_TO_HOST, BOOL_MASK_INDEX, BOOL_MASK_INDEX_PUT, UNSIZED_REPEAT_INTERLEAVE})
 # aten ops that read device data back to the host (``item``/``tolist``/``bool``/``int`` on a tensor
-# all end in _local_scalar_dense), or whose output shape depends on the data
+# all end in _local_scalar_dense), or whose output shape depends on the data (bincount: on the max)
 SYNC_OPS = frozenset({
     "_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "nonzero_static_fallback", "masked_select",
-    "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive", "repeat_interleave_sync",
-    "allclose", "device_to_host",
-})
-DEVICE_TO_HOST = "device_to_host"
+    "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive", "bincount", "allclose",
+}) | SYNC_LABELS
+_MASK_DTYPES = (torch.bool, torch.uint8)  # indexing treats a uint8 index as a (deprecated) bool mask
+_INDEX_LABELS = {"index": BOOL_MASK_INDEX, "index_put": BOOL_MASK_INDEX_PUT, "index_put_": BOOL_MASK_INDEX_PUT,
+                 "_index_put_impl_": BOOL_MASK_INDEX_PUT}
 
 
 def _device_to_host(name: str, args: tuple, out: object) -> bool:
@@ -35,6 +45,17 @@ def _device_to_host(name: str, args: tuple, out: object) -> bool:
     dst = args[0] if name == "copy_" else out
     return (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.device.type != "cpu"
             and dst.device.type == "cpu")
+
+
+def _hidden_sync(func, name: str, args: tuple, kwargs: dict) -> str | None:
+    """The label of the sync this op's kernel does inside, where its output size depends on the data."""
+    if name in _INDEX_LABELS and isinstance(args[1], (list, tuple)):  # (not index.str and the like)
+        masked = any(isinstance(i, torch.Tensor) and i.dtype in _MASK_DTYPES for i in args[1])  # None: ``:``
+        return _INDEX_LABELS[name] if masked else None
+    # (with an int repeat the output size is known: only the tensor-repeats overloads size it from data)
+    if name == "repeat_interleave" and func._overloadname != "self_int" and kwargs.get("output_size") is None:
+        return UNSIZED_REPEAT_INTERLEAVE
+    return None
 
 
 @dataclass(frozen=True)
@@ -66,6 +87,9 @@ class OpCounter(TorchDispatchMode):
         if custom is not None:
             with self:  # the body's own ops (a sync inside a custom op is still a sync of the step)
                 return custom._init_fn(*args, **kwargs)
+        hidden = _hidden_sync(func, name, args, kwargs)
+        if hidden is not None:
+            self.counter[hidden] += 1
         out = func(*args, **kwargs)
         if name in ("_to_copy", "copy_") and _device_to_host(name, args, out):
             self.counter[DEVICE_TO_HOST] += 1  # e.g. .cpu() or .tolist() of a CUDA tensor
@@ -73,7 +97,8 @@ class OpCounter(TorchDispatchMode):
 
     def counts(self) -> OpCounts:
         syncs = {name: n for name, n in self.counter.items() if name in SYNC_OPS}
-        return OpCounts(sum(self.counter.values()), syncs, dict(self.counter))
+        ops = sum(n for name, n in self.counter.items() if name not in SYNC_LABELS)  # a label is no op
+        return OpCounts(ops, syncs, dict(self.counter))
 
 
 def count_ops(step: Callable[[], object]) -> OpCounts:

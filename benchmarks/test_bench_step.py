@@ -24,15 +24,17 @@ Compiled cases: ``avfmae-compiled``, ``avfmae-table4-compiled`` and ``hicmae-com
 with a compiled HiCMAE); on CUDA also ``avfmae-cudagraph`` and ``hicmae-cudagraph``. The warm-up
 step compiles; its time is ``compile_s``.
 
-On CUDA: sizes base, large, huge under bf16 autocast. On CPU: tiny and base in fp32 at batch 2, and
-the "auto" backend *is* the torch reference (no CUDA; the Triton interpreter is never timed), so
-``avfmae`` and ``avfmae-torch`` run the same computation there. Environment overrides:
-``BENCH_STEP_SIZES=base,large``, ``BENCH_STEP_BATCH=16`` or ``base=32,large=16``,
+On CUDA: sizes base, large, huge under bf16 autocast (the GPU run, ``benchmarks/run_gpu.sh``, picks its
+own sizes, base and huge, and leaves out the compiled and CUDA-graph cases at huge). On CPU: tiny and
+base in fp32 at batch 2, and the "auto" backend *is* the torch reference (no CUDA; the Triton
+interpreter is never timed), so ``avfmae`` and ``avfmae-torch`` run the same computation there.
+Environment overrides: ``BENCH_STEP_SIZES=base,large``, ``BENCH_STEP_BATCH=16`` or ``base=32,large=16``,
 ``BENCH_STEP_ROUNDS=10``.
 
 extra_info per case: role, model, backend, size, batch, params_M, flops_per_step (forward+backward,
 counted once outside the timing by FlopCounterMode on the torch reference path with SDPA's math
-backend, so attention is counted on every device), TFLOP/s, samples_per_s, host_syncs and aten_ops
+backend; grouped_attention counts through the FLOP formulas mae_kernels registers for its ops, as
+attention written in matmuls counts), TFLOP/s, samples_per_s, host_syncs and aten_ops
 (forward+backward of the eager model, counted by ``avfmae.op_count``), launches (kernels one step
 launches: CUDA kernels on a GPU; on CPU, for compiled cases, the kernels and extern calls the
 compiled graphs run) and launches_matmul (the GEMMs and convolutions among them), optimizer_ms (the
@@ -203,8 +205,8 @@ _FLOPS: dict[tuple[str, str, int], float] = {}  # FLOPs depend on the model, not
 
 
 def count_flops(loss_fn: Callable[[], torch.Tensor], model: torch.nn.Module) -> float:
-    """Forward + backward FLOPs of one step: matmuls, convolutions and attention as aten ops (Triton
-    kernels are invisible to FlopCounterMode, so this runs the torch reference and SDPA's math path)."""
+    """Forward + backward FLOPs of one step: matmuls, convolutions and attention (SDPA's math path for
+    torch's own; mae_kernels' custom ops by their registered formulas, whatever backend runs them)."""
     with FlopCounterMode(display=False) as counter:
         with mae_kernels.backend("torch"), sdpa_kernel(SDPBackend.MATH):
             with _autocast():
@@ -269,7 +271,10 @@ def eager_counts(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], ba
 def test_pretrain_step(benchmark, hicmae_path, size: str, case: str) -> None:
     spec = CASES[case]
     if spec.cuda_only and not CUDA:
-        pytest.skip("needs CUDA: on CPU the kernels backend is the torch reference, the 'hicmae' case")
+        why, same = ("the kernels backend is the torch reference", "hicmae")
+        if spec.compile_mode == "reduce-overhead":
+            why, same = "reduce-overhead makes no CUDA graph", f"{case.removesuffix('-cudagraph')}-compiled"
+        pytest.skip(f"needs CUDA: on CPU {why}, so it would run the '{same}' case")
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()

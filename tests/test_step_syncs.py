@@ -2,6 +2,8 @@
 both backends, dispatch none of the ops that read device data back to the host
 (``avfmae.op_count.SYNC_OPS``). A sync drains the GPU queue and blocks CUDA-graph capture."""
 
+import warnings
+
 import mae_kernels
 import pytest
 import torch
@@ -62,6 +64,56 @@ def test_counter_sees_syncs():
     if torch.cuda.is_available():  # .tolist()/.cpu() of a CUDA tensor copies to the host
         y = x.cuda()
         assert count_ops(lambda: (y.tolist(), y.cpu())).syncs.get("device_to_host", 0) >= 1
+
+
+def _set_zero(x, index):
+    x.clone()[index] = 0.0
+
+
+def _uint8_columns(x, mask):
+    with warnings.catch_warnings():  # uint8 masks are deprecated, still taken (index_put_ refuses them)
+        warnings.simplefilter("ignore", UserWarning)
+        return x[:, mask[0].to(torch.uint8)]  # a None (``:``) first in the index list
+
+
+_x, _mask, _repeats = torch.randn(4, 8), torch.randn(4, 8) > 0, torch.tensor([1, 2, 3])
+_KERNEL_SYNCS = {  # the kernel reads data back itself (nonzero, the sum of repeats, the max) to size its output
+    "x[bool_mask]": lambda: _x[_mask],
+    "x[:, bool_mask]": lambda: _x[:, _mask[0]],
+    "x[bool_mask] = v": lambda: _set_zero(_x, _mask),
+    "x[:, uint8_mask]": lambda: _uint8_columns(_x, _mask),
+    "index_put(bool mask)": lambda: torch.index_put(_x, (_mask,), torch.tensor(0.0)),
+    "repeat_interleave(repeats)": lambda: torch.repeat_interleave(_repeats),
+    "repeat_interleave(x, repeats)": lambda: _x.repeat_interleave(torch.tensor([1, 2, 1, 2]), dim=0),
+    "bincount": lambda: torch.bincount(_repeats, minlength=8),
+}
+_NO_SYNC = {  # the same results, sized from what the host already knows
+    "x[int_index]": lambda: _x[torch.tensor([0, 2])],
+    "x[int_index] = v": lambda: _set_zero(_x, torch.tensor([0, 2])),
+    "repeat_interleave(repeats, output_size)": lambda: torch.repeat_interleave(_repeats, output_size=6),
+    "repeat_interleave(x, int)": lambda: _x.repeat_interleave(2, dim=0),
+    "gather": lambda: _x.gather(1, torch.zeros(4, 2, dtype=torch.long)),
+    "where(bool_mask)": lambda: torch.where(_mask, _x, 0.0),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(_KERNEL_SYNCS))
+def test_counter_sees_syncs_inside_kernels(pattern):
+    """No aten op of its own shows these syncs: the counter must tell them by the op's arguments."""
+    counts = count_ops(_KERNEL_SYNCS[pattern])
+    assert counts.num_syncs >= 1, f"{pattern}: ops {counts.by_op}"
+    assert set(counts.syncs) <= SYNC_OPS
+
+
+@pytest.mark.parametrize("pattern", sorted(_NO_SYNC))
+def test_counter_passes_data_independent_ops(pattern):
+    counts = count_ops(_NO_SYNC[pattern])
+    assert counts.ops >= 1 and counts.num_syncs == 0, f"{pattern}: host syncs {counts.syncs}"
+
+
+def test_sync_labels_are_no_ops():
+    counts = count_ops(lambda: _x[_mask])
+    assert counts.syncs == {"index(bool mask)": 1} and counts.ops == 1
 
 
 @torch.library.custom_op("avfmae_test::reads_back", mutates_args=())
