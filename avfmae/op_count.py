@@ -127,6 +127,11 @@ MATMUL_OPS = frozenset(f"aten::{name}" for name in (
 # (not "conv": inductor names its casts "..._convert_element_type_..."; cuDNN's convolutions are
 # implicit GEMMs and say so; "nvjet": cuBLAS's Hopper kernels)
 CUDA_MATMUL_MARKERS = ("gemm", "gemv", "cutlass", "xmma", "cublas", "cudnn", "nvjet", "splitkreduce", "triton_tem_")
+# fused attention kernels built on CUTLASS or cuDNN (SDPA's memory-efficient, flash and cuDNN backends):
+# attention, not one of the matmuls above, however their names read
+CUDA_ATTENTION_MARKERS = ("fmha", "flash", "sdpa", "attention", "attn")
+# device activity the profiler lists beside kernels: copies and fills, no kernel launch of the step
+CUDA_NON_KERNELS = ("Memcpy", "Memset")
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,7 @@ def count_launch_kinds(step: Callable[[], object]) -> LaunchCounts:
         step()
     events = prof.events()
     if cuda:
-        names = [e.name for e in events if e.device_type == DeviceType.CUDA]
+        names = [e.name for e in events if e.device_type == DeviceType.CUDA and is_cuda_kernel(e.name)]
         matmuls = sum(1 for n in names if is_cuda_matmul_kernel(n))
     else:
         names = [e.name for e in events if e.device_type == DeviceType.CPU and _is_launch(e)]
@@ -165,10 +170,17 @@ def count_launch_kinds(step: Callable[[], object]) -> LaunchCounts:
     return LaunchCounts(len(names), matmuls)
 
 
+def is_cuda_kernel(name: str) -> bool:
+    """Whether a CUDA profiler event is a kernel launch (not a copy or a fill the profiler lists too)."""
+    return not name.startswith(CUDA_NON_KERNELS)
+
+
 def is_cuda_matmul_kernel(name: str) -> bool:
-    """Whether a CUDA kernel's name is a GEMM's (cuBLAS, cuDNN, CUTLASS, inductor's GEMM templates)."""
+    """Whether a CUDA kernel's name is a GEMM's (cuBLAS, cuDNN, CUTLASS, inductor's GEMM templates) and
+    not a fused attention kernel's."""
     lowered = name.lower()
-    return any(marker in lowered for marker in CUDA_MATMUL_MARKERS)
+    return (any(marker in lowered for marker in CUDA_MATMUL_MARKERS)
+            and not any(marker in lowered for marker in CUDA_ATTENTION_MARKERS))
 
 
 def _is_launch(event) -> bool:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch._inductor import config as inductor_config
 
-from avfmae.op_count import count_launch_kinds, is_cuda_matmul_kernel
+from avfmae.op_count import count_launch_kinds, is_cuda_kernel, is_cuda_matmul_kernel
 
 # forward: two addmm; backward: dX and dW of the second layer, dW only of the first (x needs no grad)
 MLP_MATMULS = 2 + 3
@@ -50,6 +50,20 @@ def test_compiled_launches_fuse_the_elementwise_work_but_not_the_matmuls(monkeyp
     ("triton_poi_fused__to_copy_convert_element_type_native_layer_norm_0", False),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int, Functor, Array)", False),
     ("_attn_fwd_kernel", False),
+    # SDPA's fused attention on CUTLASS / cuDNN: attention, not a GEMM
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t>::Params)",
+     False),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, cutlass::bfloat16_t>>",
+     False),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0", False),
 ])
 def test_cuda_kernel_names_are_told_apart(name, matmul):
     assert is_cuda_matmul_kernel(name) is matmul
+
+
+@pytest.mark.parametrize("name,kernel", [
+    ("Memcpy HtoD (Pageable -> Device)", False), ("Memset (Device)", False), ("Memcpy DtoD (Device -> Device)", False),
+    ("triton_poi_fused_add_0", True), ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", True),
+])
+def test_cuda_copies_and_fills_are_no_launches(name, kernel):
+    assert is_cuda_kernel(name) is kernel
