@@ -94,10 +94,15 @@ ENCODING = "utf-8-sig"  # a UTF-8 byte-order mark (spreadsheet exports) is dropp
 SEPARATORS = {"\t": "tab", ";": "semicolon", "|": "vertical bar"}
 
 
+def _blank(fields: Sequence[str]) -> bool:
+    """A row with no text in any field (an empty line, or a spreadsheet export's ``,,``)."""
+    return not any(x.strip() for x in fields)
+
+
 def _first_line(path: Path) -> str:
     with path.open(newline="", encoding=ENCODING) as f:
         for line in f:
-            if line.replace(",", "").strip():  # blank, or empty fields only (spreadsheet exports): as _read_csv
+            if not _blank(line.split(",")):
                 return line.strip()
     return ""
 
@@ -129,7 +134,7 @@ def _read_csv(path: Path) -> tuple[list[tuple[int, dict[str, str]]], tuple[str, 
     with path.open(newline="", encoding=ENCODING) as f:
         reader = csv.reader(f)
         # blank lines before the header are skipped, as _sniff_format skips them
-        header = next((fields for fields in reader if any(x.strip() for x in fields)), None)
+        header = next((fields for fields in reader if not _blank(fields)), None)
         if header is None:
             raise ManifestError(f"manifest {path} is empty: expected a header `video,audio,label` and rows")
         columns = [c.strip() for c in header]
@@ -350,10 +355,12 @@ def write_manifest(
 
 def _label_values(label) -> list | None:
     """A row's label as a list of values ([] for None); None when it is not finite numbers."""
-    # a number is one value whatever its type (numpy's included); a string is refused, not split into characters
-    scalar = label is None or isinstance(label, numbers.Number | np.number | str | bytes) or not isinstance(
-        label, Iterable)
-    values = [] if label is None else [label] if scalar else list(label)
+    if label is None:
+        values = []
+    elif isinstance(label, numbers.Number | str | bytes) or not isinstance(label, Iterable):
+        values = [label]  # one value, numpy's numbers included; a string is refused, not split into characters
+    else:
+        values = list(label)
     return values if all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values) else None
 
 

@@ -478,6 +478,12 @@ def _fold(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(B * G, L, H, D).transpose(1, 2)
 
 
+def _folded(shape) -> tuple[int, int, int, int]:
+    """The shape _fold gives a [B, G, L, H, D] tensor (FLOP formulas get shapes, not tensors)."""
+    B, G, L, H, D = shape
+    return B * G, H, L, D
+
+
 def _unfold(t: torch.Tensor, B: int, G: int) -> torch.Tensor:
     """[B*G, H, L, D] -> [B, G, L, H, D]."""
     _, H, L, D = t.shape
@@ -593,11 +599,6 @@ def _attention_backward_autograd(ctx, grad_out, _grad_lse):
 
 
 grouped_attention_op.register_autograd(_attention_backward_autograd, setup_context=_attention_setup)
-
-
-def _folded(shape) -> tuple[int, int, int, int]:
-    B, G, L, H, D = shape
-    return B * G, H, L, D
 
 
 def _register_flop_formulas() -> None:
