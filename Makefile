@@ -7,8 +7,10 @@
 comma := ,
 TEST_EXTRAS := dev,bench,data,train
 # test processes: most tests run one thread (the Triton interpreter, launcher ranks waiting), so two
-# workers on a 2-core machine use both cores; files stay whole so module fixtures are built once
+# workers on a 2-core machine use both cores; files stay whole so module fixtures are built once.
+# TEST_ORDER=reversed runs the files in reversed order. Compiler caches start empty (scripts/run_tests.sh).
 TEST_WORKERS ?= 2
+TEST_ORDER ?= forward
 DEMO_EXTRAS := data,train
 BENCH_EXTRAS := $(TEST_EXTRAS)$(if $(HICMAE_PATH),$(comma)hicmae)
 
@@ -19,7 +21,7 @@ demo:
 test:
 	@scripts/setup_env.sh $(TEST_EXTRAS)
 	.venv/bin/python -m ruff check .
-	.venv/bin/python -m pytest tests -q -p no:cacheprovider --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	TEST_WORKERS=$(TEST_WORKERS) TEST_ORDER=$(TEST_ORDER) scripts/run_tests.sh
 
 bench:
 	@scripts/setup_env.sh $(BENCH_EXTRAS)
