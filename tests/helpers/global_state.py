@@ -6,8 +6,9 @@ next: the suite then passes or fails by the luck of scheduling. That happened (i
 ``monkeypatch.setattr`` on ``torch._inductor.config.cpp`` undoes by *deleting* the attribute (the
 config object serves it through ``__getattr__``, so pytest finds no instance entry to put back), and
 torch's config hides a deleted entry, so the next cold compile in that process raised "does not
-exist". tests/conftest.py checks every test and every test file against a snapshot taken before it,
-puts the state back and fails the one that changed it.
+exist". The two autouse fixtures at the end (imported by tests/conftest.py) compare every test and
+every test file with a snapshot taken before it, put the state back and fail the one that changed it;
+tests/test_global_state.py shows them failing leaking tests.
 
 What is read, each part something a test here can reach and a later test depends on:
 - the environment variables, the working directory and ``sys.path``;
