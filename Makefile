@@ -6,11 +6,8 @@
 
 comma := ,
 TEST_EXTRAS := dev,bench,data,train
-# test processes: most tests run one thread (the Triton interpreter, launcher ranks waiting), so two
-# workers on a 2-core machine use both cores; files stay whole so module fixtures are built once.
-# TEST_ORDER=reversed runs the files in reversed order. Compiler caches start empty (scripts/run_tests.sh).
-TEST_WORKERS ?= 2
-TEST_ORDER ?= forward
+# `make test` runs scripts/run_tests.sh, which owns its settings: TEST_WORKERS (2 xdist workers by default)
+# and TEST_ORDER=reversed, given as variables to make or in the environment.
 DEMO_EXTRAS := data,train
 BENCH_EXTRAS := $(TEST_EXTRAS)$(if $(HICMAE_PATH),$(comma)hicmae)
 
@@ -21,7 +18,7 @@ demo:
 test:
 	@scripts/setup_env.sh $(TEST_EXTRAS)
 	.venv/bin/python -m ruff check .
-	TEST_WORKERS=$(TEST_WORKERS) TEST_ORDER=$(TEST_ORDER) scripts/run_tests.sh
+	scripts/run_tests.sh
 
 bench:
 	@scripts/setup_env.sh $(BENCH_EXTRAS)

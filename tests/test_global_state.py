@@ -150,6 +150,6 @@ def test_a_snapshot_sees_a_hidden_config_entry_that_get_config_copy_does_not():
             "torch._inductor.config['cpp.enable_kernel_profile']: False -> hidden (reads as 'does not exist'; "
             "value False)"]
     finally:
-        global_state.restore(before)
+        global_state.restore(before, global_state.snapshot())
     assert inductor_config.cpp.enable_kernel_profile is False
     assert global_state.changes(before, global_state.snapshot()) == []

@@ -194,15 +194,13 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return lines
 
 
-def restore(before: dict[str, Any]) -> list[str]:
-    """Put back every value that changed since ``before``; returns what could not be put back."""
-    after = snapshot()
+def restore(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Put back every value that differs between the two snapshots; returns what could not be put back."""
     stuck = []
-    if before["os.environ"] != after["os.environ"]:
-        os.environ.clear()
-        os.environ.update(before["os.environ"])
-    if before["os.getcwd()"] != after["os.getcwd()"]:
-        os.chdir(before["os.getcwd()"])
+    for name in after["os.environ"].keys() - before["os.environ"].keys():
+        del os.environ[name]
+    os.environ.update(before["os.environ"])  # the variables not compared stay as they are
+    os.chdir(before["os.getcwd()"])
     sys.path[:] = before["sys.path"]
     _force_kernels_backend(before["mae_kernels.backend(...) in force"])
     for setting in torch_settings():
@@ -224,10 +222,11 @@ def restore(before: dict[str, Any]) -> list[str]:
 
 
 def _fail_if_changed(before: dict[str, Any], what: str) -> None:
-    leaked = changes(before, snapshot())
+    after = snapshot()
+    leaked = changes(before, after)
     if not leaked:
         return
-    stuck = restore(before)
+    stuck = restore(before, after)
     put_back = f"put back for the tests after it, except {', '.join(stuck)}" if stuck else "put back"
     pytest.fail(f"{what} left process-wide state changed ({put_back}):\n  " + "\n  ".join(leaked)
                 + "\nChange it for the test only: monkeypatch.setenv, a config's .patch(...) as a context "
